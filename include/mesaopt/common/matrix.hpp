@@ -1,0 +1,30 @@
+#pragma once
+// Matrix types used across mesaopt. Sequences are stored row-major, one token
+// per row (MATH.md, notation), so a token is a contiguous span of memory.
+#include <Eigen/Core>
+
+#include <type_traits>
+
+namespace mesaopt {
+
+template <class T>
+using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+// A non-deduced context: in `f(Ref<const RowMatrix<identity_t<T>>>)` the scalar
+// is fixed by other arguments, so callers may pass any matrix expression.
+template <class T>
+struct type_identity {
+  using type = T;
+};
+template <class T>
+using identity_t = typename type_identity<T>::type;
+
+// Read-only and writable views of a row-major matrix with contiguous rows.
+template <class T>
+using ConstMatrixRef = Eigen::Ref<const RowMatrix<identity_t<T>>>;
+template <class T>
+using MatrixRef = Eigen::Ref<RowMatrix<identity_t<T>>>;
+
+}  // namespace mesaopt

@@ -1,0 +1,9 @@
+#pragma once
+// Module header: the SIMD kernel layer (xsimd) and its scalar references.
+#include <mesaopt/kernels/gemv.hpp>
+#include <mesaopt/kernels/rank1.hpp>
+#include <mesaopt/kernels/reference.hpp>
+#include <mesaopt/kernels/sherman_morrison.hpp>
+#include <mesaopt/kernels/simd.hpp>
+#include <mesaopt/kernels/state_update.hpp>
+#include <mesaopt/kernels/vector_ops.hpp>

@@ -1,0 +1,69 @@
+#pragma once
+// Plain scalar references for every SIMD kernel. They are the definition the
+// fast kernels are tested against (tests/test_kernels.cpp) and the fallback
+// when xsimd has no usable architecture. Straight loops, no tricks.
+#include <cmath>
+#include <cstddef>
+
+namespace mesaopt::kernels::reference {
+
+// sum_i x_i y_i
+template <class T>
+T dot(const T* x, const T* y, std::size_t n) {
+  T s = 0;
+  for (std::size_t i = 0; i < n; ++i) s += x[i] * y[i];
+  return s;
+}
+
+// y += alpha x
+template <class T>
+void axpy(std::size_t n, T alpha, const T* x, T* y) {
+  for (std::size_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// A += c x y^T, A is m x n row-major with row stride lda.
+template <class T>
+void ger(std::size_t m, std::size_t n, T c, const T* x, const T* y, T* A, std::size_t lda) {
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n; ++j) A[i * lda + j] += c * x[i] * y[j];
+}
+
+// A -= c u u^T, A is n x n row-major with row stride lda.
+template <class T>
+void syr_sub(std::size_t n, T c, const T* u, T* A, std::size_t lda) {
+  for (std::size_t i = 0; i < n; ++i)
+    for (std::size_t j = 0; j < n; ++j) A[i * lda + j] -= c * u[i] * u[j];
+}
+
+// y = A x, A is m x n row-major with row stride lda.
+template <class T>
+void gemv(std::size_t m, std::size_t n, const T* A, std::size_t lda, const T* x, T* y) {
+  for (std::size_t i = 0; i < m; ++i) y[i] = dot(A + i * lda, x, n);
+}
+
+// MATH.md (M7, M9), fused:  R <- scale R - w w^T;  a = R q;  b = R k_next.
+// R is d x d row-major (row stride ldr); k_next/b may be null (last token).
+template <class T>
+void sherman_morrison_update(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q,
+                             const T* k_next, T* a, T* b) {
+  for (std::size_t i = 0; i < d; ++i)
+    for (std::size_t j = 0; j < d; ++j) R[i * ldr + j] = scale * R[i * ldr + j] - w[i] * w[j];
+  gemv(d, d, R, ldr, q, a);
+  if (k_next != nullptr) gemv(d, d, R, ldr, k_next, b);
+}
+
+// MATH.md (M1-M2, M8-M9) with S stored transposed (St = S^T, d x dv):
+// St <- scale St + k v^T;  o = St^T a  (= S a).
+template <class T>
+void state_update_apply(std::size_t d, std::size_t dv, T* St, std::size_t lds, T scale, const T* k,
+                        const T* v, const T* a, T* o) {
+  for (std::size_t i = 0; i < d; ++i)
+    for (std::size_t j = 0; j < dv; ++j) St[i * lds + j] = scale * St[i * lds + j] + k[i] * v[j];
+  for (std::size_t j = 0; j < dv; ++j) {
+    T s = 0;
+    for (std::size_t i = 0; i < d; ++i) s += St[i * lds + j] * a[i];
+    o[j] = s;
+  }
+}
+
+}  // namespace mesaopt::kernels::reference

@@ -1,0 +1,93 @@
+#pragma once
+// The running outer-product state shared by linear attention (M1-M2) and the
+// mesa layer (M8-M9), fused with its application:
+//
+//   St <- scale St + k v^T,   o = St^T a        (St = S^T is d x dv)
+//
+// S is stored transposed so that o = S a = sum_r a_r St_r is a sum of rows:
+// one pass over the state, vector accumulators, no horizontal sums.
+#include <mesaopt/kernels/reference.hpp>
+#include <mesaopt/kernels/simd.hpp>
+
+#include <cstddef>
+
+namespace mesaopt::kernels {
+
+#if MESAOPT_SIMD
+namespace detail {
+
+template <class T, std::size_t NB, bool Scaled>
+void state_update_columns(std::size_t d, T* St, std::size_t lds, T scale, const T* k, const T* v, const T* a,
+                          T* o, std::size_t j0) {
+  using B = simd_batch<T>;
+  constexpr std::size_t W = B::size;
+  B acc[NB];
+  for (std::size_t n = 0; n < NB; ++n) acc[n] = B(T(0));
+  const B s(scale);
+  for (std::size_t r = 0; r < d; ++r) {
+    const B kr(k[r]);
+    const B ar(a[r]);
+    T* row = St + r * lds + j0;
+    for (std::size_t n = 0; n < NB; ++n) {
+      B x = B::load_unaligned(row + n * W);
+      if (Scaled) x = x * s;
+      x = xsimd::fma(kr, B::load_unaligned(v + j0 + n * W), x);
+      x.store_unaligned(row + n * W);
+      acc[n] = xsimd::fma(ar, x, acc[n]);
+    }
+  }
+  for (std::size_t n = 0; n < NB; ++n) acc[n].store_unaligned(o + j0 + n * W);
+}
+
+template <class T, bool Scaled>
+void state_update_tail(std::size_t d, T* St, std::size_t lds, T scale, const T* k, const T* v, const T* a, T* o,
+                       std::size_t j0, std::size_t rem) {
+  using B = simd_batch<T>;
+  B acc(T(0));
+  const B s(scale);
+  const B vj = load_partial(v + j0, rem);
+  for (std::size_t r = 0; r < d; ++r) {
+    T* row = St + r * lds + j0;
+    B x = load_partial(row, rem);
+    if (Scaled) x = x * s;
+    x = xsimd::fma(B(k[r]), vj, x);
+    store_partial(x, row, rem);
+    acc = xsimd::fma(B(a[r]), x, acc);
+  }
+  store_partial(acc, o + j0, rem);
+}
+
+template <class T, bool Scaled>
+void state_update_all(std::size_t d, std::size_t dv, T* St, std::size_t lds, T scale, const T* k, const T* v,
+                      const T* a, T* o) {
+  constexpr std::size_t W = simd_width<T>;
+  std::size_t j = 0;
+  // Eight accumulator chains: a single FMA chain per column vector would be
+  // latency-bound (4 cycles) at 2 FMAs per element.
+  for (; j + 8 * W <= dv; j += 8 * W) state_update_columns<T, 8, Scaled>(d, St, lds, scale, k, v, a, o, j);
+  for (; j + 4 * W <= dv; j += 4 * W) state_update_columns<T, 4, Scaled>(d, St, lds, scale, k, v, a, o, j);
+  const std::size_t full = (dv - j) / W;
+  if (full == 3) state_update_columns<T, 3, Scaled>(d, St, lds, scale, k, v, a, o, j);
+  if (full == 2) state_update_columns<T, 2, Scaled>(d, St, lds, scale, k, v, a, o, j);
+  if (full == 1) state_update_columns<T, 1, Scaled>(d, St, lds, scale, k, v, a, o, j);
+  j += full * W;
+  if (j < dv) state_update_tail<T, Scaled>(d, St, lds, scale, k, v, a, o, j, dv - j);
+}
+
+}  // namespace detail
+#endif
+
+// St <- scale St + k v^T, then o = St^T a. St: d x dv row-major, row stride
+// lds >= dv; o (dv entries) must not alias the inputs. scale = 1: no decay.
+template <class T>
+void state_update_apply(std::size_t d, std::size_t dv, T* St, std::size_t lds, T scale, const T* k, const T* v,
+                        const T* a, T* o) {
+#if MESAOPT_SIMD
+  if (scale != T(1)) detail::state_update_all<T, true>(d, dv, St, lds, scale, k, v, a, o);
+  else detail::state_update_all<T, false>(d, dv, St, lds, scale, k, v, a, o);
+#else
+  reference::state_update_apply(d, dv, St, lds, scale, k, v, a, o);
+#endif
+}
+
+}  // namespace mesaopt::kernels

@@ -1,0 +1,2 @@
+#pragma once
+// Module header: layers (filled in by its own issue).

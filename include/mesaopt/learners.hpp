@@ -1,0 +1,2 @@
+#pragma once
+// Module header: learners (filled in by its own issue).

@@ -1,0 +1,2 @@
+#pragma once
+// Module header: nn (filled in by its own issue).

@@ -1,0 +1,2 @@
+#pragma once
+// Module header: ops (filled in by its own issue).

@@ -1,0 +1,2 @@
+#pragma once
+// Module header: tasks (filled in by its own issue).

@@ -1,0 +1,2 @@
+#pragma once
+// Module header: train (filled in by its own issue).
