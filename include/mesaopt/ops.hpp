@@ -1,2 +1,5 @@
 #pragma once
-// Module header: ops (filled in by its own issue).
+// Module header: the per-head sequence ops (functional, no parameters).
+#include <mesaopt/ops/linear_attention.hpp>
+#include <mesaopt/ops/mesa.hpp>
+#include <mesaopt/ops/softmax_attention.hpp>
