@@ -1,0 +1,52 @@
+// The machine's FP32 and FP64 FMA peak, measured with xsimd (the same
+// fma_burst as benchmarks/peak.hpp), on one thread and on 2 threads running at
+// once (all cores of the development machine).
+//
+// Counters:
+//   GFLOPS      flop/s of all threads together, over wall time (UseRealTime).
+//               Printed as e.g. 95.1G/s.
+//   per_thread  flop/s of one thread (GFLOPS / threads).
+// The context lines peak_flops<T>(n) are what peak.hpp returns to the other
+// benchmarks (best of 9 bursts, per-thread CPU time, summed over threads).
+//
+// Run: ./build/benchmarks/peak --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+#include <benchmark/benchmark.h>
+
+#include "peak.hpp"
+
+#include <string>
+
+namespace {
+
+template <class T>
+void BM_fma_peak(benchmark::State& state) {
+  // About 1 ms of FMAs per iteration at peak; enough to amortise the loop.
+  const std::size_t iterations = 250'000;
+  double flops = 0;
+  for (auto _ : state) flops += mesaopt::bench::detail::fma_burst<T>(iterations, T(1e-3) * T(state.thread_index() + 1));
+  // Google Benchmark 1.7 sums a kIsRate counter over threads and divides by the
+  // summed per-thread wall time, which yields the per-thread rate (checked: the
+  // threads:1 and threads:2 rows show the same per-thread time per iteration).
+  // Scaling by the thread count gives the rate of all threads together.
+  state.counters["per_thread"] = benchmark::Counter(flops, benchmark::Counter::kIsRate);
+  state.counters["GFLOPS"] = benchmark::Counter(flops * state.threads(), benchmark::Counter::kIsRate);
+}
+
+BENCHMARK_TEMPLATE(BM_fma_peak, float)->Name("fma_peak<float>")->Threads(1)->Threads(2)->UseRealTime();
+BENCHMARK_TEMPLATE(BM_fma_peak, double)->Name("fma_peak<double>")->Threads(1)->Threads(2)->UseRealTime();
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("simd_arch", mesaopt::kernels::simd_arch_name());
+  benchmark::AddCustomContext("simd_width_float", std::to_string(mesaopt::kernels::simd_width<float>));
+  benchmark::AddCustomContext("peak_flops<float>(1)_GFLOPS", std::to_string(mesaopt::bench::peak_flops<float>(1) * 1e-9));
+  benchmark::AddCustomContext("peak_flops<float>(2)_GFLOPS", std::to_string(mesaopt::bench::peak_flops<float>(2) * 1e-9));
+  benchmark::AddCustomContext("peak_flops<double>(1)_GFLOPS", std::to_string(mesaopt::bench::peak_flops<double>(1) * 1e-9));
+  benchmark::AddCustomContext("peak_flops<double>(2)_GFLOPS", std::to_string(mesaopt::bench::peak_flops<double>(2) * 1e-9));
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
