@@ -1,0 +1,552 @@
+// The SIMD kernels (include/mesaopt/kernels/) against their scalar references
+// (kernels/reference.hpp) on random inputs, float and double:
+//   - every size 1..130 (all tails of every SIMD width and block size) plus a
+//     few large ones, on pointers offset by one element (unaligned) and on
+//     exact-size heap buffers (so AddressSanitizer sees any read past the end);
+//   - matrices with row stride ld > d;
+//   - guard regions: sentinel values before and after every output buffer and
+//     in the padding columns of every matrix, checked after each call, so any
+//     out-of-bounds write fails a test;
+//   - sherman_morrison_update keeps R bitwise symmetric over many steps (MATH.md §3);
+//   - the mesa recursion built from the kernels equals a direct ridge solve (M5-M6).
+//
+// Tolerances. For a sum s = sum_i p_i of n products evaluated in any order,
+// with or without FMA, the classic bound is |fl(s) - s| <= gamma_n sum_i |p_i|,
+// gamma_n = n u / (1 - n u), u = eps / 2. Fast kernel and reference each obey
+// it, so |fast - ref| <= 2 gamma_n sum_i |p_i| ~ n eps sum_i |p_i|. We allow
+// 2 (n + 2) eps sum_i |p_i|: a safe margin over the bound (the "+2" covers the
+// rounding of the fused element update before the sum), yet any indexing or
+// tail bug produces an error of the order of sum_i |p_i| itself, 10^2..10^6
+// times larger, so the tests can fail. Element-wise updates (axpy, ger, ...)
+// differ by at most two roundings: 2 eps (|a| + |b c|) per entry.
+#include <catch2/catch.hpp>
+#include <mesaopt/kernels.hpp>
+
+#include "test_util.hpp"
+
+#include <Eigen/Dense>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <vector>
+
+namespace {
+
+namespace k = mesaopt::kernels;
+namespace ref = mesaopt::kernels::reference;
+
+// A value no kernel produces from the inputs used here.
+template <class T>
+constexpr T kSentinel = T(-777.125);
+
+// Every size 1..130 and a few large ones.
+std::vector<std::size_t> vector_sizes() {
+  std::vector<std::size_t> s;
+  for (std::size_t n = 1; n <= 130; ++n) s.push_back(n);
+  for (std::size_t n : {257, 1000, 4099}) s.push_back(n);
+  return s;
+}
+std::vector<std::size_t> matrix_sizes() {
+  std::vector<std::size_t> s;
+  for (std::size_t n = 1; n <= 130; ++n) s.push_back(n);
+  for (std::size_t n : {255, 300}) s.push_back(n);
+  return s;
+}
+
+template <class T>
+std::vector<T> random_values(std::size_t n, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> dist(lo, hi);
+  std::vector<T> v(n);
+  for (auto& x : v) x = static_cast<T>(dist(rng));
+  return v;
+}
+
+// A rows x cols matrix with row stride ld >= cols inside a larger buffer:
+// `guard` sentinels before and after, sentinels in the padding columns
+// [cols, ld) of every row, and the data pointer `offset` elements past the
+// guard (offset 1 = not aligned to any SIMD width). A vector is rows = 1.
+template <class T>
+struct Guarded {
+  static constexpr std::size_t kGuard = 17;
+  std::size_t rows, cols, ld, offset;
+  std::vector<T> storage;
+
+  Guarded(std::size_t rows_, std::size_t cols_, std::size_t ld_, std::size_t offset_)
+      : rows(rows_), cols(cols_), ld(ld_), offset(offset_), storage(kGuard + offset_ + rows_ * ld_ + kGuard, kSentinel<T>) {}
+
+  T* data() { return storage.data() + kGuard + offset; }
+  T& at(std::size_t r, std::size_t c) { return data()[r * ld + c]; }
+
+  // Fills the live entries from `values` (row-major, rows x cols).
+  void set(const std::vector<T>& values) {
+    for (std::size_t r = 0; r < rows; ++r)
+      for (std::size_t c = 0; c < cols; ++c) at(r, c) = values[r * cols + c];
+  }
+  std::vector<T> get() {
+    std::vector<T> v(rows * cols);
+    for (std::size_t r = 0; r < rows; ++r)
+      for (std::size_t c = 0; c < cols; ++c) v[r * cols + c] = at(r, c);
+    return v;
+  }
+
+  // Number of entries outside the live region that are no longer the sentinel.
+  std::size_t guard_violations() const {
+    const std::size_t begin = kGuard + offset;
+    std::size_t bad = 0;
+    for (std::size_t i = 0; i < storage.size(); ++i) {
+      bool live = false;
+      if (i >= begin && i < begin + rows * ld) live = (i - begin) % ld < cols;
+      if (!live && std::memcmp(&storage[i], &kSentinel<T>, sizeof(T)) != 0) ++bad;
+    }
+    return bad;
+  }
+};
+
+template <class T>
+Guarded<T> guarded_vector(const std::vector<T>& values, std::size_t offset) {
+  Guarded<T> g(1, values.size(), values.size(), offset);
+  g.set(values);
+  return g;
+}
+
+template <class T>
+Guarded<T> guarded_matrix(std::size_t rows, std::size_t cols, std::size_t ld, std::size_t offset,
+                          const std::vector<T>& values) {
+  Guarded<T> g(rows, cols, ld, offset);
+  g.set(values);
+  return g;
+}
+
+template <class T>
+constexpr double eps() {
+  return std::numeric_limits<T>::epsilon();
+}
+
+// max_i |a_i - b_i| / tol_i; <= 1 means every entry is within its tolerance.
+template <class T>
+double worst_ratio(const std::vector<T>& a, const std::vector<T>& b, const std::vector<double>& tol) {
+  double worst = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double diff = std::abs(double(a[i]) - double(b[i]));
+    // NaN (e.g. a sentinel read into a result) must fail too.
+    if (!(diff <= tol[i] * 1e30)) return std::numeric_limits<double>::infinity();
+    worst = std::max(worst, diff / std::max(tol[i], std::numeric_limits<double>::min()));
+  }
+  return worst;
+}
+
+bool bitwise_equal(const void* a, const void* b, std::size_t bytes) { return std::memcmp(a, b, bytes) == 0; }
+
+}  // namespace
+
+// ---- level 1 -------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("dot matches the scalar reference at every size", "[kernels][dot]", float, double) {
+  using T = TestType;
+  for (std::size_t n : vector_sizes()) {
+    const auto x = random_values<T>(n, 100 + n), y = random_values<T>(n, 200 + n);
+    double magnitude = 0;  // sum_i |x_i y_i|
+    for (std::size_t i = 0; i < n; ++i) magnitude += std::abs(double(x[i]) * double(y[i]));
+    const double tol = 2.0 * (n + 2) * eps<T>() * magnitude;
+    const double expected = ref::dot(x.data(), y.data(), n);
+    INFO("n = " << n);
+    // Exact-size heap buffers: a read past the end is an ASan error.
+    CHECK(std::abs(double(k::dot(x.data(), y.data(), n)) - expected) <= tol);
+    for (std::size_t offset : {0, 1}) {
+      auto gx = guarded_vector(x, offset), gy = guarded_vector(y, offset + 1);
+      INFO("offsets " << offset << ", " << offset + 1);
+      CHECK(std::abs(double(k::dot(gx.data(), gy.data(), n)) - expected) <= tol);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("axpy matches the scalar reference and writes only y", "[kernels][axpy]", float, double) {
+  using T = TestType;
+  const T alpha = T(-0.7);
+  for (std::size_t n : vector_sizes()) {
+    const auto x = random_values<T>(n, 300 + n), y0 = random_values<T>(n, 400 + n);
+    std::vector<T> expected(y0);
+    ref::axpy(n, alpha, x.data(), expected.data());
+    std::vector<double> tol(n);
+    for (std::size_t i = 0; i < n; ++i) tol[i] = 2 * eps<T>() * (std::abs(double(y0[i])) + std::abs(alpha * double(x[i])));
+    INFO("n = " << n);
+    std::vector<T> y(y0);
+    k::axpy(n, alpha, x.data(), y.data());
+    CHECK(worst_ratio(y, expected, tol) <= 1.0);
+    for (std::size_t offset : {0, 1}) {
+      auto gx = guarded_vector(x, offset), gy = guarded_vector(y0, 1);
+      k::axpy(n, alpha, gx.data(), gy.data());
+      CHECK(worst_ratio(gy.get(), expected, tol) <= 1.0);
+      CHECK(gy.guard_violations() == 0);
+      CHECK(gx.guard_violations() == 0);
+      CHECK(gx.get() == x);  // x is read-only
+    }
+  }
+}
+
+// ---- level 2 -------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("ger and syr_sub match the reference with ld > n and guards", "[kernels][rank1]", float, double) {
+  using T = TestType;
+  const T c = T(0.37);
+  for (std::size_t d : matrix_sizes()) {
+    const std::size_t m = d % 7 + 1;  // ger: a non-square m x d as well
+    const std::size_t ld = d + 3;
+    const std::size_t max_rows = std::max(m, d);
+    const auto x = random_values<T>(max_rows, 500 + d), y = random_values<T>(d, 600 + d);
+    const auto A0 = random_values<T>(max_rows * d, 700 + d);
+    INFO("d = " << d << ", m = " << m << ", ld = " << ld);
+
+    for (std::size_t rows : {m, d}) {
+      std::vector<T> expected(A0.begin(), A0.begin() + rows * d);
+      ref::ger(rows, d, c, x.data(), y.data(), expected.data(), d);
+      std::vector<double> tol(rows * d);
+      for (std::size_t i = 0; i < rows; ++i)
+        for (std::size_t j = 0; j < d; ++j)
+          tol[i * d + j] = 2 * eps<T>() * (std::abs(double(A0[i * d + j])) + std::abs(c * double(x[i]) * double(y[j])));
+      auto A = guarded_matrix(rows, d, ld, 1, std::vector<T>(A0.begin(), A0.begin() + rows * d));
+      auto gx = guarded_vector(std::vector<T>(x.begin(), x.begin() + rows), 1), gy = guarded_vector(y, 0);
+      k::ger(rows, d, c, gx.data(), gy.data(), A.data(), ld);
+      CHECK(worst_ratio(A.get(), expected, tol) <= 1.0);
+      CHECK(A.guard_violations() == 0);
+    }
+
+    std::vector<T> expected(A0.begin(), A0.begin() + d * d);
+    ref::syr_sub(d, c, x.data(), expected.data(), d);
+    std::vector<double> tol(d * d);
+    for (std::size_t i = 0; i < d; ++i)
+      for (std::size_t j = 0; j < d; ++j)
+        tol[i * d + j] = 2 * eps<T>() * (std::abs(double(A0[i * d + j])) + std::abs(c * double(x[i]) * double(x[j])));
+    auto A = guarded_matrix(d, d, ld, 1, expected);
+    A.set(std::vector<T>(A0.begin(), A0.begin() + d * d));
+    auto gu = guarded_vector(std::vector<T>(x.begin(), x.begin() + d), 1);
+    k::syr_sub(d, c, gu.data(), A.data(), ld);
+    CHECK(worst_ratio(A.get(), expected, tol) <= 1.0);
+    CHECK(A.guard_violations() == 0);
+    CHECK(gu.guard_violations() == 0);
+  }
+}
+
+TEMPLATE_TEST_CASE("gemv matches the reference for m x n with ld > n", "[kernels][gemv]", float, double) {
+  using T = TestType;
+  for (std::size_t n : matrix_sizes()) {
+    // Square, and a few row counts that exercise the 4-row blocking and its remainder.
+    for (std::size_t m : {n, n % 9 + 1}) {
+      const std::size_t ld = n + 5;
+      const auto A0 = random_values<T>(m * n, 800 + n + m), x = random_values<T>(n, 900 + n);
+      std::vector<T> expected(m);
+      ref::gemv(m, n, A0.data(), n, x.data(), expected.data());
+      std::vector<double> tol(m, 0.0);
+      for (std::size_t i = 0; i < m; ++i) {
+        double magnitude = 0;
+        for (std::size_t j = 0; j < n; ++j) magnitude += std::abs(double(A0[i * n + j]) * double(x[j]));
+        tol[i] = 2.0 * (n + 2) * eps<T>() * magnitude;
+      }
+      INFO("m = " << m << ", n = " << n << ", ld = " << ld);
+      // Exact-size buffers, ld = n (ASan sees over-reads).
+      std::vector<T> y(m);
+      k::gemv(m, n, A0.data(), n, x.data(), y.data());
+      CHECK(worst_ratio(y, expected, tol) <= 1.0);
+      // Unaligned, padded, guarded.
+      auto A = guarded_matrix(m, n, ld, 1, A0);
+      auto gx = guarded_vector(x, 1);
+      auto gy = guarded_vector(std::vector<T>(m, T(0)), 1);
+      k::gemv(m, n, A.data(), ld, gx.data(), gy.data());
+      CHECK(worst_ratio(gy.get(), expected, tol) <= 1.0);
+      CHECK(gy.guard_violations() == 0);
+      CHECK(A.get() == A0);  // A is read-only
+    }
+  }
+}
+
+// ---- Sherman-Morrison (MATH.md M7, M9) --------------------------------------------
+
+namespace {
+
+// A random symmetric positive definite d x d matrix: I + B B^T / d.
+template <class T>
+std::vector<T> random_spd(std::size_t d, std::uint64_t seed) {
+  const auto b = random_values<double>(d * d, seed);
+  std::vector<T> R(d * d);
+  for (std::size_t i = 0; i < d; ++i)
+    for (std::size_t j = 0; j <= i; ++j) {
+      double s = i == j ? 1.0 : 0.0;
+      for (std::size_t l = 0; l < d; ++l) s += b[i * d + l] * b[j * d + l] / double(d);
+      R[i * d + j] = R[j * d + i] = static_cast<T>(s);
+    }
+  return R;
+}
+
+// One fused update checked against the reference: R, a and (optionally) b,
+// with R in a padded, unaligned, guarded buffer and every vector guarded.
+template <class T>
+void check_sherman_morrison_update(std::size_t d, T scale, bool with_next) {
+  const std::size_t ld = d + 2;
+  const auto R0 = random_spd<T>(d, 1000 + d);
+  const auto w = random_values<T>(d, 1100 + d, -0.3, 0.3), q = random_values<T>(d, 1200 + d);
+  const auto kn = random_values<T>(d, 1300 + d);
+
+  std::vector<T> R_ref(R0), a_ref(d), b_ref(d);
+  ref::sherman_morrison_update(d, R_ref.data(), d, w.data(), scale, q.data(), with_next ? kn.data() : nullptr,
+                               a_ref.data(), with_next ? b_ref.data() : nullptr);
+
+  // Tolerances: entry (i,j) is two roundings of scale R_ij - w_i w_j; row sums
+  // of |scale R_ij| + |w_i w_j| weighted by |q_j| (|k_j|) bound a (b).
+  std::vector<double> tol_R(d * d), tol_a(d), tol_b(d);
+  for (std::size_t i = 0; i < d; ++i) {
+    double ma = 0, mb = 0;
+    for (std::size_t j = 0; j < d; ++j) {
+      const double mag = std::abs(double(scale) * double(R0[i * d + j])) + std::abs(double(w[i]) * double(w[j]));
+      tol_R[i * d + j] = 2 * eps<T>() * mag;
+      ma += mag * std::abs(double(q[j]));
+      mb += mag * std::abs(double(kn[j]));
+    }
+    tol_a[i] = 2.0 * (d + 2) * eps<T>() * ma;
+    tol_b[i] = 2.0 * (d + 2) * eps<T>() * mb;
+  }
+
+  auto R = guarded_matrix(d, d, ld, 1, R0);
+  auto gw = guarded_vector(w, 1), gq = guarded_vector(q, 0), gk = guarded_vector(kn, 1);
+  auto ga = guarded_vector(std::vector<T>(d, T(0)), 1), gb = guarded_vector(std::vector<T>(d, T(0)), 0);
+  k::sherman_morrison_update(d, R.data(), ld, gw.data(), scale, gq.data(), with_next ? gk.data() : nullptr, ga.data(),
+                             with_next ? gb.data() : nullptr);
+  CHECK(worst_ratio(R.get(), R_ref, tol_R) <= 1.0);
+  CHECK(worst_ratio(ga.get(), a_ref, tol_a) <= 1.0);
+  if (with_next) CHECK(worst_ratio(gb.get(), b_ref, tol_b) <= 1.0);
+  // Without k_next, b is not touched at all.
+  if (!with_next) CHECK(gb.get() == std::vector<T>(d, T(0)));
+  CHECK(R.guard_violations() == 0);
+  CHECK(ga.guard_violations() == 0);
+  CHECK(gb.guard_violations() == 0);
+  CHECK(gw.get() == w);
+  CHECK(gq.get() == q);
+  CHECK(gk.get() == kn);
+
+  // Exact-size buffers with ld = d: ASan sees any read or write past the end.
+  std::vector<T> R2(R0), a2(d), b2(d);
+  k::sherman_morrison_update(d, R2.data(), d, w.data(), scale, q.data(), with_next ? kn.data() : nullptr, a2.data(),
+                             with_next ? b2.data() : nullptr);
+  CHECK(worst_ratio(R2, R_ref, tol_R) <= 1.0);
+  CHECK(worst_ratio(a2, a_ref, tol_a) <= 1.0);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("sherman_morrison_update matches the reference (R, a, b), guards intact",
+                   "[kernels][sherman_morrison]", float, double) {
+  using T = TestType;
+  for (std::size_t d : matrix_sizes()) {
+    for (T scale : {T(1), T(1) / T(0.9)}) {
+      for (bool with_next : {true, false}) {
+        INFO("d = " << d << ", scale = " << scale << ", k_next " << (with_next ? "given" : "null"));
+        check_sherman_morrison_update<T>(d, scale, with_next);
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("sherman_morrison_gain matches its formula", "[kernels][sherman_morrison]", float, double) {
+  using T = TestType;
+  for (std::size_t d : vector_sizes()) {
+    for (T gamma : {T(1), T(0.95)}) {
+      const auto kv = random_values<T>(d, 1400 + d);
+      // u_i = k_i c_i with c_i > 0, so k.u > 0 and den > gamma, as for u = R k with R SPD.
+      auto u = random_values<T>(d, 1500 + d, 0.5, 1.5);
+      double magnitude = gamma;  // gamma + sum_i |k_i u_i|
+      for (std::size_t i = 0; i < d; ++i) {
+        u[i] *= kv[i];
+        magnitude += std::abs(double(kv[i]) * double(u[i]));
+      }
+      const double den_ref = double(gamma) + ref::dot(kv.data(), u.data(), d);
+      auto gw = guarded_vector(std::vector<T>(d, T(0)), 1);
+      auto gk = guarded_vector(kv, 0), gu = guarded_vector(u, 1);
+      const T den = k::sherman_morrison_gain(d, gk.data(), gu.data(), gamma, gw.data());
+      INFO("d = " << d << ", gamma = " << gamma);
+      const double tol_den = 2.0 * (d + 2) * eps<T>() * magnitude;
+      CHECK(std::abs(double(den) - den_ref) <= tol_den);
+      // w = u / sqrt(gamma den): relative error of den (halved by the sqrt) plus
+      // a few roundings (sqrt, divide, multiply).
+      std::vector<double> tol(d);
+      std::vector<T> w_ref(d);
+      const double inv = 1.0 / std::sqrt(double(gamma) * den_ref);
+      for (std::size_t i = 0; i < d; ++i) {
+        w_ref[i] = static_cast<T>(double(u[i]) * inv);
+        tol[i] = std::abs(double(u[i]) * inv) * (0.5 * tol_den / den_ref + 6 * eps<T>());
+      }
+      CHECK(worst_ratio(gw.get(), w_ref, tol) <= 1.0);
+      CHECK(gw.guard_violations() == 0);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("sherman_morrison_update keeps R bitwise symmetric over many steps", "[kernels][sherman_morrison]",
+                   float, double) {
+  using T = TestType;
+  // Sizes with tails for both SIMD widths and every column-block count.
+  for (std::size_t d : {13, 37, 67}) {
+    for (T gamma : {T(1), T(0.97)}) {
+      const std::size_t ld = d + 1, steps = 400;
+      const T lambda = T(10);
+      // |k| about 2: large enough that the update subtracts a lot from R each step.
+      const auto keys = random_values<T>((steps + 1) * d, 1600 + d, -3.5 / std::sqrt(double(d)), 3.5 / std::sqrt(double(d)));
+      const auto queries = random_values<T>(steps * d, 1700 + d);
+      Guarded<T> R(d, d, ld, 1);
+      for (std::size_t i = 0; i < d; ++i)
+        for (std::size_t j = 0; j < d; ++j) R.at(i, j) = i == j ? lambda : T(0);
+      std::vector<T> u(d), w(d), a(d);
+      for (std::size_t i = 0; i < d; ++i) u[i] = lambda * keys[i];  // u_1 = R_0 k_1
+      std::size_t asymmetric = 0, first_bad_step = 0;
+      for (std::size_t t = 0; t < steps; ++t) {
+        k::sherman_morrison_gain(d, keys.data() + t * d, u.data(), gamma, w.data());
+        k::sherman_morrison_update(d, R.data(), ld, w.data(), T(1) / gamma, queries.data() + t * d,
+                                   keys.data() + (t + 1) * d, a.data(), u.data());
+        for (std::size_t i = 0; i < d; ++i)
+          for (std::size_t j = 0; j < i; ++j)
+            if (!bitwise_equal(&R.at(i, j), &R.at(j, i), sizeof(T)) && asymmetric++ == 0) first_bad_step = t;
+      }
+      INFO("d = " << d << ", gamma = " << gamma << ", first asymmetric step " << first_bad_step);
+      CHECK(asymmetric == 0);
+      CHECK(R.guard_violations() == 0);
+      // The check is not vacuous: R moved far from lambda I.
+      CHECK(std::abs(double(R.at(0, 0)) - double(lambda)) > 1e-2 * double(lambda));
+    }
+  }
+}
+
+// ---- state update (M1-M2, M8-M9) ------------------------------------------------------
+
+TEMPLATE_TEST_CASE("state_update_apply matches the reference for d x dv with lds > dv", "[kernels][state_update]",
+                   float, double) {
+  using T = TestType;
+  std::vector<std::pair<std::size_t, std::size_t>> shapes;  // (d, dv)
+  for (std::size_t n : matrix_sizes()) {
+    shapes.emplace_back(n, n);
+    shapes.emplace_back(n % 11 + 1, n);  // every dv (column tails) with a few d
+    shapes.emplace_back(n, n % 5 + 1);   // every d with narrow dv
+  }
+  for (auto [d, dv] : shapes) {
+    for (T scale : {T(1), T(0.9)}) {
+      const std::size_t lds = dv + 3;
+      const auto St0 = random_values<T>(d * dv, 2000 + d * 7 + dv), kv = random_values<T>(d, 2100 + d);
+      const auto v = random_values<T>(dv, 2200 + dv), a = random_values<T>(d, 2300 + d);
+      std::vector<T> St_ref(St0), o_ref(dv);
+      ref::state_update_apply(d, dv, St_ref.data(), dv, scale, kv.data(), v.data(), a.data(), o_ref.data());
+      std::vector<double> tol_S(d * dv), tol_o(dv, 0.0);
+      for (std::size_t i = 0; i < d; ++i)
+        for (std::size_t j = 0; j < dv; ++j) {
+          const double mag = std::abs(double(scale) * double(St0[i * dv + j])) + std::abs(double(kv[i]) * double(v[j]));
+          tol_S[i * dv + j] = 2 * eps<T>() * mag;
+          tol_o[j] += mag * std::abs(double(a[i]));
+        }
+      for (auto& t : tol_o) t *= 2.0 * (d + 2) * eps<T>();
+      INFO("d = " << d << ", dv = " << dv << ", lds = " << lds << ", scale = " << scale);
+      auto St = guarded_matrix(d, dv, lds, 1, St0);
+      auto gk = guarded_vector(kv, 1), gv = guarded_vector(v, 0), ga = guarded_vector(a, 1);
+      auto go = guarded_vector(std::vector<T>(dv, T(0)), 1);
+      k::state_update_apply(d, dv, St.data(), lds, scale, gk.data(), gv.data(), ga.data(), go.data());
+      CHECK(worst_ratio(St.get(), St_ref, tol_S) <= 1.0);
+      CHECK(worst_ratio(go.get(), o_ref, tol_o) <= 1.0);
+      CHECK(St.guard_violations() == 0);
+      CHECK(go.guard_violations() == 0);
+      // Exact-size buffers for ASan.
+      std::vector<T> St2(St0), o2(dv);
+      k::state_update_apply(d, dv, St2.data(), dv, scale, kv.data(), v.data(), a.data(), o2.data());
+      CHECK(worst_ratio(o2, o_ref, tol_o) <= 1.0);
+    }
+  }
+}
+
+// ---- the mesa recursion against a direct ridge solve (M5-M9) ---------------------------
+
+namespace {
+
+// Runs the mesa recursion of MATH.md §3 with forgetting factor gamma on one
+// head, with the kernels only: per token
+//   w_t = gain(k_t, u_t)                       u_t = R_{t-1} k_t
+//   R_t = R_{t-1}/gamma - w w^T, a_t = R_t q_t, u_{t+1} = R_t k_{t+1}     (M7, M9)
+//   S_t = gamma S_{t-1} + v_t k_t^T, o_t = S_t a_t                        (M8, M9)
+// keys/queries are (T, d), values (T, dv); returns o as (T, dv).
+template <class T>
+mesaopt::RowMatrix<T> mesa_by_kernels(const mesaopt::RowMatrix<T>& keys, const mesaopt::RowMatrix<T>& queries,
+                                      const mesaopt::RowMatrix<T>& values, T lambda, T gamma) {
+  const std::size_t steps = keys.rows(), d = keys.cols(), dv = values.cols();
+  mesaopt::RowMatrix<T> R = lambda * mesaopt::RowMatrix<T>::Identity(d, d);
+  mesaopt::RowMatrix<T> St = mesaopt::RowMatrix<T>::Zero(d, dv);  // S^T
+  mesaopt::RowMatrix<T> out(steps, dv);
+  std::vector<T> u(d), w(d), a(d);
+  for (std::size_t i = 0; i < d; ++i) u[i] = lambda * keys(0, i);
+  for (std::size_t t = 0; t < steps; ++t) {
+    const T* k_next = t + 1 < steps ? keys.row(t + 1).data() : nullptr;
+    k::sherman_morrison_gain(d, keys.row(t).data(), u.data(), gamma, w.data());
+    k::sherman_morrison_update(d, R.data(), d, w.data(), T(1) / gamma, queries.row(t).data(), k_next, a.data(),
+                               k_next ? u.data() : nullptr);
+    k::state_update_apply(d, dv, St.data(), dv, gamma, keys.row(t).data(), values.row(t).data(), a.data(),
+                          out.row(t).data());
+  }
+  return out;
+}
+
+// The same outputs from scratch in double at every t (M5-M6 with forgetting):
+//   o_t = S_t (sum_i gamma^{t-i} k_i k_i^T + gamma^t / lambda I)^{-1} q_t,
+//   S_t = sum_i gamma^{t-i} v_i k_i^T.
+mesaopt::RowMatrix<double> mesa_by_direct_solve(const mesaopt::RowMatrix<double>& keys,
+                                                const mesaopt::RowMatrix<double>& queries,
+                                                const mesaopt::RowMatrix<double>& values, double lambda, double gamma) {
+  const long steps = keys.rows(), d = keys.cols(), dv = values.cols();
+  mesaopt::RowMatrix<double> out(steps, dv);
+  for (long t = 0; t < steps; ++t) {
+    Eigen::MatrixXd H = std::pow(gamma, double(t + 1)) / lambda * Eigen::MatrixXd::Identity(d, d);
+    Eigen::MatrixXd S = Eigen::MatrixXd::Zero(dv, d);
+    for (long i = 0; i <= t; ++i) {
+      const double g = std::pow(gamma, double(t - i));
+      H += g * keys.row(i).transpose() * keys.row(i);
+      S += g * values.row(i).transpose() * keys.row(i);
+    }
+    const Eigen::VectorXd x = H.ldlt().solve(queries.row(t).transpose());
+    out.row(t) = (S * x).transpose();
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("mesa recursion from the kernels equals a direct ridge solve in double", "[kernels][mesa]") {
+  // d = 13 and 37 have SIMD tails; dv = 5 and 11 have column tails.
+  for (auto [d, dv] : {std::pair<long, long>{13, 5}, {37, 11}}) {
+    for (double gamma : {1.0, 0.95}) {
+      const long steps = 120;
+      const double lambda = 0.7;
+      const auto keys = mesaopt::test::random_matrix<double>(steps, d, 31 + d, 1.0 / std::sqrt(double(d)));
+      const auto queries = mesaopt::test::random_matrix<double>(steps, d, 32 + d);
+      const auto values = mesaopt::test::random_matrix<double>(steps, dv, 33 + d);
+      const auto fast = mesa_by_kernels<double>(keys, queries, values, lambda, gamma);
+      const auto direct = mesa_by_direct_solve(keys, queries, values, lambda, gamma);
+      INFO("d = " << d << ", dv = " << dv << ", gamma = " << gamma);
+      // Every token, not just the last one.
+      double worst = 0;
+      for (long t = 0; t < steps; ++t)
+        worst = std::max(worst, mesaopt::test::relative_rms(fast.row(t), direct.row(t)));
+      CHECK(worst < 1e-10);
+    }
+  }
+}
+
+TEST_CASE("mesa recursion in float stays close to the double direct solve", "[kernels][mesa]") {
+  // Precision of the float path over a medium sequence with a well-conditioned
+  // R (|k| about 1, lambda = 1): measured about 1e-5 relative RMS; 1e-3 allowed.
+  const long d = 32, dv = 8, steps = 512;
+  const auto keys = mesaopt::test::random_matrix<double>(steps, d, 41, 1.0 / std::sqrt(double(d)));
+  const auto queries = mesaopt::test::random_matrix<double>(steps, d, 42);
+  const auto values = mesaopt::test::random_matrix<double>(steps, dv, 43);
+  const auto fast = mesa_by_kernels<float>(keys.cast<float>(), queries.cast<float>(), values.cast<float>(), 1.0f, 1.0f);
+  const auto direct = mesa_by_direct_solve(keys, queries, values, 1.0, 1.0);
+  const double err = mesaopt::test::relative_rms(fast, direct);
+  INFO("relative RMS error over all tokens: " << err);
+  CHECK(err < 1e-3);
+}
