@@ -1,2 +1,5 @@
 #pragma once
-// Module header: layers (filled in by its own issue).
+// Module header: the multi-head layers with parameters (projections W_q, W_k,
+// W_v, W_o around the per-head ops of mesaopt/ops.hpp). See docs/layers.md.
+#include <mesaopt/layers/attention_projections.hpp>
+#include <mesaopt/layers/linear_attention_layer.hpp>

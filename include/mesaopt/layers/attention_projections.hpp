@@ -1,0 +1,191 @@
+#pragma once
+// The projection weights shared by the multi-head attention layers and the
+// GEMMs that apply them (MATH.md §1: per head h, q_t = W_q,h e_t,
+// k_t = W_k,h e_t, v_t = W_v,h e_t, and the layer output
+// Delta e_t = sum_h P_h o_{h,t}; no biases).
+//
+// Layout (row-major, torch.nn.Linear-style (out, in) weights):
+//   W_q (H d, D), W_k (H d, D), W_v (H dv, D): row h*d + i of W_q gives
+//     component i of head h's query; stored stacked in one matrix
+//     W_qkv = [W_q; W_k; W_v] of (H (2d + dv), D) so that one GEMM projects
+//     all three: QKV = X W_qkv^T, (N, H (2d + dv)), one token per row;
+//     head h's q, k, v are the column blocks starting at q_col(h), k_col(h),
+//     v_col(h).
+//   W_o (D, H dv): P_h is its column block [h dv, (h+1) dv), so
+//     Delta E = O W_o^T with O (N, H dv) the heads' outputs side by side.
+//
+// Work partition (see threading.hpp): token GEMMs in fixed chunks of
+// detail::kTokenChunk rows, weight-gradient GEMMs in fixed blocks of detail::kWeightRowBlock
+// weight rows (each a full reduction over all N tokens by one thread), so the
+// order of every sum is independent of the thread count.
+#include <mesaopt/common/check.hpp>
+#include <mesaopt/common/matrix.hpp>
+#include <mesaopt/common/parameters.hpp>
+#include <mesaopt/layers/layer_random.hpp>
+#include <mesaopt/layers/threading.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mesaopt::detail {
+
+inline constexpr long kTokenChunk = 128;
+inline constexpr long kWeightRowBlock = 32;
+
+// Throws unless every size is >= 1.
+inline void check_attention_sizes(const char* where, long D, long H, long d, long dv) {
+  check_positive_size(where, "config.D (model width)", D);
+  check_positive_size(where, "config.H (heads)", H);
+  check_positive_size(where, "config.d (key size)", d);
+  check_positive_size(where, "config.dv (value size)", dv);
+}
+
+// Throws unless stddev is finite and >= 0.
+inline void check_init_stddev(const char* where, double stddev) {
+  if (!(std::isfinite(stddev) && stddev >= 0)) fail(where, "stddev must be finite and >= 0, got ", stddev);
+}
+
+// Checks x (B*T, D) with sequence length seq_len and returns B.
+template <class T>
+long check_layer_input(const char* where, const ConstMatrixRef<T>& x, long seq_len, long D) {
+  check_positive_size(where, "T (sequence length)", seq_len);
+  if (x.cols() != D) fail(where, "x has ", x.cols(), " columns but config.D is ", D, " (expected equal)");
+  if (x.rows() < 1 || x.rows() % seq_len != 0)
+    fail(where, "x has ", x.rows(), " rows, which is not a positive multiple of T = ", seq_len,
+         " (x must be (B*T, D), sequence-major)");
+  return x.rows() / seq_len;
+}
+
+// Checks the arguments of a layer backward against the cache of its forward.
+template <class T>
+long check_layer_backward_args(const char* where, const ConstMatrixRef<T>& x, long seq_len,
+                               const ConstMatrixRef<T>& dy, const MatrixRef<T>& dx, long D, long cache_B,
+                               long cache_T) {
+  const long B = check_layer_input<T>(where, x, seq_len, D);
+  if (cache_B != B || cache_T != seq_len)
+    fail(where, "cache holds B = ", cache_B, ", T = ", cache_T, " but x gives B = ", B, ", T = ", seq_len,
+         " (run forward on the same x first)");
+  check_shape(where, "dy", dy, x.rows(), D);
+  check_shape(where, "dx", dx, x.rows(), D);
+  return B;
+}
+
+}  // namespace mesaopt::detail
+
+namespace mesaopt {
+
+// Base of the attention layers: owns W_q, W_k, W_v (stacked) and W_o with their
+// gradient buffers and applies them. The public part gives read/write views of
+// each weight and gradient (e.g. layer.W_q() = ...; layer.grad_W_o()); the
+// GEMMs are for the layers.
+template <class T>
+class AttentionProjections {
+ public:
+  using MatrixMap = Eigen::Map<RowMatrix<T>>;
+  using ConstMatrixMap = Eigen::Map<const RowMatrix<T>>;
+
+  // W_q (H d, D), W_k (H d, D), W_v (H dv, D), W_o (D, H dv) and the gradients.
+  MatrixMap W_q() { return MatrixMap(qkv_.data(), H_ * d_, D_); }
+  MatrixMap W_k() { return MatrixMap(qkv_.data() + H_ * d_ * D_, H_ * d_, D_); }
+  MatrixMap W_v() { return MatrixMap(qkv_.data() + 2 * H_ * d_ * D_, H_ * dv_, D_); }
+  MatrixMap W_o() { return MatrixMap(out_.data(), D_, H_ * dv_); }
+  ConstMatrixMap W_q() const { return ConstMatrixMap(qkv_.data(), H_ * d_, D_); }
+  ConstMatrixMap W_k() const { return ConstMatrixMap(qkv_.data() + H_ * d_ * D_, H_ * d_, D_); }
+  ConstMatrixMap W_v() const { return ConstMatrixMap(qkv_.data() + 2 * H_ * d_ * D_, H_ * dv_, D_); }
+  ConstMatrixMap W_o() const { return ConstMatrixMap(out_.data(), D_, H_ * dv_); }
+  MatrixMap grad_W_q() { return MatrixMap(qkv_grad_.data(), H_ * d_, D_); }
+  MatrixMap grad_W_k() { return MatrixMap(qkv_grad_.data() + H_ * d_ * D_, H_ * d_, D_); }
+  MatrixMap grad_W_v() { return MatrixMap(qkv_grad_.data() + 2 * H_ * d_ * D_, H_ * dv_, D_); }
+  MatrixMap grad_W_o() { return MatrixMap(out_grad_.data(), D_, H_ * dv_); }
+
+ protected:
+  AttentionProjections() = default;
+  AttentionProjections(long D, long H, long d, long dv)
+      : D_(D), H_(H), d_(d), dv_(dv),
+        qkv_(RowMatrix<T>::Zero(H * (2 * d + dv), D)), qkv_grad_(RowMatrix<T>::Zero(H * (2 * d + dv), D)),
+        out_(RowMatrix<T>::Zero(D, H * dv)), out_grad_(RowMatrix<T>::Zero(D, H * dv)) {}
+
+  long width() const { return H_ * (2 * d_ + dv_); }  // columns of QKV
+  long q_col(long h) const { return h * d_; }
+  long k_col(long h) const { return H_ * d_ + h * d_; }
+  long v_col(long h) const { return 2 * H_ * d_ + h * dv_; }
+
+  // Weights ~ N(0, stddev^2), each tensor from its own stream of `seed`.
+  void init_weights(std::uint64_t seed, double stddev) {
+    detail::fill_normal(qkv_.data(), static_cast<std::size_t>(H_ * d_ * D_), seed, 1, stddev);                // W_q
+    detail::fill_normal(qkv_.data() + H_ * d_ * D_, static_cast<std::size_t>(H_ * d_ * D_), seed, 2, stddev);  // W_k
+    detail::fill_normal(qkv_.data() + 2 * H_ * d_ * D_, static_cast<std::size_t>(H_ * dv_ * D_), seed, 3, stddev);
+    detail::fill_normal(out_.data(), static_cast<std::size_t>(out_.size()), seed, 4, stddev);  // W_o
+  }
+
+  void weight_parameters(std::vector<ParameterView<T>>& views, const std::string& prefix) {
+    const long nq = H_ * d_ * D_, nv = H_ * dv_ * D_;
+    views.push_back({prefix + "W_q", qkv_.data(), qkv_grad_.data(), std::size_t(nq), {H_ * d_, D_}});
+    views.push_back({prefix + "W_k", qkv_.data() + nq, qkv_grad_.data() + nq, std::size_t(nq), {H_ * d_, D_}});
+    views.push_back(
+        {prefix + "W_v", qkv_.data() + 2 * nq, qkv_grad_.data() + 2 * nq, std::size_t(nv), {H_ * dv_, D_}});
+    views.push_back({prefix + "W_o", out_.data(), out_grad_.data(), std::size_t(out_.size()), {D_, H_ * dv_}});
+  }
+
+  // qkv_out (N, width()) = x (N, D) W_qkv^T.
+  void project_qkv(const ConstMatrixRef<T>& x, RowMatrix<T>& qkv_out, int threads) const {
+    const long N = x.rows();
+    qkv_out.resize(N, width());
+    detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {
+      const long r0 = long(c) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
+      qkv_out.middleRows(r0, n).noalias() = x.middleRows(r0, n) * qkv_.transpose();
+    });
+  }
+
+  // y (N, D) = o (N, H dv) W_o^T: Delta e_t = sum_h P_h o_{h,t} (MATH.md §1).
+  void project_out(const RowMatrix<T>& o, MatrixRef<T> y, int threads) const {
+    const long N = o.rows();
+    detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {
+      const long r0 = long(c) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
+      y.middleRows(r0, n).noalias() = o.middleRows(r0, n) * out_.transpose();
+    });
+  }
+
+  // forward: Y = O W_o^T  =>  dO = dY W_o (written), dW_o += dY^T O (added).
+  void backward_out(const ConstMatrixRef<T>& dy, const RowMatrix<T>& o, RowMatrix<T>& d_o, int threads) {
+    const long N = o.rows();
+    d_o.resize(N, out_.cols());
+    const long token_items = detail::num_chunks(N, detail::kTokenChunk);
+    const long weight_items = detail::num_chunks(D_, detail::kWeightRowBlock);
+    detail::parallel_for_rethrow(token_items + weight_items, threads, [&](std::ptrdiff_t i) {
+      if (i < token_items) {
+        const long r0 = long(i) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
+        d_o.middleRows(r0, n).noalias() = dy.middleRows(r0, n) * out_;
+      } else {
+        const long r0 = (long(i) - token_items) * detail::kWeightRowBlock, n = std::min(detail::kWeightRowBlock, D_ - r0);
+        out_grad_.middleRows(r0, n).noalias() += dy.middleCols(r0, n).transpose() * o;
+      }
+    });
+  }
+
+  // forward: QKV = X W_qkv^T  =>  dX = dQKV W_qkv (written), dW_qkv += dQKV^T X (added).
+  void backward_qkv(const ConstMatrixRef<T>& x, const RowMatrix<T>& dqkv, MatrixRef<T> dx, int threads) {
+    const long N = x.rows(), W = width();
+    const long token_items = detail::num_chunks(N, detail::kTokenChunk);
+    const long weight_items = detail::num_chunks(W, detail::kWeightRowBlock);
+    detail::parallel_for_rethrow(token_items + weight_items, threads, [&](std::ptrdiff_t i) {
+      if (i < token_items) {
+        const long r0 = long(i) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
+        dx.middleRows(r0, n).noalias() = dqkv.middleRows(r0, n) * qkv_;
+      } else {
+        const long r0 = (long(i) - token_items) * detail::kWeightRowBlock, n = std::min(detail::kWeightRowBlock, W - r0);
+        qkv_grad_.middleRows(r0, n).noalias() += dqkv.middleCols(r0, n).transpose() * x;
+      }
+    });
+  }
+
+ private:
+  long D_ = 0, H_ = 0, d_ = 0, dv_ = 0;
+  RowMatrix<T> qkv_, qkv_grad_;  // W_qkv = [W_q; W_k; W_v], (H (2d + dv), D)
+  RowMatrix<T> out_, out_grad_;  // W_o, (D, H dv)
+};
+
+}  // namespace mesaopt

@@ -1,0 +1,146 @@
+#pragma once
+// Multi-head causal linear self-attention layer (MATH.md §1, M1-M3):
+//
+//   per head h:  q, k, v = W_q,h e, W_k,h e, W_v,h e    (optionally q, k L2-normalised)
+//                o_t = S_t q_t,  S_t = sum_{i<=t} v_i k_i^T             (M1-M2)
+//   output:      Delta e_t = sum_h P_h o_{h,t}  (= O W_o^T)
+//
+// The residual e + Delta e is the caller's (the model's). No softmax, no
+// 1/sqrt(d), no biases (PAPER.md §2). x is (B*T, D), sequence-major: sequence
+// b is rows [b*T, (b+1)*T).
+#include <mesaopt/common/check.hpp>
+#include <mesaopt/common/matrix.hpp>
+#include <mesaopt/common/parameters.hpp>
+#include <mesaopt/layers/attention_projections.hpp>
+#include <mesaopt/layers/qk_normalization.hpp>
+#include <mesaopt/layers/threading.hpp>
+#include <mesaopt/ops/linear_attention.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mesaopt {
+
+struct LinearAttentionLayerConfig {
+  long D = 0;                 // model width (token size)
+  long H = 1;                 // heads
+  long d = 0;                 // key/query size per head
+  long dv = 0;                // value size per head
+  bool normalize_qk = false;  // L2-normalise q and k per head and token
+  int num_threads = 0;        // threads for forward/backward; <= 0: default_num_threads()
+};
+
+// What LinearAttentionLayer::backward needs from its forward.
+template <class T>
+struct LinearAttentionLayerCache {
+  long batch = 0;          // B of the forward (0: no complete forward yet)
+  long seq_len = 0;        // T of the forward
+  RowMatrix<T> qkv;        // (B*T, H (2d + dv)): projected q | k | v (q, k normalised if on)
+  RowMatrix<T> inv_norm;   // (B*T, 2H): r of q (columns [0, H)) and k ([H, 2H)); empty if off
+  RowMatrix<T> o;          // (B*T, H dv): the heads' outputs, for dW_o
+};
+
+template <class T>
+class LinearAttentionLayer : public AttentionProjections<T> {
+  using Base = AttentionProjections<T>;
+
+ public:
+  using Scalar = T;
+  using Config = LinearAttentionLayerConfig;
+  using Cache = LinearAttentionLayerCache<T>;
+
+  explicit LinearAttentionLayer(const Config& config) : Base(checked(config).D, config.H, config.d, config.dv), config_(config) {}
+
+  const Config& config() const { return config_; }
+  void set_num_threads(int n) { config_.num_threads = n; }
+
+  // W_q, W_k, W_v, W_o ~ N(0, stddev^2) from a seeded SplitMix64 stream.
+  void init(std::uint64_t seed, double stddev) {
+    detail::check_init_stddev("LinearAttentionLayer::init", stddev);
+    Base::init_weights(seed, stddev);
+  }
+
+  // Appends prefix+"W_q" (H d, D), "W_k" (H d, D), "W_v" (H dv, D), "W_o" (D, H dv).
+  void parameters(std::vector<ParameterView<T>>& out, const std::string& prefix) {
+    Base::weight_parameters(out, prefix);
+  }
+
+  // x is (B*T, D); writes y (B*T, D) = Delta e and fills cache.
+  void forward(ConstMatrixRef<T> x, long seq_len, Cache& cache, MatrixRef<T> y) {
+    const char* where = "LinearAttentionLayer::forward";
+    const long B = detail::check_layer_input<T>(where, x, seq_len, config_.D);
+    detail::check_shape(where, "y", y, x.rows(), config_.D);
+    const int threads = detail::resolve_num_threads(config_.num_threads);
+    detail::SerialEigenScope serial_eigen;
+    const long H = config_.H, d = config_.d, dv = config_.dv;
+
+    cache.batch = 0;  // marks the cache invalid until it is complete
+    Base::project_qkv(x, cache.qkv, threads);
+    if (config_.normalize_qk)
+      cache.inv_norm.resize(x.rows(), 2 * H);
+    else
+      cache.inv_norm.resize(0, 0);
+    cache.o.resize(x.rows(), H * dv);
+
+    detail::parallel_for_rethrow(B * H, threads, [&](std::ptrdiff_t item) {
+      const long b = long(item) / H, h = long(item) % H, r0 = b * seq_len;
+      auto q = cache.qkv.block(r0, this->q_col(h), seq_len, d);
+      auto k = cache.qkv.block(r0, this->k_col(h), seq_len, d);
+      auto v = cache.qkv.block(r0, this->v_col(h), seq_len, dv);
+      if (config_.normalize_qk) {
+        detail::l2_normalize_rows_forward<T>(q, &cache.inv_norm(r0, h), 2 * H);
+        detail::l2_normalize_rows_forward<T>(k, &cache.inv_norm(r0, H + h), 2 * H);
+      }
+      linear_attention_forward<T>(q, k, v, cache.o.block(r0, h * dv, seq_len, dv));  // M1-M2
+    });
+    Base::project_out(cache.o, y, threads);
+    cache.seq_len = seq_len;
+    cache.batch = B;
+  }
+
+  // Convenience form returning y.
+  RowMatrix<T> forward(ConstMatrixRef<T> x, long seq_len, Cache& cache) {
+    RowMatrix<T> y(x.rows(), x.cols());
+    forward(x, seq_len, cache, y);
+    return y;
+  }
+
+  // dy is dL/dy (B*T, D); writes dx (B*T, D) and ADDS into the weight gradients.
+  void backward(ConstMatrixRef<T> x, long seq_len, ConstMatrixRef<T> dy, const Cache& cache, MatrixRef<T> dx) {
+    const char* where = "LinearAttentionLayer::backward";
+    const long B = detail::check_layer_backward_args<T>(where, x, seq_len, dy, dx, config_.D, cache.batch,
+                                                          cache.seq_len);
+    const int threads = detail::resolve_num_threads(config_.num_threads);
+    detail::SerialEigenScope serial_eigen;
+    const long H = config_.H, d = config_.d, dv = config_.dv;
+
+    RowMatrix<T> d_o;
+    Base::backward_out(dy, cache.o, d_o, threads);  // dO = dY W_o, dW_o += dY^T O
+    RowMatrix<T> dqkv(x.rows(), this->width());
+    detail::parallel_for_rethrow(B * H, threads, [&](std::ptrdiff_t item) {
+      const long b = long(item) / H, h = long(item) % H, r0 = b * seq_len;
+      auto q = cache.qkv.block(r0, this->q_col(h), seq_len, d);
+      auto k = cache.qkv.block(r0, this->k_col(h), seq_len, d);
+      auto v = cache.qkv.block(r0, this->v_col(h), seq_len, dv);
+      auto dq = dqkv.block(r0, this->q_col(h), seq_len, d);
+      auto dk = dqkv.block(r0, this->k_col(h), seq_len, d);
+      linear_attention_backward<T>(q, k, v, d_o.block(r0, h * dv, seq_len, dv), dq, dk,
+                                   dqkv.block(r0, this->v_col(h), seq_len, dv));  // M3
+      if (config_.normalize_qk) {
+        detail::l2_normalize_rows_backward<T>(q, &cache.inv_norm(r0, h), 2 * H, dq);
+        detail::l2_normalize_rows_backward<T>(k, &cache.inv_norm(r0, H + h), 2 * H, dk);
+      }
+    });
+    Base::backward_qkv(x, dqkv, dx, threads);  // dX = dQKV W_qkv, dW_qkv += dQKV^T X
+  }
+
+ private:
+  static const Config& checked(const Config& c) {
+    detail::check_attention_sizes("LinearAttentionLayer", c.D, c.H, c.d, c.dv);
+    return c;
+  }
+  Config config_;
+};
+
+}  // namespace mesaopt
