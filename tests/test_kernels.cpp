@@ -539,7 +539,8 @@ TEST_CASE("mesa recursion from the kernels equals a direct ridge solve in double
 
 TEST_CASE("mesa recursion in float stays close to the double direct solve", "[kernels][mesa]") {
   // Precision of the float path over a medium sequence with a well-conditioned
-  // R (|k| about 1, lambda = 1): measured about 1e-5 relative RMS; 1e-3 allowed.
+  // R (|k| about 1, lambda = 1): measured 4.4e-7 relative RMS over all tokens
+  // (GCC 12, AVX2); 1e-5 allowed. A kernel bug gives errors of order 1.
   const long d = 32, dv = 8, steps = 512;
   const auto keys = mesaopt::test::random_matrix<double>(steps, d, 41, 1.0 / std::sqrt(double(d)));
   const auto queries = mesaopt::test::random_matrix<double>(steps, d, 42);
@@ -548,5 +549,5 @@ TEST_CASE("mesa recursion in float stays close to the double direct solve", "[ke
   const auto direct = mesa_by_direct_solve(keys, queries, values, 1.0, 1.0);
   const double err = mesaopt::test::relative_rms(fast, direct);
   INFO("relative RMS error over all tokens: " << err);
-  CHECK(err < 1e-3);
+  CHECK(err < 1e-5);
 }
