@@ -1,2 +1,9 @@
 #pragma once
-// Module header: learners (filled in by its own issue).
+// Module header: reference in-context learners (MATH.md §4, PAPER.md §5) and
+// the tools for comparing a model with them.
+#include <mesaopt/learners/context.hpp>
+#include <mesaopt/learners/least_squares.hpp>
+#include <mesaopt/learners/gradient_descent.hpp>
+#include <mesaopt/learners/chebyshev.hpp>
+#include <mesaopt/learners/kernel_regression.hpp>
+#include <mesaopt/learners/compare.hpp>

@@ -1,0 +1,205 @@
+#pragma once
+// The paper's main task (PAPER.md §1, MATH.md §5): sequences of a dynamical
+// system with a fresh transition matrix W* per sequence,
+//
+//     s_{t+1} = W* s_t + eps_t            (linear, the default)
+//     s_{t+1} = tanh(W* s_t) + eps_t      (the nonlinear contrast variant)
+//
+// eps_t ~ N(0, noise_std^2 I), states clipped to [-clip, clip]. Inputs are
+// s_1..s_T, targets s_2..s_{T+1}. Defaults are the paper's settings: n = 10,
+// T = 50, W* Haar-random orthogonal, s_1 ~ U[-1, 1]^n, noise_std = 0.01,
+// clip = 10.
+#include <mesaopt/common/check.hpp>
+#include <mesaopt/common/matrix.hpp>
+#include <mesaopt/common/parallel.hpp>
+#include <mesaopt/tasks/random.hpp>
+
+#include <Eigen/Eigenvalues>
+#include <Eigen/QR>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace mesaopt::tasks {
+
+// How W* is drawn for each sequence.
+enum class TransitionMatrix {
+  random_orthogonal,  // Haar measure on O(n): QR of a Gaussian matrix, signs fixed
+  gaussian,           // N(0, 1) entries rescaled to spectral radius `spectral_radius`
+};
+
+// Distribution of s_1.
+enum class InitialState {
+  uniform,  // s_1 ~ U[-init_scale, init_scale]^n (the paper's code)
+  normal,   // s_1 ~ N(0, init_scale^2 I)         (the paper's text)
+};
+
+// The map applied to W* s_t.
+enum class Transition {
+  linear,  // s_{t+1} = W* s_t + eps
+  tanh,    // s_{t+1} = tanh(W* s_t) + eps: linear learners are no longer optimal
+};
+
+struct DynamicsConfig {
+  long state_dim = 10;     // n
+  long seq_len = 50;       // T, number of inputs (and of targets) per sequence
+  double noise_std = 0.01;  // sigma: eps ~ N(0, sigma^2 I); 0 allowed
+  TransitionMatrix matrix = TransitionMatrix::random_orthogonal;
+  double spectral_radius = 0.95;  // used by TransitionMatrix::gaussian only
+  InitialState init = InitialState::uniform;
+  double init_scale = 1.0;  // half-width (uniform) or standard deviation (normal)
+  double clip = 10.0;       // states are clipped to [-clip, clip]
+  Transition transition = Transition::linear;
+};
+
+// A batch of B sequences, sequence-major: sequence b occupies rows [b*T, (b+1)*T).
+template <class T>
+struct DynamicsBatch {
+  long batch = 0, seq_len = 0, state_dim = 0;
+  RowMatrix<T> inputs;            // (B*T, n): row b*T + t-1 is s_t, t = 1..T
+  RowMatrix<T> targets;           // (B*T, n): row b*T + t-1 is s_{t+1}
+  std::vector<RowMatrix<T>> W;    // B matrices (n, n): the ground-truth W* per sequence
+  Transition transition = Transition::linear;
+};
+
+inline void validate(const char* where, const DynamicsConfig& c) {
+  mesaopt::detail::check_positive_size(where, "state_dim", c.state_dim);
+  if (c.seq_len < 2) mesaopt::detail::fail(where, "seq_len must be at least 2, got ", c.seq_len);
+  if (!(std::isfinite(c.noise_std) && c.noise_std >= 0.0)) {
+    mesaopt::detail::fail(where, "noise_std must be finite and >= 0, got ", c.noise_std);
+  }
+  if (c.matrix == TransitionMatrix::gaussian) {
+    mesaopt::detail::check_positive_finite(where, "spectral_radius", c.spectral_radius);
+  }
+  mesaopt::detail::check_positive_finite(where, "init_scale", c.init_scale);
+  mesaopt::detail::check_positive_finite(where, "clip", c.clip);
+}
+
+namespace detail {
+
+// Haar-random orthogonal n x n matrix: QR of a Gaussian matrix with the signs
+// of diag(R) moved into Q (Mezzadri 2007), so the law is exactly Haar.
+inline RowMatrix<double> haar_orthogonal(long n, CounterRng& rng) {
+  Eigen::MatrixXd g(n, n);
+  for (long i = 0; i < n; ++i)
+    for (long j = 0; j < n; ++j) g(i, j) = rng.normal();
+  Eigen::HouseholderQR<Eigen::MatrixXd> qr(g);
+  Eigen::MatrixXd q = qr.householderQ();
+  const Eigen::MatrixXd& r = qr.matrixQR();
+  for (long j = 0; j < n; ++j)
+    if (r(j, j) < 0) q.col(j) = -q.col(j);
+  return q;
+}
+
+// Gaussian matrix rescaled so that its spectral radius is exactly `radius`.
+inline RowMatrix<double> gaussian_with_radius(long n, double radius, CounterRng& rng) {
+  Eigen::MatrixXd g(n, n);
+  for (long i = 0; i < n; ++i)
+    for (long j = 0; j < n; ++j) g(i, j) = rng.normal();
+  const double rho = Eigen::EigenSolver<Eigen::MatrixXd>(g, false).eigenvalues().cwiseAbs().maxCoeff();
+  return g * (radius / rho);
+}
+
+// One sequence from stream (seed, index): draws W*, then s_1, then the noise
+// for each step, in that order.
+inline void generate_dynamics_sequence(const DynamicsConfig& c, std::uint64_t seed, std::uint64_t index,
+                                       RowMatrix<double>& W, RowMatrix<double>& states /* (T+1, n) */) {
+  CounterRng rng(seed, index);
+  const long n = c.state_dim;
+  W = c.matrix == TransitionMatrix::random_orthogonal ? haar_orthogonal(n, rng)
+                                                      : gaussian_with_radius(n, c.spectral_radius, rng);
+  states.resize(c.seq_len + 1, n);
+  for (long j = 0; j < n; ++j) {
+    const double v = c.init == InitialState::uniform ? rng.uniform(-c.init_scale, c.init_scale)
+                                                     : c.init_scale * rng.normal();
+    states(0, j) = std::clamp(v, -c.clip, c.clip);
+  }
+  Vector<double> next(n);
+  for (long t = 0; t < c.seq_len; ++t) {
+    next.noalias() = W * states.row(t).transpose();
+    for (long j = 0; j < n; ++j) {
+      double v = c.transition == Transition::linear ? next[j] : std::tanh(next[j]);
+      v += c.noise_std * rng.normal();
+      states(t + 1, j) = std::clamp(v, -c.clip, c.clip);
+    }
+  }
+}
+}  // namespace detail
+
+// Generates sequences first_sequence .. first_sequence + batch - 1 of the
+// stream keyed by `seed`. Sequence b depends only on (seed, first_sequence + b):
+// the result does not depend on num_threads (<= 0: library default).
+template <class T = double>
+DynamicsBatch<T> make_dynamics_batch(const DynamicsConfig& config, long batch, std::uint64_t seed,
+                                     long first_sequence = 0, int num_threads = 0) {
+  const char* where = "make_dynamics_batch";
+  validate(where, config);
+  mesaopt::detail::check_positive_size(where, "batch", batch);
+  if (first_sequence < 0) mesaopt::detail::fail(where, "first_sequence must be >= 0, got ", first_sequence);
+  const long len = config.seq_len, n = config.state_dim;
+  DynamicsBatch<T> out;
+  out.batch = batch;
+  out.seq_len = len;
+  out.state_dim = n;
+  out.transition = config.transition;
+  out.inputs.resize(batch * len, n);
+  out.targets.resize(batch * len, n);
+  out.W.resize(static_cast<std::size_t>(batch));
+  parallel_for(batch, num_threads, [&](std::ptrdiff_t b) {
+    RowMatrix<double> W, states;
+    detail::generate_dynamics_sequence(config, seed, static_cast<std::uint64_t>(first_sequence + b), W, states);
+    out.W[static_cast<std::size_t>(b)] = W.template cast<T>();
+    out.inputs.middleRows(b * len, len) = states.topRows(len).template cast<T>();
+    out.targets.middleRows(b * len, len) = states.bottomRows(len).template cast<T>();
+  });
+  return out;
+}
+
+// The paper's constructed tokens (PAPER.md §2): e_t = [0, s_t, s_t, s_{t-1}]
+// with s_0 = 0, 4n dims; the first n slots are where a model writes its
+// prediction. inputs is (B*T, n), sequence-major; returns (B*T, 4n).
+template <class T>
+RowMatrix<T> constructed_tokens(ConstMatrixRef<T> inputs, long seq_len) {
+  const char* where = "constructed_tokens";
+  mesaopt::detail::check_positive_size(where, "seq_len", seq_len);
+  mesaopt::detail::check_positive_size(where, "inputs.cols()", inputs.cols());
+  if (inputs.rows() % seq_len != 0) {
+    mesaopt::detail::fail(where, "inputs has ", inputs.rows(), " rows, not a multiple of seq_len ", seq_len);
+  }
+  const long n = inputs.cols(), rows = inputs.rows();
+  RowMatrix<T> e = RowMatrix<T>::Zero(rows, 4 * n);
+  for (long r = 0; r < rows; ++r) {
+    e.row(r).segment(n, n) = inputs.row(r);
+    e.row(r).segment(2 * n, n) = inputs.row(r);
+    if (r % seq_len != 0) e.row(r).segment(3 * n, n) = inputs.row(r - 1);
+  }
+  return e;
+}
+
+template <class T>
+RowMatrix<T> constructed_tokens(const DynamicsBatch<T>& batch) {
+  return constructed_tokens<T>(batch.inputs, batch.seq_len);
+}
+
+// The best achievable predictor ("noise-floor"): W* s_t, or tanh(W* s_t) for the
+// nonlinear variant, using each sequence's true W*. Returns (B*T, n). Its
+// expected loss is noise_std^2 n / 2 (unless clipping is active).
+template <class T>
+RowMatrix<T> predict_with_true_dynamics(const DynamicsBatch<T>& batch) {
+  if (static_cast<long>(batch.W.size()) != batch.batch || batch.inputs.rows() != batch.batch * batch.seq_len) {
+    mesaopt::detail::fail("predict_with_true_dynamics", "batch is inconsistent: ", batch.W.size(),
+                          " matrices, ", batch.inputs.rows(), " input rows for batch ", batch.batch,
+                          " x seq_len ", batch.seq_len);
+  }
+  RowMatrix<T> pred(batch.inputs.rows(), batch.state_dim);
+  for (long b = 0; b < batch.batch; ++b) {
+    auto rows = pred.middleRows(b * batch.seq_len, batch.seq_len);
+    rows.noalias() = batch.inputs.middleRows(b * batch.seq_len, batch.seq_len) *
+                     batch.W[static_cast<std::size_t>(b)].transpose();
+    if (batch.transition == Transition::tanh) rows = rows.array().tanh().matrix();
+  }
+  return pred;
+}
+
+}  // namespace mesaopt::tasks
