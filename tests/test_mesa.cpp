@@ -3,7 +3,7 @@
 // differences for every input and parameter, chunk-size invariance, float
 // precision on long sequences, the cache's memory, and bad input.
 #include <catch2/catch.hpp>
-#include <mesaopt/mesaopt.hpp>
+#include <mesaopt/ops/mesa.hpp>
 #include <mesaopt/ops/mesa_reference.hpp>
 
 #include "gradcheck.hpp"
