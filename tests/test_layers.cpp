@@ -9,6 +9,8 @@
 #include <catch2/catch.hpp>
 #include <mesaopt/layers.hpp>
 
+#include <Eigen/Cholesky>
+
 #include "gradcheck.hpp"
 #include "test_util.hpp"
 
@@ -34,6 +36,39 @@ RowMatrix<double> naive_linear(const RowMatrix<double>& q, const RowMatrix<doubl
   RowMatrix<double> o = RowMatrix<double>::Zero(q.rows(), v.cols());
   for (long t = 0; t < q.rows(); ++t)
     for (long i = 0; i <= t; ++i) o.row(t) += k.row(i).dot(q.row(t)) * v.row(i);
+  return o;
+}
+
+// MATH.md M4: o_t = sum_{i<=t} softmax_i(q_t . k_i / sqrt(d)) v_i.
+RowMatrix<double> naive_softmax(const RowMatrix<double>& q, const RowMatrix<double>& k, const RowMatrix<double>& v) {
+  RowMatrix<double> o = RowMatrix<double>::Zero(q.rows(), v.cols());
+  const double scale = 1.0 / std::sqrt(double(q.cols()));
+  for (long t = 0; t < q.rows(); ++t) {
+    Eigen::VectorXd s(t + 1);
+    for (long i = 0; i <= t; ++i) s(i) = scale * k.row(i).dot(q.row(t));
+    const Eigen::VectorXd a = (s.array() - s.maxCoeff()).exp();
+    for (long i = 0; i <= t; ++i) o.row(t) += a(i) / a.sum() * v.row(i);
+  }
+  return o;
+}
+
+// MATH.md M5-M6 with forgetting, by a direct solve at every t:
+// o_t = S_t A_t^{-1} q_t, A_t = sum_{i<=t} gamma^{t-i} k_i k_i^T + gamma^t I / lambda,
+// S_t = sum_{i<=t} gamma^{t-i} v_i k_i^T.
+RowMatrix<double> naive_mesa(const RowMatrix<double>& q, const RowMatrix<double>& k, const RowMatrix<double>& v,
+                             double lambda, double gamma) {
+  const long d = q.cols();
+  RowMatrix<double> o(q.rows(), v.cols());
+  for (long t = 0; t < q.rows(); ++t) {
+    Eigen::MatrixXd A = std::pow(gamma, double(t + 1)) / lambda * Eigen::MatrixXd::Identity(d, d);
+    Eigen::MatrixXd S = Eigen::MatrixXd::Zero(v.cols(), d);
+    for (long i = 0; i <= t; ++i) {
+      const double w = std::pow(gamma, double(t - i));
+      A += w * k.row(i).transpose() * k.row(i);
+      S += w * v.row(i).transpose() * k.row(i);
+    }
+    o.row(t) = (S * A.ldlt().solve(q.row(t).transpose())).transpose();
+  }
   return o;
 }
 
@@ -280,7 +315,15 @@ TEST_CASE("LinearAttentionLayer: parameters, init, thread-count invariance, bad 
     CHECK(other.W_q() != layer.W_q());
     const double rms = std::sqrt(layer.W_v().cast<double>().squaredNorm() / double(layer.W_v().size()));
     CHECK(rms == Approx(0.2).epsilon(0.05));
-    CHECK(layer.W_q() != layer.W_k());  // tensors draw from different streams
+    CHECK(layer.W_q() != layer.W_k());  // consecutive draws
+    // init(seed) is init(rng) with a fresh SplitMix64(seed); a shared generator continues.
+    mesaopt::nn::SplitMix64 rng(3);
+    mesaopt::LinearAttentionLayer<float> first(layer.config()), second(layer.config());
+    first.init(rng, 0.2);
+    second.init(rng, 0.2);
+    CHECK(first.W_q() == layer.W_q());
+    CHECK(first.W_o() == layer.W_o());
+    CHECK(second.W_q() != layer.W_q());
   }
   SECTION("1 and 2 threads give identical bits (N = 600 tokens: long GEMM reductions)") {
     check_thread_invariance(layer, 3, 200);
@@ -298,5 +341,178 @@ TEST_CASE("LinearAttentionLayer: parameters, init, thread-count invariance, bad 
                       Catch::Contains("config.d "));
     CHECK_THROWS_WITH(mesaopt::LinearAttentionLayer<float>(linear_config(4, 2, 3, 0, false)),
                       Catch::Contains("config.dv"));
+  }
+}
+
+// ===========================================================================
+// SoftmaxAttentionLayer
+
+namespace {
+mesaopt::SoftmaxAttentionLayerConfig softmax_config(long D, long H, long d, long dv) {
+  mesaopt::SoftmaxAttentionLayerConfig c;
+  c.D = D;
+  c.H = H;
+  c.d = d;
+  c.dv = dv;
+  return c;
+}
+}  // namespace
+
+TEST_CASE("SoftmaxAttentionLayer: backward matches finite differences", "[layers][softmax]") {
+  mesaopt::SoftmaxAttentionLayer<double> layer(softmax_config(kD, kH, kd, kdv));
+  layer.init(12, 0.4);
+  check_layer_gradients(layer, kB, kT, 200);
+}
+
+TEST_CASE("SoftmaxAttentionLayer: forward equals projections + naive causal softmax attention",
+          "[layers][softmax]") {
+  const long B = 2, T = 150, D = 21, H = 3, d = 7, dv = 9;  // T > 2 tiles of 64
+  mesaopt::SoftmaxAttentionLayer<double> layer(softmax_config(D, H, d, dv));
+  layer.init(5, 0.5);
+  const RowMatrix<double> x = random_matrix<double>(B * T, D, 7, 1.0);
+  mesaopt::SoftmaxAttentionLayerCache<double> cache;
+  const RowMatrix<double> y = layer.forward(x, T, cache);
+  const RowMatrix<double> ref =
+      plain_layer(x, T, H, d, dv, layer.W_q(), layer.W_k(), layer.W_v(), layer.W_o(), false,
+                  [](const auto& q, const auto& k, const auto& v, long) { return naive_softmax(q, k, v); });
+  INFO("relative rms " << relative_rms(y, ref));
+  CHECK(relative_rms(y, ref) < 1e-13);
+  CHECK(ref.norm() > 0);
+}
+
+TEST_CASE("SoftmaxAttentionLayer: parameters, thread-count invariance, bad input", "[layers][softmax]") {
+  mesaopt::SoftmaxAttentionLayer<float> layer(softmax_config(40, 2, 32, 24));
+  layer.init(3, 0.2);
+  check_parameter_views(layer, {"W_q", "W_k", "W_v", "W_o"});
+  SECTION("1 and 2 threads give identical bits") { check_thread_invariance(layer, 3, 200); }
+  SECTION("bad input throws") {
+    check_bad_inputs(layer);
+    CHECK_THROWS_WITH(mesaopt::SoftmaxAttentionLayer<float>(softmax_config(4, 2, 3, 0)), Catch::Contains("config.dv"));
+    CHECK_THROWS_WITH(mesaopt::SoftmaxAttentionLayer<float>(softmax_config(4, -1, 3, 2)), Catch::Contains("config.H"));
+  }
+}
+
+// ===========================================================================
+// MesaLayer
+
+namespace {
+mesaopt::MesaLayerConfig mesa_config(long D, long H, long d, long dv, bool normalize, bool learn_forget,
+                                     double forget_init = 1.0) {
+  mesaopt::MesaLayerConfig c;
+  c.D = D;
+  c.H = H;
+  c.d = d;
+  c.dv = dv;
+  c.normalize_qk = normalize;
+  c.learn_forget = learn_forget;
+  c.forget_init = forget_init;
+  return c;
+}
+}  // namespace
+
+TEST_CASE("MesaLayer: backward matches finite differences", "[layers][mesa]") {
+  for (bool normalize : {false, true}) {
+    for (bool learn_forget : {false, true}) {
+      DYNAMIC_SECTION("normalize_qk = " << normalize << ", learn_forget = " << learn_forget) {
+        mesaopt::MesaLayer<double> layer(mesa_config(kD, kH, kd, kdv, normalize, learn_forget, learn_forget ? 0.8 : 1.0));
+        layer.init(13, 0.3);
+        // Distinct regularisers per head, so a head mix-up would show.
+        layer.lambda_raw()(1) = 0.3;
+        if (learn_forget) layer.forget_raw()(0) = 2.5;
+        std::vector<ParameterView<double>> params;
+        layer.parameters(params, "");
+        CHECK(params.size() == (learn_forget ? 6u : 5u));
+        check_layer_gradients(layer, kB, kT, 300);
+      }
+    }
+  }
+  SECTION("fixed forget factor 0.9 (not learnable), checkpoint interval 4") {
+    auto c = mesa_config(kD, kH, kd, kdv, false, false, 0.9);
+    c.chunk = 4;
+    mesaopt::MesaLayer<double> layer(c);
+    layer.init(14, 0.3);
+    check_layer_gradients(layer, kB, kT, 400);
+  }
+}
+
+TEST_CASE("MesaLayer: forward equals projections + a direct ridge solve per position", "[layers][mesa]") {
+  for (bool normalize : {false, true}) {
+    for (bool learn_forget : {false, true}) {
+      DYNAMIC_SECTION("normalize_qk = " << normalize << ", learn_forget = " << learn_forget) {
+        const long B = 2, T = 40, D = 11, H = 3, d = 6, dv = 5;
+        mesaopt::MesaLayer<double> layer(mesa_config(D, H, d, dv, normalize, learn_forget, learn_forget ? 0.9 : 1.0));
+        layer.init(5, 0.4);
+        layer.lambda_raw() << -0.5, 0.5, 2.0;
+        if (learn_forget) layer.forget_raw() << 1.0, 3.0, 6.0;
+        const RowMatrix<double> x = random_matrix<double>(B * T, D, 8, 1.0);
+        mesaopt::MesaLayerCache<double> cache;
+        const RowMatrix<double> y = layer.forward(x, T, cache);
+        const auto softplus = [](double r) { return std::log1p(std::exp(r)); };
+        const auto sigmoid = [](double r) { return 1.0 / (1.0 + std::exp(-r)); };
+        const RowMatrix<double> ref = plain_layer(
+            x, T, H, d, dv, layer.W_q(), layer.W_k(), layer.W_v(), layer.W_o(), normalize,
+            [&](const auto& q, const auto& k, const auto& v, long h) {
+              return naive_mesa(q, k, v, softplus(layer.lambda_raw()(h)),
+                                learn_forget ? sigmoid(layer.forget_raw()(h)) : 1.0);
+            });
+        INFO("relative rms " << relative_rms(y, ref));
+        CHECK(relative_rms(y, ref) < 1e-11);
+        CHECK(ref.norm() > 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("MesaLayer: parametrisation, parameters, thread-count invariance, bad input", "[layers][mesa]") {
+  mesaopt::MesaLayer<float> layer(mesa_config(40, 2, 32, 24, true, true, 0.95));
+  layer.init(3, 0.2);
+  check_parameter_views(layer, {"W_q", "W_k", "W_v", "W_o", "lambda_raw", "forget_raw"});
+
+  SECTION("initial lambda = 1 (softplus), gamma = forget_init (sigmoid)") {
+    for (long h = 0; h < 2; ++h) {
+      CHECK(layer.lambda(h) == Approx(1.0f).epsilon(1e-6));
+      CHECK(layer.forget(h) == Approx(0.95f).epsilon(1e-6));
+    }
+    CHECK(layer.lambda_raw()(0) == Approx(std::log(std::exp(1.0) - 1.0)));
+    mesaopt::MesaLayer<double> fixed(mesa_config(5, 1, 2, 2, false, false, 0.5));
+    CHECK(fixed.forget(0) == 0.5);
+    std::vector<ParameterView<double>> params;
+    fixed.parameters(params, "");
+    CHECK(params.size() == 5);  // no forget_raw when the forget factor is fixed
+    auto c = mesa_config(5, 1, 2, 2, false, false);
+    c.lambda_init = 3.5;
+    CHECK(mesaopt::MesaLayer<double>(c).lambda(0) == Approx(3.5).epsilon(1e-14));
+  }
+  SECTION("1 and 2 threads give identical bits") {
+    check_thread_invariance(layer, 3, 200);
+    mesaopt::MesaLayer<double> plain(mesa_config(40, 3, 20, 12, false, false));
+    plain.init(8, 0.2);
+    check_thread_invariance(plain, 2, 300);
+  }
+  SECTION("bad input throws") {
+    check_bad_inputs(layer);
+    auto bad = [](auto edit) {
+      auto c = mesa_config(6, 2, 3, 3, false, false);
+      edit(c);
+      return mesaopt::MesaLayer<double>(c);
+    };
+    CHECK_THROWS_WITH(bad([](auto& c) { c.lambda_init = 0; }), Catch::Contains("config.lambda_init"));
+    CHECK_THROWS_WITH(bad([](auto& c) { c.lambda_init = -2; }), Catch::Contains("config.lambda_init"));
+    CHECK_THROWS_WITH(bad([](auto& c) { c.lambda_init = NAN; }), Catch::Contains("config.lambda_init"));
+    CHECK_THROWS_WITH(bad([](auto& c) { c.forget_init = 0; }), Catch::Contains("config.forget_init"));
+    CHECK_THROWS_WITH(bad([](auto& c) { c.forget_init = 1.5; }), Catch::Contains("config.forget_init"));
+    CHECK_THROWS_WITH(bad([](auto& c) { c.learn_forget = true; }), Catch::Contains("config.forget_init"));  // 1
+    CHECK_THROWS_WITH(bad([](auto& c) { c.chunk = -1; }), Catch::Contains("config.chunk"));
+    CHECK_THROWS_WITH(bad([](auto& c) { c.d = 0; }), Catch::Contains("config.d "));
+    CHECK_NOTHROW(bad([](auto& c) { c.forget_init = 1.0; }));
+    // A regulariser driven out of range (e.g. by a diverged update) is caught
+    // before the parallel region.
+    const RowMatrix<float> x = random_matrix<float>(10, 40, 9, 1.0);
+    mesaopt::MesaLayerCache<float> cache;
+    layer.lambda_raw()(1) = -1000.0f;  // softplus underflows to 0
+    CHECK_THROWS_WITH(layer.forward(x, 5, cache), Catch::Contains("lambda"));
+    layer.lambda_raw()(1) = 0.5f;
+    layer.forget_raw()(0) = -1000.0f;  // sigmoid underflows to 0
+    CHECK_THROWS_WITH(layer.forward(x, 5, cache), Catch::Contains("forget"));
   }
 }

@@ -3,3 +3,5 @@
 // W_v, W_o around the per-head ops of mesaopt/ops.hpp). See docs/layers.md.
 #include <mesaopt/layers/attention_projections.hpp>
 #include <mesaopt/layers/linear_attention_layer.hpp>
+#include <mesaopt/layers/mesa_layer.hpp>
+#include <mesaopt/layers/softmax_attention_layer.hpp>

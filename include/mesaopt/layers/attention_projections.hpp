@@ -21,8 +21,8 @@
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parameters.hpp>
-#include <mesaopt/layers/layer_random.hpp>
 #include <mesaopt/layers/threading.hpp>
+#include <mesaopt/nn/random.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -113,12 +113,10 @@ class AttentionProjections {
   long k_col(long h) const { return H_ * d_ + h * d_; }
   long v_col(long h) const { return 2 * H_ * d_ + h * dv_; }
 
-  // Weights ~ N(0, stddev^2), each tensor from its own stream of `seed`.
-  void init_weights(std::uint64_t seed, double stddev) {
-    detail::fill_normal(qkv_.data(), static_cast<std::size_t>(H_ * d_ * D_), seed, 1, stddev);                // W_q
-    detail::fill_normal(qkv_.data() + H_ * d_ * D_, static_cast<std::size_t>(H_ * d_ * D_), seed, 2, stddev);  // W_k
-    detail::fill_normal(qkv_.data() + 2 * H_ * d_ * D_, static_cast<std::size_t>(H_ * dv_ * D_), seed, 3, stddev);
-    detail::fill_normal(out_.data(), static_cast<std::size_t>(out_.size()), seed, 4, stddev);  // W_o
+  // W_q, W_k, W_v, W_o (in this order) ~ N(0, stddev^2), drawn from rng.
+  void init_weights(nn::SplitMix64& rng, double stddev) {
+    nn::fill_normal(qkv_.data(), static_cast<std::size_t>(qkv_.size()), stddev, rng);  // W_q, W_k, W_v
+    nn::fill_normal(out_.data(), static_cast<std::size_t>(out_.size()), stddev, rng);  // W_o
   }
 
   void weight_parameters(std::vector<ParameterView<T>>& views, const std::string& prefix) {

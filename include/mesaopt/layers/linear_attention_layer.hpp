@@ -55,10 +55,16 @@ class LinearAttentionLayer : public AttentionProjections<T> {
   const Config& config() const { return config_; }
   void set_num_threads(int n) { config_.num_threads = n; }
 
-  // W_q, W_k, W_v, W_o ~ N(0, stddev^2) from a seeded SplitMix64 stream.
-  void init(std::uint64_t seed, double stddev) {
+  // W_q, W_k, W_v, W_o (in this order) ~ N(0, stddev^2), drawn from rng
+  // (nn/random.hpp: SplitMix64 + Box-Muller, reproducible across machines).
+  void init(nn::SplitMix64& rng, double stddev) {
     detail::check_init_stddev("LinearAttentionLayer::init", stddev);
-    Base::init_weights(seed, stddev);
+    Base::init_weights(rng, stddev);
+  }
+  // The same from a fresh generator seeded with `seed`.
+  void init(std::uint64_t seed, double stddev) {
+    nn::SplitMix64 rng(seed);
+    init(rng, stddev);
   }
 
   // Appends prefix+"W_q" (H d, D), "W_k" (H d, D), "W_v" (H dv, D), "W_o" (D, H dv).
