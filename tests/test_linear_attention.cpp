@@ -73,17 +73,14 @@ TEST_CASE("linear attention backward matches finite differences (all forms, all 
           T, d, dv, 21);
     }
   }
-  SECTION("dispatching entry points, both sides of the crossover") {
-    for (long dd : {11L, 37L}) {
-      const long TT = dd == 37 ? 70 : T;  // 70 x 37 x 37 takes the chunked path
-      INFO("T " << TT << " d " << dd << " chunked " << mesaopt::linear_attention_use_chunked(TT, dd, dd));
-      gradcheck_all_inputs(
-          [](auto& q, auto& k, auto& v, auto& o) { mesaopt::linear_attention_forward(q, k, v, o); },
-          [](auto& q, auto& k, auto& v, auto& g, auto& dq, auto& dk, auto& dv) {
-            mesaopt::linear_attention_backward(q, k, v, g, dq, dk, dv);
-          },
-          TT, dd, dd == 37 ? 35 : dv, 31);
-    }
+  SECTION("dispatching entry points (recurrent side of the crossover)") {
+    REQUIRE_FALSE(mesaopt::linear_attention_use_chunked(T, d, dv, sizeof(double)));
+    gradcheck_all_inputs(
+        [](auto& q, auto& k, auto& v, auto& o) { mesaopt::linear_attention_forward(q, k, v, o); },
+        [](auto& q, auto& k, auto& v, auto& g, auto& dq, auto& dk, auto& dv) {
+          mesaopt::linear_attention_backward(q, k, v, g, dq, dk, dv);
+        },
+        T, d, dv, 31);
   }
   SECTION("reference") {
     gradcheck_all_inputs(
@@ -134,6 +131,40 @@ TEMPLATE_TEST_CASE("linear attention: recurrent, chunked and reference agree at 
     mesaopt::linear_attention_forward(q, k, v, o);
     mesaopt::linear_attention_backward(q, k, v, g, dq, dk, dv);
     compare("dispatch");
+  }
+}
+
+TEST_CASE("linear attention dispatch follows linear_attention_use_chunked on both sides of the crossover") {
+  // The rule itself (measured in docs/linear_attention.md): chunked once the
+  // state St reaches 256 KiB and T >= 64.
+  CHECK_FALSE(mesaopt::linear_attention_use_chunked(4096, 128, 128, 4));
+  CHECK(mesaopt::linear_attention_use_chunked(4096, 256, 256, 4));
+  CHECK(mesaopt::linear_attention_use_chunked(64, 128, 256, 8));
+  CHECK_FALSE(mesaopt::linear_attention_use_chunked(63, 256, 256, 4));
+  struct Size {
+    long T, d, dv;
+  };
+  for (const Size s : {Size{70, 256, 256}, Size{70, 64, 64}, Size{40, 256, 256}}) {
+    const bool chunked = mesaopt::linear_attention_use_chunked(s.T, s.d, s.dv, sizeof(float));
+    INFO("T " << s.T << " d " << s.d << " dv " << s.dv << " chunked " << chunked);
+    const RowMatrix<float> q = random_matrix<float>(s.T, s.d, 1), k = random_matrix<float>(s.T, s.d, 2);
+    const RowMatrix<float> v = random_matrix<float>(s.T, s.dv, 3), g = random_matrix<float>(s.T, s.dv, 4);
+    RowMatrix<float> o(s.T, s.dv), o_form(s.T, s.dv), dq(s.T, s.d), dk(s.T, s.d), dv(s.T, s.dv);
+    RowMatrix<float> dq_form(s.T, s.d), dk_form(s.T, s.d), dv_form(s.T, s.dv);
+    mesaopt::linear_attention_forward(q, k, v, o);
+    mesaopt::linear_attention_backward(q, k, v, g, dq, dk, dv);
+    if (chunked) {
+      mesaopt::linear_attention_forward_chunked(q, k, v, o_form);
+      mesaopt::linear_attention_backward_chunked(q, k, v, g, dq_form, dk_form, dv_form);
+    } else {
+      mesaopt::linear_attention_forward_recurrent(q, k, v, o_form);
+      mesaopt::linear_attention_backward_recurrent(q, k, v, g, dq_form, dk_form, dv_form);
+    }
+    // Bitwise: the entry points must run exactly the chosen form.
+    CHECK(o == o_form);
+    CHECK(dq == dq_form);
+    CHECK(dk == dk_form);
+    CHECK(dv == dv_form);
   }
 }
 

@@ -54,16 +54,21 @@ auto row_ptr(M& m, long t) {
 // ---------------------------------------------------------------------------
 // Choice between the two forms.
 
-// Chunk length used when none is given: 64 tokens keeps the C x C block and the
-// chunk's rows of q, k, v in L1/L2 for d, dv <= 128 (measured, see docs).
+// Chunk length used when none is given. 64 and 32 were within measurement
+// noise of each other where the chunked form is chosen (d, dv >= 256 in float);
+// see docs/linear_attention.md.
 inline long linear_attention_default_chunk(long /*d*/, long /*dv*/) { return 64; }
 
 // True when the chunked form is expected to be faster than the recurrent one
-// on this machine for a sequence of T tokens with key width d and value width
-// dv (measured crossover, docs/linear_attention.md). Short sequences stay
-// recurrent: a chunk shorter than ~32 tokens leaves the GEMMs too small.
-inline bool linear_attention_use_chunked(long T, long d, long dv) {
-  return T >= 64 && d >= 32 && dv >= 32;
+// for a sequence of T tokens, key width d, value width dv and scalars of
+// scalar_bytes bytes. Measured on this machine (Zen3, AVX2, float,
+// docs/linear_attention.md): the recurrent kernel streams the state St
+// (d x dv) once per token and wins while St stays in L2 (d = dv <= 128 by
+// 1.2-5x; d = dv = 192 a tie); once St reaches 256 KiB (d = dv = 256 in
+// float) the chunked form's GEMMs win (forward 43 vs 36 GFLOP/s). Short
+// sequences (T < 64) stay recurrent.
+inline bool linear_attention_use_chunked(long T, long d, long dv, long scalar_bytes = long(sizeof(float))) {
+  return T >= 64 && d * dv * scalar_bytes >= 256L * 1024L;
 }
 
 // ---------------------------------------------------------------------------
@@ -215,7 +220,7 @@ void linear_attention_backward_chunked(ConstMatrixRef<T> q, ConstMatrixRef<T> k,
 // q, k are (T, d); v is (T, dv); out is (T, dv); one token per row.
 template <class T>
 void linear_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v, MatrixRef<T> out) {
-  if (linear_attention_use_chunked(q.rows(), q.cols(), v.cols()))
+  if (linear_attention_use_chunked(q.rows(), q.cols(), v.cols(), long(sizeof(T))))
     linear_attention_forward_chunked<T>(q, k, v, out);
   else
     linear_attention_forward_recurrent<T>(q, k, v, out);
@@ -225,7 +230,7 @@ void linear_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMat
 template <class T>
 void linear_attention_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v,
                                ConstMatrixRef<T> dout, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv_) {
-  if (linear_attention_use_chunked(q.rows(), q.cols(), v.cols()))
+  if (linear_attention_use_chunked(q.rows(), q.cols(), v.cols(), long(sizeof(T))))
     linear_attention_backward_chunked<T>(q, k, v, dout, dq, dk, dv_);
   else
     linear_attention_backward_recurrent<T>(q, k, v, dout, dq, dk, dv_);

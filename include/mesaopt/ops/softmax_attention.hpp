@@ -43,7 +43,7 @@ struct SoftmaxCache {
 // tile edges.
 struct SoftmaxAttentionTiles {
   long query_rows = 64;  // Br
-  long key_rows = 64;    // Bc
+  long key_rows = 128;   // Bc
 };
 
 namespace detail {
