@@ -1,0 +1,266 @@
+// Tests for the synthetic tasks (PAPER.md §1, MATH.md §5): the generator's
+// statistics match the specification, batches are reproducible, layouts are
+// right and bad settings are rejected.
+#include <catch2/catch.hpp>
+#include <mesaopt/tasks.hpp>
+
+#include "test_util.hpp"
+
+#include <Eigen/Eigenvalues>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace mt = mesaopt::tasks;
+using M = mesaopt::RowMatrix<double>;
+using Catch::Matchers::Contains;
+
+namespace {
+// |estimate - expected| <= z standard errors.
+void check_mean(double estimate, double expected, double std_error, double z = 5.0) {
+  INFO("estimate " << estimate << ", expected " << expected << ", standard error " << std_error);
+  CHECK(std::abs(estimate - expected) <= z * std_error);
+}
+}  // namespace
+
+TEST_CASE("dynamics: W* is orthogonal and Haar-distributed") {
+  mt::DynamicsConfig cfg;
+  const long B = 4000, n = cfg.state_dim;
+  const auto bt = mt::make_dynamics_batch<double>(cfg, B, 7);
+  double tr = 0, tr2 = 0, w00 = 0, w00sq = 0;
+  for (const M& W : bt.W) {
+    REQUIRE((W.transpose() * W - M::Identity(n, n)).norm() < 1e-12);
+    const double rho = Eigen::EigenSolver<Eigen::MatrixXd>(W, false).eigenvalues().cwiseAbs().maxCoeff();
+    CHECK(std::abs(rho - 1.0) < 1e-10);
+    tr += W.trace();
+    tr2 += W.trace() * W.trace();
+    w00 += W(0, 0);
+    w00sq += W(0, 0) * W(0, 0);
+  }
+  // Haar on O(n): E tr W = 0, E (tr W)^2 = 1, E W_00 = 0, E W_00^2 = 1/n. (A QR
+  // without the sign fix has E W_00 < 0 and fails the first moment checks.)
+  check_mean(tr / B, 0.0, 1.0 / std::sqrt(double(B)));
+  check_mean(tr2 / B, 1.0, std::sqrt(2.0 / B));
+  check_mean(w00 / B, 0.0, std::sqrt(1.0 / n / B));
+  check_mean(w00sq / B, 1.0 / n, std::sqrt(3.0 / (n * (n + 2.0)) / B));
+}
+
+TEST_CASE("dynamics: initial state, noise, targets and the noise floor follow the specification") {
+  mt::DynamicsConfig cfg;
+  const long B = 3000, T = cfg.seq_len, n = cfg.state_dim;
+  const auto bt = mt::make_dynamics_batch<double>(cfg, B, 11);
+  REQUIRE(bt.inputs.rows() == B * T);
+  REQUIRE(bt.inputs.cols() == n);
+  // s_1 ~ U[-1, 1]: in range, mean 0, variance 1/3, independent coordinates.
+  M s1(B, n);
+  for (long b = 0; b < B; ++b) s1.row(b) = bt.inputs.row(b * T);
+  CHECK(s1.maxCoeff() <= 1.0);
+  CHECK(s1.minCoeff() >= -1.0);
+  CHECK(s1.maxCoeff() > 0.99);
+  CHECK(s1.minCoeff() < -0.99);
+  const double N = double(B * n);
+  check_mean(s1.mean(), 0.0, std::sqrt(1.0 / 3.0 / N));
+  check_mean(s1.array().square().mean(), 1.0 / 3.0, std::sqrt(4.0 / 45.0 / N));
+  const M cov = s1.transpose() * s1 / double(B);
+  CHECK(std::abs(cov(0, 1)) < 5.0 / 3.0 / std::sqrt(double(B)));
+  // Inputs and targets are the same trajectory shifted by one.
+  for (long b = 0; b < 5; ++b)
+    for (long t = 0; t + 1 < T; ++t) REQUIRE(bt.inputs.row(b * T + t + 1) == bt.targets.row(b * T + t));
+  // The noise eps = s_{t+1} - W* s_t is N(0, 0.01^2 I): mean, variance,
+  // no correlation between coordinates.
+  const M eps = bt.targets - mt::predict_with_true_dynamics(bt);
+  const double m = double(eps.size()), var = cfg.noise_std * cfg.noise_std;
+  check_mean(eps.mean(), 0.0, std::sqrt(var / m));
+  check_mean(eps.array().square().mean(), var, var * std::sqrt(2.0 / m));
+  const M ecov = eps.transpose() * eps / double(eps.rows());
+  CHECK(std::abs(ecov(2, 7)) < 5.0 * var / std::sqrt(double(eps.rows())));
+  // The noise floor, 1/2 E||eps||^2 = sigma^2 n / 2 = 5e-4 (PAPER.md §1).
+  const double floor = 0.5 * eps.rowwise().squaredNorm().mean();
+  check_mean(floor, var * n / 2.0, var / 2.0 * std::sqrt(2.0 * n / double(eps.rows())));
+  CHECK(std::abs(floor - 5e-4) < 0.02 * 5e-4);
+}
+
+TEST_CASE("dynamics: settings are honoured (normal init, Gaussian W*, clipping, tanh, n, T)") {
+  SECTION("normal initial state with scale 2") {
+    mt::DynamicsConfig cfg;
+    cfg.init = mt::InitialState::normal;
+    cfg.init_scale = 2.0;
+    const long B = 4000;
+    const auto bt = mt::make_dynamics_batch<double>(cfg, B, 3);
+    double s = 0, s2 = 0, s4 = 0;
+    for (long b = 0; b < B; ++b)
+      for (long j = 0; j < cfg.state_dim; ++j) {
+        const double v = bt.inputs(b * cfg.seq_len, j);
+        s += v, s2 += v * v, s4 += v * v * v * v;
+      }
+    const double N = double(B * cfg.state_dim);
+    check_mean(s / N, 0.0, 2.0 / std::sqrt(N));
+    check_mean(s2 / N, 4.0, 4.0 * std::sqrt(2.0 / N));
+    check_mean(s4 / N, 3.0 * 16.0, 16.0 * std::sqrt(96.0 / N));  // Gaussian kurtosis, not uniform's
+  }
+  SECTION("Gaussian W* has the requested spectral radius, and clipping bounds the states") {
+    mt::DynamicsConfig cfg;
+    cfg.matrix = mt::TransitionMatrix::gaussian;
+    cfg.spectral_radius = 1.3;  // grows: clipping becomes active
+    cfg.state_dim = 6;
+    cfg.seq_len = 40;
+    const auto bt = mt::make_dynamics_batch<double>(cfg, 200, 5);
+    for (const M& W : bt.W) {
+      const double rho = Eigen::EigenSolver<Eigen::MatrixXd>(W, false).eigenvalues().cwiseAbs().maxCoeff();
+      REQUIRE(std::abs(rho - 1.3) < 1e-10);
+    }
+    CHECK(bt.targets.cwiseAbs().maxCoeff() == 10.0);
+    CHECK(bt.inputs.cwiseAbs().maxCoeff() == 10.0);
+  }
+  SECTION("tanh transition: s_{t+1} - tanh(W* s_t) is the noise") {
+    mt::DynamicsConfig cfg;
+    cfg.transition = mt::Transition::tanh;
+    cfg.state_dim = 5;
+    cfg.seq_len = 30;
+    cfg.noise_std = 0.05;
+    cfg.init_scale = 3.0;  // large states: tanh is far from linear at first
+    const auto bt = mt::make_dynamics_batch<double>(cfg, 1000, 9);
+    const M eps = bt.targets - mt::predict_with_true_dynamics(bt);
+    const double var = 0.05 * 0.05, m = double(eps.size());
+    check_mean(eps.array().square().mean(), var, var * std::sqrt(2.0 / m));
+    // It is not the linear system: the linear prediction is off by far more.
+    M lin(bt.inputs.rows(), 5);
+    for (long b = 0; b < bt.batch; ++b)
+      lin.middleRows(b * 30, 30) = bt.inputs.middleRows(b * 30, 30) * bt.W[std::size_t(b)].transpose();
+    double first = 0;
+    for (long b = 0; b < bt.batch; ++b) first += (bt.targets.row(b * 30) - lin.row(b * 30)).squaredNorm() / 5.0;
+    CHECK(first / bt.batch > 10 * var);
+  }
+  SECTION("zero noise makes the targets exact") {
+    mt::DynamicsConfig cfg;
+    cfg.noise_std = 0.0;
+    cfg.state_dim = 3;
+    cfg.seq_len = 2;
+    const auto bt = mt::make_dynamics_batch<double>(cfg, 3, 1);
+    CHECK((bt.targets - mt::predict_with_true_dynamics(bt)).cwiseAbs().maxCoeff() < 1e-15);
+  }
+}
+
+TEST_CASE("dynamics: same seed gives the same batch whatever the order or thread count") {
+  mt::DynamicsConfig cfg;
+  cfg.seq_len = 20;
+  const auto a = mt::make_dynamics_batch<double>(cfg, 64, 42, 0, 1);
+  const auto b = mt::make_dynamics_batch<double>(cfg, 64, 42, 0, 2);
+  CHECK(a.inputs == b.inputs);
+  CHECK(a.targets == b.targets);
+  for (std::size_t i = 0; i < a.W.size(); ++i) REQUIRE(a.W[i] == b.W[i]);
+  // Generating sequences 32..63 on their own (another "order") gives the same rows.
+  const auto tail = mt::make_dynamics_batch<double>(cfg, 32, 42, 32, 1);
+  CHECK(tail.inputs == a.inputs.bottomRows(32 * 20));
+  CHECK(tail.W[0] == a.W[32]);
+  // A different seed gives a different batch; float storage rounds the same data.
+  const auto c = mt::make_dynamics_batch<double>(cfg, 64, 43, 0, 1);
+  CHECK((c.inputs - a.inputs).cwiseAbs().maxCoeff() > 0.1);
+  const auto f = mt::make_dynamics_batch<float>(cfg, 64, 42);
+  CHECK((f.inputs.cast<double>() - a.inputs).cwiseAbs().maxCoeff() < 1e-6);
+  // The generator itself: a fixed stream gives fixed values (guards accidental changes).
+  mt::CounterRng r1(1, 2), r2(1, 2), r3(2, 1);
+  const std::uint64_t v = r1.next_u64();
+  CHECK(v == r2.next_u64());
+  CHECK(v != r3.next_u64());
+}
+
+TEST_CASE("constructed tokens are [0, s_t, s_t, s_{t-1}] with s_0 = 0") {
+  mt::DynamicsConfig cfg;
+  cfg.state_dim = 3;
+  cfg.seq_len = 4;
+  const auto bt = mt::make_dynamics_batch<double>(cfg, 2, 1);
+  const M e = mt::constructed_tokens(bt);
+  REQUIRE(e.rows() == 8);
+  REQUIRE(e.cols() == 12);
+  for (long b = 0; b < 2; ++b)
+    for (long t = 0; t < 4; ++t) {
+      const long r = b * 4 + t;
+      CHECK(e.row(r).head(3).isZero(0));
+      CHECK(e.row(r).segment(3, 3) == bt.inputs.row(r));
+      CHECK(e.row(r).segment(6, 3) == bt.inputs.row(r));
+      if (t == 0) {
+        CHECK(e.row(r).tail(3).isZero(0));
+      } else {
+        CHECK(e.row(r).tail(3) == bt.inputs.row(r - 1));
+      }
+    }
+  CHECK_THROWS_WITH(mt::constructed_tokens<double>(bt.inputs, 3), Contains("seq_len 3"));
+}
+
+TEST_CASE("regression: statistics and both token layouts") {
+  mt::RegressionConfig cfg;
+  cfg.input_dim = 4;
+  cfg.output_dim = 2;
+  cfg.num_pairs = 25;
+  cfg.noise_std = 0.1;
+  const long B = 2000;
+  const auto bt = mt::make_regression_batch<double>(cfg, B, 5);
+  const double N = double(bt.x.size());
+  check_mean(bt.x.mean(), 0.0, 1.0 / std::sqrt(N));
+  check_mean(bt.x.array().square().mean(), 1.0, std::sqrt(2.0 / N));
+  const M noise = bt.y - mt::predict_with_true_weights(bt);
+  const double m = double(noise.size());
+  check_mean(noise.array().square().mean(), 0.01, 0.01 * std::sqrt(2.0 / m));
+  double wsq = 0;
+  for (const M& w : bt.w) wsq += w.squaredNorm();
+  check_mean(wsq / (B * 8.0), 1.0, std::sqrt(2.0 / (B * 8.0)));
+  // Fresh w per sequence.
+  CHECK((bt.w[0] - bt.w[1]).norm() > 0.1);
+
+  const M p = mt::paired_tokens(bt);
+  REQUIRE(p.rows() == B * 25);
+  REQUIRE(p.cols() == 6);
+  CHECK(p.row(3).head(4) == bt.x.row(3));
+  CHECK(p.row(3).tail(2) == bt.y.row(3));
+  CHECK(p.row(24).head(4) == bt.x.row(24));
+  CHECK(p.row(24).tail(2).isZero(0));  // query token
+  CHECK(p.row(25).tail(2) == bt.y.row(25));
+  const M a = mt::alternating_tokens(bt);
+  REQUIRE(a.rows() == 2 * B * 25);
+  CHECK(a.row(6).head(4) == bt.x.row(3));
+  CHECK(a.row(6).tail(2).isZero(0));
+  CHECK(a.row(7).head(4).isZero(0));
+  CHECK(a.row(7).tail(2) == bt.y.row(3));
+
+  const auto again = mt::make_regression_batch<double>(cfg, B, 5, 0, 1);
+  CHECK(again.x == bt.x);
+  CHECK(again.y == bt.y);
+  CHECK((mt::make_regression_batch<double>(cfg, 2, 6).x - bt.x.topRows(50)).norm() > 0.1);
+}
+
+TEST_CASE("bad task settings throw std::invalid_argument naming the argument and value") {
+  mt::DynamicsConfig cfg;
+  auto bad = [&](auto mutate, const std::string& text) {
+    mt::DynamicsConfig c;
+    mutate(c);
+    CHECK_THROWS_AS(mt::make_dynamics_batch<double>(c, 2, 1), std::invalid_argument);
+    CHECK_THROWS_WITH(mt::make_dynamics_batch<double>(c, 2, 1), Contains(text));
+  };
+  bad([](mt::DynamicsConfig& c) { c.noise_std = -0.1; }, "noise_std must be finite and >= 0, got -0.1");
+  bad([](mt::DynamicsConfig& c) { c.state_dim = 0; }, "state_dim must be at least 1, got 0");
+  bad([](mt::DynamicsConfig& c) { c.seq_len = 1; }, "seq_len must be at least 2, got 1");
+  bad([](mt::DynamicsConfig& c) { c.init_scale = 0; }, "init_scale must be finite and > 0, got 0");
+  bad([](mt::DynamicsConfig& c) { c.clip = -1; }, "clip must be finite and > 0, got -1");
+  bad([](mt::DynamicsConfig& c) { c.noise_std = std::nan(""); }, "noise_std");
+  bad(
+      [](mt::DynamicsConfig& c) {
+        c.matrix = mt::TransitionMatrix::gaussian;
+        c.spectral_radius = -2;
+      },
+      "spectral_radius must be finite and > 0, got -2");
+  CHECK_THROWS_WITH(mt::make_dynamics_batch<double>(cfg, 0, 1), Contains("batch must be at least 1, got 0"));
+  CHECK_THROWS_WITH(mt::make_dynamics_batch<double>(cfg, 2, 1, -3), Contains("first_sequence must be >= 0, got -3"));
+
+  mt::RegressionConfig r;
+  r.num_pairs = 1;
+  CHECK_THROWS_WITH(mt::make_regression_batch<double>(r, 2, 1), Contains("num_pairs must be at least 2, got 1"));
+  r = {};
+  r.input_dim = 0;
+  CHECK_THROWS_WITH(mt::make_regression_batch<double>(r, 2, 1), Contains("input_dim must be at least 1, got 0"));
+  r = {};
+  r.noise_std = -1;
+  CHECK_THROWS_WITH(mt::make_regression_batch<double>(r, 2, 1), Contains("noise_std must be finite and >= 0, got -1"));
+  r = {};
+  CHECK_THROWS_WITH(mt::make_regression_batch<double>(r, 0, 1), Contains("batch must be at least 1, got 0"));
+}
