@@ -148,37 +148,37 @@ class AttentionProjections {
   }
 
   // forward: Y = O W_o^T  =>  dO = dY W_o (written), dW_o += dY^T O (added).
+  // Two loops, not one over both kinds of item: parallel_for splits items into
+  // contiguous equal-count ranges, which balances only items of equal cost.
   void backward_out(const ConstMatrixRef<T>& dy, const RowMatrix<T>& o, RowMatrix<T>& d_o, int threads) {
     const long N = o.rows();
     d_o.resize(N, out_.cols());
-    const long token_items = detail::num_chunks(N, detail::kTokenChunk);
-    const long weight_items = detail::num_chunks(D_, detail::kWeightRowBlock);
-    detail::parallel_for_rethrow(token_items + weight_items, threads, [&](std::ptrdiff_t i) {
-      if (i < token_items) {
-        const long r0 = long(i) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
-        d_o.middleRows(r0, n).noalias() = dy.middleRows(r0, n) * out_;
-      } else {
-        const long r0 = (long(i) - token_items) * detail::kWeightRowBlock, n = std::min(detail::kWeightRowBlock, D_ - r0);
-        out_grad_.middleRows(r0, n).noalias() += dy.middleCols(r0, n).transpose() * o;
-      }
+    detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {
+      const long r0 = long(c) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
+      d_o.middleRows(r0, n).noalias() = dy.middleRows(r0, n) * out_;
+    });
+    detail::parallel_for_rethrow(detail::num_chunks(D_, detail::kWeightRowBlock), threads, [&](std::ptrdiff_t c) {
+      const long r0 = long(c) * detail::kWeightRowBlock, n = std::min(detail::kWeightRowBlock, D_ - r0);
+      out_grad_.middleRows(r0, n).noalias() += dy.middleCols(r0, n).transpose() * o;
     });
   }
 
   // forward: QKV = X W_qkv^T  =>  dX = dQKV W_qkv (written), dW_qkv += dQKV^T X (added).
   void backward_qkv(const ConstMatrixRef<T>& x, const RowMatrix<T>& dqkv, MatrixRef<T> dx, int threads) {
     const long N = x.rows(), W = width();
-    const long token_items = detail::num_chunks(N, detail::kTokenChunk);
-    const long weight_items = detail::num_chunks(W, detail::kWeightRowBlock);
-    detail::parallel_for_rethrow(token_items + weight_items, threads, [&](std::ptrdiff_t i) {
-      if (i < token_items) {
-        const long r0 = long(i) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
-        dx.middleRows(r0, n).noalias() = dqkv.middleRows(r0, n) * qkv_;
-      } else {
-        const long r0 = (long(i) - token_items) * detail::kWeightRowBlock, n = std::min(detail::kWeightRowBlock, W - r0);
-        qkv_grad_.middleRows(r0, n).noalias() += dqkv.middleCols(r0, n).transpose() * x;
-      }
+    detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {
+      const long r0 = long(c) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
+      dx.middleRows(r0, n).noalias() = dqkv.middleRows(r0, n) * qkv_;
+    });
+    detail::parallel_for_rethrow(detail::num_chunks(W, detail::kWeightRowBlock), threads, [&](std::ptrdiff_t c) {
+      const long r0 = long(c) * detail::kWeightRowBlock, n = std::min(detail::kWeightRowBlock, W - r0);
+      qkv_grad_.middleRows(r0, n).noalias() += dqkv.middleCols(r0, n).transpose() * x;
     });
   }
+
+  // Backward scratch kept between calls (no re-allocation, no fresh pages):
+  // dL/dO (N, H dv) and dL/dQKV (N, width()).
+  RowMatrix<T> scratch_d_o_, scratch_dqkv_;
 
  private:
   long D_ = 0, H_ = 0, d_ = 0, dv_ = 0;

@@ -121,9 +121,10 @@ class LinearAttentionLayer : public AttentionProjections<T> {
     detail::SerialEigenScope serial_eigen;
     const long H = config_.H, d = config_.d, dv = config_.dv;
 
-    RowMatrix<T> d_o;
+    RowMatrix<T>& d_o = this->scratch_d_o_;
     Base::backward_out(dy, cache.o, d_o, threads);  // dO = dY W_o, dW_o += dY^T O
-    RowMatrix<T> dqkv(x.rows(), this->width());
+    RowMatrix<T>& dqkv = this->scratch_dqkv_;
+    dqkv.resize(x.rows(), this->width());  // every entry is written below
     detail::parallel_for_rethrow(B * H, threads, [&](std::ptrdiff_t item) {
       const long b = long(item) / H, h = long(item) % H, r0 = b * seq_len;
       auto q = cache.qkv.block(r0, this->q_col(h), seq_len, d);

@@ -203,9 +203,10 @@ class MesaLayer : public AttentionProjections<T> {
     const long H = config_.H, d = config_.d, dv = config_.dv;
     const bool learn_forget = config_.learn_forget;
 
-    RowMatrix<T> d_o;
+    RowMatrix<T>& d_o = this->scratch_d_o_;
     Base::backward_out(dy, cache.o, d_o, threads);  // dO = dY W_o, dW_o += dY^T O
-    RowMatrix<T> dqkv(x.rows(), this->width());
+    RowMatrix<T>& dqkv = this->scratch_dqkv_;
+    dqkv.resize(x.rows(), this->width());  // every entry is written below
     std::vector<T> dlambda(std::size_t(B * H), T(0)), dforget(std::size_t(B * H), T(0));
     detail::parallel_for_rethrow(B * H, threads, [&](std::ptrdiff_t item) {
       const long b = long(item) / H, h = long(item) % H, r0 = b * seq_len;
