@@ -24,8 +24,8 @@ void usage() {
       "  Evaluates the reference in-context learners on the linear dynamical system\n"
       "  with the paper's settings (n = 10, T = 50, W* Haar orthogonal, s_1 ~ U[-1,1]^n,\n"
       "  noise 0.01) and prints loss vs context position t.\n"
-      "  --seed N       evaluation seed (default 1); tuning uses seed N + 1000\n"
-      "  --sequences N  evaluation sequences (default 4000)\n"
+      "  --seed N       evaluation seed (default 1); tuned hyperparameters use 250 sequences of seed N + 1000\n"
+      "  --sequences N  evaluation sequences (default 2000)\n"
       "  --csv FILE     also write method,position,loss rows (positions 1..T)\n"
       "  --threads N    threads (default: OpenMP default)\n");
 }
@@ -40,7 +40,7 @@ struct Row {
 
 int main(int argc, char** argv) {
   unsigned long long seed = 1;
-  long sequences = 4000;
+  long sequences = 2000;
   int threads = 0;
   std::string csv;
   for (int i = 1; i < argc; ++i) {
@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
   const mt::DynamicsConfig cfg;  // the paper's settings
   const long T = cfg.seq_len;
   const auto eval = mt::make_dynamics_batch<double>(cfg, sequences, seed, 0, threads);
-  const auto tune = mt::make_dynamics_batch<double>(cfg, 500, seed + 1000, 0, threads);
+  const auto tune = mt::make_dynamics_batch<double>(cfg, 250, seed + 1000, 0, threads);
   const M &x = eval.inputs, &y = eval.targets;
 
   std::vector<Row> rows;
@@ -103,15 +103,19 @@ int main(int argc, char** argv) {
     add("gd-1step-tuned", fmt("eta %.4g", eta), ml::GradientDescent{1, eta, 0.0}.predict<double>(x, y, T, threads));
   }
   {
-    const double eta = tuned([](double e) { return ml::GradientDescent{6, e, 0.0}; }, 1e-3, 0.5);
-    add("gd-6step-tuned", fmt("eta %.4g", eta), ml::GradientDescent{6, eta, 0.0}.predict<double>(x, y, T, threads));
+    // A fixed step tuned for the average diverges on a few sequences at long
+    // contexts (docs/learners.md); the step eta / ||A_t||_F does not.
+    const double eta = tuned([](double e) { return ml::GradientDescent{6, e, 0.0, true}; }, 0.05, 2.0);
+    add("gd-6step-tuned", fmt("eta %.4g/|A|F", eta),
+        ml::GradientDescent{6, eta, 0.0, true}.predict<double>(x, y, T, threads));
   }
   {
     // Preconditioner: the inverse of the pooled input covariance of the tuning batch.
     const M P = (tune.inputs.transpose() * tune.inputs / double(tune.inputs.rows())).inverse();
-    const double eta = tuned([&](double e) { return ml::PreconditionedGradientDescent{6, e, P, 0.0}; }, 1e-4, 0.5);
-    add("precond-gd-6step-tuned", fmt("eta %.4g", eta),
-        ml::PreconditionedGradientDescent{6, eta, P, 0.0}.predict<double>(x, y, T, threads));
+    const double eta =
+        tuned([&](double e) { return ml::PreconditionedGradientDescent{6, e, P, 0.0, true}; }, 0.01, 2.0);
+    add("precond-gd-6step-tuned", fmt("eta %.4g/|A|F", eta),
+        ml::PreconditionedGradientDescent{6, eta, P, 0.0, true}.predict<double>(x, y, T, threads));
   }
   {
     const double eta = tuned([](double e) { return ml::OnlineGradientDescent{e}; }, 1e-3, 2.0);

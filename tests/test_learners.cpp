@@ -146,6 +146,10 @@ TEST_CASE("one GD step is eta sum_i y_i (x_i . x_t); K steps equal CompressedAlg
     const M gd = ml::GradientDescent{K, eta, 0.3}.predict<double>(d.x, d.y, T);
     const M ca = ml::CompressedAlg{K - 1, eta, 1.0 / 0.3, false}.predict<double>(d.x, d.y, T);
     CHECK((gd - ca).cwiseAbs().maxCoeff() < 1e-12);
+    // Same with the step eta / ||A_t||_F on both sides.
+    const M gds = ml::GradientDescent{K, 0.9, 0.3, true}.predict<double>(d.x, d.y, T);
+    const M cas = ml::CompressedAlg{K - 1, 0.9, 1.0 / 0.3, true}.predict<double>(d.x, d.y, T);
+    CHECK((gds - cas).cwiseAbs().maxCoeff() < 1e-12);
   }
   // Preconditioned GD with P = c I is GD with step c eta.
   const M pg = ml::PreconditionedGradientDescent{3, eta, M::Identity(4, 4) * 0.5, 0.1}.predict<double>(d.x, d.y, T);

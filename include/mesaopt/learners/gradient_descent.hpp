@@ -25,10 +25,14 @@ inline void check_finite_eta(const char* where, double eta) {
 // K = 1 gives y_hat_t = eta sum_{i<t} y_i (x_i . x_t): one linear-attention
 // layer (MATH.md §1; PAPER.md §5, eta = 0.032 for the trained 1-layer model).
 // Written as the literal matrix iteration (the reference for CompressedAlg).
+// With frobenius_scaled the step at position t is eta / ||A_t||_F (A_t = 0, an
+// all-zero context, predicts 0): a fixed step that suits short contexts
+// diverges on the sequences whose lambda_max(H_t) exceeds 2 / eta at long ones.
 struct GradientDescent {
   long steps = 1;
   double eta = 0.032;
   double regularizer = 0.0;
+  bool frobenius_scaled = false;
 
   std::string name() const { return "gd-" + std::to_string(steps) + "step"; }
 
@@ -40,6 +44,7 @@ struct GradientDescent {
     detail::check_regularizer(where, regularizer);
     const long K = steps;
     const double e = eta, reg = regularizer;
+    const bool scaled = frobenius_scaled;
     return detail::for_each_sequence<T>(where, x, y, seq_len, num_threads,
                                         [=](const RowMatrix<double>& X, const RowMatrix<double>& Y,
                                             RowMatrix<double>& P) {
@@ -47,9 +52,11 @@ struct GradientDescent {
       Eigen::MatrixXd A = Eigen::MatrixXd::Identity(dx, dx) * reg;
       Eigen::MatrixXd G = Eigen::MatrixXd::Zero(Y.cols(), dx), W(Y.cols(), dx);
       for (long t = 0; t < X.rows(); ++t) {
-        if (t > 0) {
+        const double norm = A.norm();
+        if (t > 0 && (!scaled || norm > 0)) {
+          const double step = scaled ? e / norm : e;
           W.setZero();
-          for (long k = 0; k < K; ++k) W -= e * (W * A - G);
+          for (long k = 0; k < K; ++k) W -= step * (W * A - G);
           P.row(t) = X.row(t) * W.transpose();
         }
         A.noalias() += X.row(t).transpose() * X.row(t);
@@ -67,6 +74,7 @@ struct PreconditionedGradientDescent {
   double eta = 0.032;
   RowMatrix<double> preconditioner;  // (dx, dx)
   double regularizer = 0.0;
+  bool frobenius_scaled = false;  // step eta / ||A_t||_F, as GradientDescent
 
   std::string name() const { return "precond-gd-" + std::to_string(steps) + "step"; }
 
@@ -81,6 +89,7 @@ struct PreconditionedGradientDescent {
     const long K = steps;
     const double e = eta, reg = regularizer;
     const Eigen::MatrixXd Pc = preconditioner;
+    const bool scaled = frobenius_scaled;
     return detail::for_each_sequence<T>(where, x, y, seq_len, num_threads,
                                         [=, &Pc](const RowMatrix<double>& X, const RowMatrix<double>& Y,
                                                  RowMatrix<double>& P) {
@@ -88,9 +97,11 @@ struct PreconditionedGradientDescent {
       Eigen::MatrixXd A = Eigen::MatrixXd::Identity(dx, dx) * reg;
       Eigen::MatrixXd G = Eigen::MatrixXd::Zero(Y.cols(), dx), W(Y.cols(), dx);
       for (long t = 0; t < X.rows(); ++t) {
-        if (t > 0) {
+        const double norm = A.norm();
+        if (t > 0 && (!scaled || norm > 0)) {
+          const double step = scaled ? e / norm : e;
           W.setZero();
-          for (long k = 0; k < K; ++k) W -= e * (W * A - G) * Pc;
+          for (long k = 0; k < K; ++k) W -= step * (W * A - G) * Pc;
           P.row(t) = X.row(t) * W.transpose();
         }
         A.noalias() += X.row(t).transpose() * X.row(t);
