@@ -6,7 +6,9 @@
 // Not included by mesaopt/ops.hpp; include it where you need it.
 #include <mesaopt/ops/softmax_attention.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace mesaopt {
 
