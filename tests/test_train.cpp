@@ -516,7 +516,7 @@ TEST_CASE("Corrupt or mismatched checkpoints give clear errors") {
     CHECK_THAT(load_bad(), Catch::Contains("optim.step"));
   }
   SECTION("bad offsets: out of range, overlapping, gaps, wrong size; bad metadata") {
-    const std::vector<char> data(16, 0);
+    const std::vector<char> data(32, 0);  // try_header takes a prefix
     std::vector<float> x(2), xg(2), y(2), yg(2);
     std::vector<ParameterView<float>> p = {{"x", x.data(), xg.data(), 2, {2}}, {"y", y.data(), yg.data(), 2, {2}}};
     auto try_header = [&](const std::string& h, std::size_t data_len = 16) {
