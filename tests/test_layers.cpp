@@ -516,3 +516,57 @@ TEST_CASE("MesaLayer: parametrisation, parameters, thread-count invariance, bad 
     CHECK_THROWS_WITH(layer.forward(x, 5, cache), Catch::Contains("forget"));
   }
 }
+
+// ===========================================================================
+// Precision: the float layers against the same layers in double (weights cast
+// from float, so both compute the same function), T = 512.
+
+namespace {
+template <class LayerF, class LayerD>
+double float_vs_double(LayerF& lf, LayerD& ld, long B, long T) {
+  std::vector<ParameterView<float>> pf;
+  std::vector<ParameterView<double>> pd;
+  lf.parameters(pf, "");
+  ld.parameters(pd, "");
+  REQUIRE(pf.size() == pd.size());
+  for (std::size_t j = 0; j < pf.size(); ++j)
+    for (std::size_t i = 0; i < pf[j].size; ++i) pd[j].value[i] = double(pf[j].value[i]);
+  const RowMatrix<float> x = random_matrix<float>(B * T, lf.config().D, 21, 1.0);
+  const RowMatrix<double> xd = x.cast<double>();
+  typename LayerF::Cache cf;
+  typename LayerD::Cache cd;
+  const RowMatrix<float> yf = lf.forward(x, T, cf);
+  const RowMatrix<double> yd = ld.forward(xd, T, cd);
+  return relative_rms(yf, yd);
+}
+}  // namespace
+
+TEST_CASE("Layers in float agree with double to the documented precision", "[layers][precision]") {
+  const long B = 2, T = 512, D = 32, H = 2, d = 16, dv = 16;
+  SECTION("linear, normalised q/k") {
+    mesaopt::LinearAttentionLayer<float> lf(linear_config(D, H, d, dv, true));
+    mesaopt::LinearAttentionLayer<double> ld(linear_config(D, H, d, dv, true));
+    lf.init(1, 0.2);
+    const double err = float_vs_double(lf, ld, B, T);
+    INFO("relative rms " << err);
+    CHECK(err < 1e-5);
+  }
+  SECTION("softmax") {
+    mesaopt::SoftmaxAttentionLayer<float> lf(softmax_config(D, H, d, dv));
+    mesaopt::SoftmaxAttentionLayer<double> ld(softmax_config(D, H, d, dv));
+    lf.init(1, 0.2);
+    const double err = float_vs_double(lf, ld, B, T);
+    INFO("relative rms " << err);
+    CHECK(err < 1e-5);
+  }
+  for (bool normalize : {false, true}) {
+    DYNAMIC_SECTION("mesa, normalize_qk = " << normalize) {
+      mesaopt::MesaLayer<float> lf(mesa_config(D, H, d, dv, normalize, false));
+      mesaopt::MesaLayer<double> ld(mesa_config(D, H, d, dv, normalize, false));
+      lf.init(1, 0.2);
+      const double err = float_vs_double(lf, ld, B, T);
+      INFO("relative rms " << err);
+      CHECK(err < 1e-4);
+    }
+  }
+}

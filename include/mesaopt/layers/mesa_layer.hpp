@@ -158,7 +158,7 @@ class MesaLayer : public AttentionProjections<T> {
       }
     }
     const int threads = detail::resolve_num_threads(config_.num_threads);
-    detail::SerialEigenScope serial_eigen;
+    detail::ScopedSerialEigen serial_eigen;
 
     Base::project_qkv(x, cache.qkv, threads);
     if (config_.normalize_qk)
@@ -199,7 +199,7 @@ class MesaLayer : public AttentionProjections<T> {
     const long B = detail::check_layer_backward_args<T>(where, x, seq_len, dy, dx, config_.D, cache.batch,
                                                           cache.seq_len);
     const int threads = detail::resolve_num_threads(config_.num_threads);
-    detail::SerialEigenScope serial_eigen;
+    detail::ScopedSerialEigen serial_eigen;
     const long H = config_.H, d = config_.d, dv = config_.dv;
     const bool learn_forget = config_.learn_forget;
 

@@ -78,7 +78,7 @@ class SoftmaxAttentionLayer : public AttentionProjections<T> {
     const long B = detail::check_layer_input<T>(where, x, seq_len, config_.D);
     detail::check_shape(where, "y", y, x.rows(), config_.D);
     const int threads = detail::resolve_num_threads(config_.num_threads);
-    detail::SerialEigenScope serial_eigen;
+    detail::ScopedSerialEigen serial_eigen;
     const long H = config_.H, d = config_.d, dv = config_.dv;
 
     cache.batch = 0;  // marks the cache invalid until it is complete
@@ -110,7 +110,7 @@ class SoftmaxAttentionLayer : public AttentionProjections<T> {
     const long B = detail::check_layer_backward_args<T>(where, x, seq_len, dy, dx, config_.D, cache.batch,
                                                           cache.seq_len);
     const int threads = detail::resolve_num_threads(config_.num_threads);
-    detail::SerialEigenScope serial_eigen;
+    detail::ScopedSerialEigen serial_eigen;
     const long H = config_.H, d = config_.d, dv = config_.dv;
 
     RowMatrix<T>& d_o = this->scratch_d_o_;

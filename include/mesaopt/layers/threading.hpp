@@ -14,7 +14,7 @@
 // region Eigen runs serially. So when a layer runs on one thread (no region is
 // opened) its GEMMs would be computed by Eigen on omp_get_max_threads() threads
 // with a different blocking than the same GEMMs inside the 2-thread region.
-// SerialEigenScope sets the calling thread's OpenMP default team size
+// ScopedSerialEigen sets the calling thread's OpenMP default team size
 // (nthreads-var, a per-thread ICV: other user threads are unaffected) to 1 for
 // the duration of a layer call, so Eigen runs every GEMM serially; the layers
 // pass their thread count to parallel_for explicitly. (If a program calls
@@ -35,21 +35,21 @@ namespace mesaopt::detail {
 inline int resolve_num_threads(int requested) { return requested > 0 ? requested : default_num_threads(); }
 
 // While alive, Eigen's GEMMs called from this thread run single-threaded.
-class SerialEigenScope {
+class ScopedSerialEigen {
  public:
-  SerialEigenScope() {
+  ScopedSerialEigen() {
 #if defined(_OPENMP)
     saved_ = omp_get_max_threads();
     omp_set_num_threads(1);
 #endif
   }
-  ~SerialEigenScope() {
+  ~ScopedSerialEigen() {
 #if defined(_OPENMP)
     omp_set_num_threads(saved_);
 #endif
   }
-  SerialEigenScope(const SerialEigenScope&) = delete;
-  SerialEigenScope& operator=(const SerialEigenScope&) = delete;
+  ScopedSerialEigen(const ScopedSerialEigen&) = delete;
+  ScopedSerialEigen& operator=(const ScopedSerialEigen&) = delete;
 
  private:
   int saved_ = 1;
