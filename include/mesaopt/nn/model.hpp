@@ -1,0 +1,409 @@
+#pragma once
+// nn::Model: a stack of residual attention blocks assembled from a ModelConfig
+// (PAPER.md §2-3). Shapes: inputs are (B*T, input_dim), sequence-major (sequence
+// b occupies rows [b*T, (b+1)*T)); predictions are (B*T, output_dim).
+//
+//   h_0 = Embed(x)                 Dense input_dim -> width, or identity
+//   per block l:
+//     a   = [LN1?(h), pe]          pe: sinusoidal positions (positional_dim > 0)
+//     h   = h + Attn(a)[:, :width] linear (M1-M2) | softmax (M4) | mesa (M7-M9)
+//     h   = h + MLP(LN2?(h))       if mlp
+//     h   = clip(h, +-clip)        if clip > 0
+//   pred = Readout(h)              Dense width -> output_dim, or h[:, :output_dim]
+//
+// With positional_dim = p the attention layer is built with D = width + p and
+// only the first `width` columns of its output enter the residual stream. The
+// readout slice is the paper's constructed-token read-out: e_t = [0, s_t, s_t,
+// s_{t-1}] and the model writes its prediction of s_{t+1} into the first slot.
+//
+// backward passes ADD into the parameter gradients (module convention of
+// common/parameters.hpp); the Model is not copyable (parameter views point into it).
+#include <mesaopt/common/check.hpp>
+#include <mesaopt/common/matrix.hpp>
+#include <mesaopt/common/parameters.hpp>
+#include <mesaopt/layers/linear_attention_layer.hpp>
+#include <mesaopt/layers/mesa_layer.hpp>
+#include <mesaopt/layers/softmax_attention_layer.hpp>
+#include <mesaopt/layers/threading.hpp>
+#include <mesaopt/nn/clip.hpp>
+#include <mesaopt/nn/dense.hpp>
+#include <mesaopt/nn/layer_norm.hpp>
+#include <mesaopt/nn/mlp.hpp>
+#include <mesaopt/nn/positional.hpp>
+#include <mesaopt/nn/random.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace mesaopt::nn {
+
+enum class AttentionKind { linear, softmax, mesa };
+
+inline const char* attention_kind_name(AttentionKind k) {
+  switch (k) {
+    case AttentionKind::linear: return "linear";
+    case AttentionKind::softmax: return "softmax";
+    case AttentionKind::mesa: return "mesa";
+  }
+  return "?";
+}
+
+struct BlockConfig {
+  AttentionKind attention = AttentionKind::linear;
+  long heads = 1;             // H
+  long key_size = 0;          // d per head
+  long value_size = 0;        // dv per head
+  bool layer_norm = false;    // pre-LN before attention (and before the MLP)
+  bool mlp = false;           // add a residual GELU MLP after the attention
+  long mlp_hidden = 0;        // MLP inner width (required when mlp)
+  long positional_dim = 0;    // p: sinusoidal encoding concatenated to the attention input; 0 = off
+  bool normalize_qk = false;  // key/query L2 normalisation (linear and mesa only)
+  double lambda_init = 1.0;   // mesa: initial lambda (> 0)
+  bool learn_forget = false;  // mesa: learnable forget factor
+  double forget_init = 1.0;   // mesa: gamma, (0, 1]; (0, 1) when learn_forget
+  long mesa_chunk = 0;        // mesa: backward checkpoint interval, 0 = automatic
+};
+
+struct ModelConfig {
+  long input_dim = 0;          // columns of the inputs
+  long width = 0;              // residual stream width
+  long output_dim = 0;         // columns of the predictions
+  bool embed = true;           // Dense input_dim -> width; false: identity (input_dim == width)
+  bool readout_slice = false;  // true: predictions = first output_dim columns of the stream; false: Dense
+  double clip = 0.0;           // clip the stream to [-clip, clip] after each block; 0 = off
+  double ln_eps = 1e-5;        // LayerNorm eps
+  std::vector<BlockConfig> blocks;
+  int num_threads = 0;         // attention layers' threads; <= 0: library default
+};
+
+namespace detail {
+
+inline std::string block_field(std::size_t i, const char* field) {
+  return "config.blocks[" + std::to_string(i) + "]." + field;
+}
+
+inline void validate_model_config(const ModelConfig& c) {
+  const char* where = "Model";
+  using mesaopt::detail::check_positive_size;
+  using mesaopt::detail::fail;
+  check_positive_size(where, "config.input_dim", c.input_dim);
+  check_positive_size(where, "config.width", c.width);
+  check_positive_size(where, "config.output_dim", c.output_dim);
+  if (!c.embed && c.input_dim != c.width)
+    fail(where, "config.embed is false (identity embedding) so config.input_dim (", c.input_dim,
+         ") must equal config.width (", c.width, ")");
+  if (c.readout_slice && c.output_dim > c.width)
+    fail(where, "config.readout_slice needs config.output_dim (", c.output_dim, ") <= config.width (", c.width, ")");
+  if (!(std::isfinite(c.clip) && c.clip >= 0)) fail(where, "config.clip must be finite and >= 0 (0 = off), got ", c.clip);
+  mesaopt::detail::check_positive_finite(where, "config.ln_eps", c.ln_eps);
+  if (c.blocks.empty()) fail(where, "config.blocks must hold at least one block");
+  for (std::size_t i = 0; i < c.blocks.size(); ++i) {
+    const BlockConfig& b = c.blocks[i];
+    if (b.attention != AttentionKind::linear && b.attention != AttentionKind::softmax &&
+        b.attention != AttentionKind::mesa)
+      fail(where, block_field(i, "attention"), " is not linear, softmax or mesa (value ", int(b.attention), ")");
+    check_positive_size(where, block_field(i, "heads").c_str(), b.heads);
+    check_positive_size(where, block_field(i, "key_size").c_str(), b.key_size);
+    check_positive_size(where, block_field(i, "value_size").c_str(), b.value_size);
+    if (b.mlp) check_positive_size(where, block_field(i, "mlp_hidden").c_str(), b.mlp_hidden);
+    if (b.positional_dim < 0) fail(where, block_field(i, "positional_dim"), " must be >= 0, got ", b.positional_dim);
+    if (b.normalize_qk && b.attention == AttentionKind::softmax)
+      fail(where, block_field(i, "normalize_qk"), " is not supported by softmax attention");
+    if (b.attention == AttentionKind::mesa) {
+      if (!(std::isfinite(b.lambda_init) && b.lambda_init > 0))
+        fail(where, block_field(i, "lambda_init"), " must be finite and > 0, got ", b.lambda_init);
+      const bool ok = b.learn_forget ? (b.forget_init > 0 && b.forget_init < 1) : (b.forget_init > 0 && b.forget_init <= 1);
+      if (!ok)
+        fail(where, block_field(i, "forget_init"), " must lie in ", b.learn_forget ? "(0, 1)" : "(0, 1]",
+             " (learn_forget = ", b.learn_forget, "), got ", b.forget_init);
+      if (b.mesa_chunk < 0) fail(where, block_field(i, "mesa_chunk"), " must be >= 0, got ", b.mesa_chunk);
+    }
+  }
+}
+
+}  // namespace detail
+
+template <class T>
+struct BlockCache {
+  LayerNormCache<T> ln1;
+  RowMatrix<T> attn_in;  // (B*T, width + p): the attention layer's input [LN1?(h), pe]
+  LinearAttentionLayerCache<T> linear;
+  SoftmaxAttentionLayerCache<T> softmax;
+  MesaLayerCache<T> mesa;
+  LayerNormCache<T> ln2;
+  MlpCache<T> mlp;
+  RowMatrix<T> pre_clip;  // (B*T, width): the stream before clipping (empty when clip is off)
+  ClipCache<T> clip;
+};
+
+template <class T>
+struct ModelCache {
+  long batch = 0, seq_len = 0;  // of the last complete forward (batch 0: none)
+  DenseCache<T> embed;
+  std::vector<BlockCache<T>> blocks;
+  DenseCache<T> readout;
+};
+
+template <class T>
+class Model {
+ public:
+  using Scalar = T;
+  using Cache = ModelCache<T>;
+
+  explicit Model(const ModelConfig& config) : config_(checked(config)) {
+    if (config_.embed) embed_ = std::make_unique<Dense<T>>(DenseConfig{config_.input_dim, config_.width, true});
+    for (const BlockConfig& bc : config_.blocks) blocks_.push_back(std::make_unique<Block>(bc, config_));
+    if (!config_.readout_slice)
+      readout_ = std::make_unique<Dense<T>>(DenseConfig{config_.width, config_.output_dim, true});
+    set_num_threads(config_.num_threads);
+  }
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+
+  void set_num_threads(int n) {
+    config_.num_threads = n;
+    for (auto& b : blocks_) {
+      if (b->linear) b->linear->set_num_threads(n);
+      if (b->softmax) b->softmax->set_num_threads(n);
+      if (b->mesa) b->mesa->set_num_threads(n);
+    }
+  }
+
+  // Deterministic: weights ~ N(0, stddev^2) drawn in parameter order from one
+  // SplitMix64(seed); biases 0, LayerNorm gain 1, mesa lambda = lambda_init.
+  void init(std::uint64_t seed, double stddev) {
+    if (!(std::isfinite(stddev) && stddev >= 0))
+      mesaopt::detail::fail("Model::init", "stddev must be finite and >= 0, got ", stddev);
+    SplitMix64 rng(seed);
+    if (embed_) embed_->init(rng, stddev);
+    for (auto& b : blocks_) {
+      if (b->ln1) b->ln1->init();
+      if (b->linear) b->linear->init(rng, stddev);
+      if (b->softmax) b->softmax->init(rng, stddev);
+      if (b->mesa) b->mesa->init(rng, stddev);
+      if (b->ln2) b->ln2->init();
+      if (b->mlp) b->mlp->init(rng, stddev);
+    }
+    if (readout_) readout_->init(rng, stddev);
+  }
+
+  // Names: "embed.weight", "block0.ln1.gain", "block0.attn.W_q", "block0.ln2.bias",
+  // "block0.mlp.fc1.weight", "readout.weight", ...
+  void parameters(std::vector<ParameterView<T>>& out, const std::string& prefix = "") {
+    if (embed_) embed_->parameters(out, prefix + "embed.");
+    for (std::size_t i = 0; i < blocks_.size(); ++i) {
+      Block& b = *blocks_[i];
+      const std::string p = prefix + "block" + std::to_string(i) + ".";
+      if (b.ln1) b.ln1->parameters(out, p + "ln1.");
+      if (b.linear) b.linear->parameters(out, p + "attn.");
+      if (b.softmax) b.softmax->parameters(out, p + "attn.");
+      if (b.mesa) b.mesa->parameters(out, p + "attn.");
+      if (b.ln2) b.ln2->parameters(out, p + "ln2.");
+      if (b.mlp) b.mlp->parameters(out, p + "mlp.");
+    }
+    if (readout_) readout_->parameters(out, prefix + "readout.");
+  }
+  std::vector<ParameterView<T>> parameters() {
+    std::vector<ParameterView<T>> out;
+    parameters(out);
+    return out;
+  }
+
+  // x is (B*T, input_dim), one token per row; returns (B*T, output_dim).
+  RowMatrix<T> forward(ConstMatrixRef<T> x, long seq_len, Cache& cache) {
+    const char* where = "Model::forward";
+    mesaopt::detail::check_positive_size(where, "seq_len", seq_len);
+    mesaopt::detail::check_positive_size(where, "x.rows()", x.rows());
+    mesaopt::detail::check_size(where, "x.cols()", x.cols(), config_.input_dim, "config.input_dim");
+    if (x.rows() % seq_len != 0)
+      mesaopt::detail::fail(where, "x has ", x.rows(), " rows, not a multiple of seq_len = ", seq_len,
+                            " (expected B*T rows)");
+    mesaopt::detail::ScopedSerialEigen serial_eigen;
+    cache.batch = 0;  // invalid until complete
+    const long rows = x.rows(), W = config_.width;
+    RowMatrix<T> h(rows, W);
+    if (embed_)
+      embed_->forward(x, h, cache.embed);
+    else
+      h = x;
+    cache.blocks.resize(blocks_.size());
+    for (std::size_t i = 0; i < blocks_.size(); ++i) block_forward(*blocks_[i], h, seq_len, cache.blocks[i]);
+    RowMatrix<T> pred(rows, config_.output_dim);
+    if (readout_)
+      readout_->forward(h, pred, cache.readout);
+    else
+      pred = h.leftCols(config_.output_dim);
+    cache.seq_len = seq_len;
+    cache.batch = rows / seq_len;
+    return pred;
+  }
+
+  // dpred is (B*T, output_dim): dL/dpred of the last forward. Adds every
+  // parameter's gradient. The cache is non-const (the mesa layer's backward
+  // recomputes checkpoints in it).
+  void backward(ConstMatrixRef<T> dpred, Cache& cache) { backward_impl(dpred, cache, nullptr); }
+
+  // Same, and writes dL/dx (B*T, input_dim) into dx.
+  void backward(ConstMatrixRef<T> dpred, Cache& cache, MatrixRef<T> dx) {
+    mesaopt::detail::check_shape("Model::backward", "dx", dx, cache.batch * cache.seq_len, config_.input_dim);
+    RowMatrix<T> tmp(dx.rows(), dx.cols());
+    backward_impl(dpred, cache, &tmp);
+    dx = tmp;
+  }
+
+ private:
+  struct Block {
+    Block(const BlockConfig& bc, const ModelConfig& mc) : config(bc) {
+      const long D = mc.width + bc.positional_dim;
+      if (bc.layer_norm) ln1 = std::make_unique<LayerNorm<T>>(LayerNormConfig{mc.width, mc.ln_eps});
+      switch (bc.attention) {
+        case AttentionKind::linear:
+          linear = std::make_unique<LinearAttentionLayer<T>>(
+              LinearAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size, bc.normalize_qk, mc.num_threads});
+          break;
+        case AttentionKind::softmax:
+          softmax = std::make_unique<SoftmaxAttentionLayer<T>>(
+              SoftmaxAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size, mc.num_threads});
+          break;
+        case AttentionKind::mesa: {
+          MesaLayerConfig m;
+          m.D = D;
+          m.H = bc.heads;
+          m.d = bc.key_size;
+          m.dv = bc.value_size;
+          m.normalize_qk = bc.normalize_qk;
+          m.lambda_init = bc.lambda_init;
+          m.learn_forget = bc.learn_forget;
+          m.forget_init = bc.forget_init;
+          m.chunk = bc.mesa_chunk;
+          m.num_threads = mc.num_threads;
+          mesa = std::make_unique<MesaLayer<T>>(m);
+          break;
+        }
+      }
+      if (bc.mlp) {
+        if (bc.layer_norm) ln2 = std::make_unique<LayerNorm<T>>(LayerNormConfig{mc.width, mc.ln_eps});
+        mlp = std::make_unique<Mlp<T>>(MlpConfig{mc.width, bc.mlp_hidden, true});
+      }
+    }
+    BlockConfig config;
+    std::unique_ptr<LayerNorm<T>> ln1, ln2;
+    std::unique_ptr<LinearAttentionLayer<T>> linear;
+    std::unique_ptr<SoftmaxAttentionLayer<T>> softmax;
+    std::unique_ptr<MesaLayer<T>> mesa;
+    std::unique_ptr<Mlp<T>> mlp;
+  };
+
+  static const ModelConfig& checked(const ModelConfig& c) {
+    detail::validate_model_config(c);
+    return c;
+  }
+
+  // h (B*T, width) is updated in place to the block's output.
+  void block_forward(Block& b, RowMatrix<T>& h, long seq_len, BlockCache<T>& c) {
+    const long rows = h.rows(), W = config_.width, p = b.config.positional_dim;
+    c.attn_in.resize(rows, W + p);
+    if (b.ln1)
+      b.ln1->forward(h, c.attn_in.leftCols(W), c.ln1);
+    else
+      c.attn_in.leftCols(W) = h;
+    if (p > 0) {
+      const RowMatrix<T> pe = sinusoidal_encoding<T>(seq_len, p);
+      for (long r0 = 0; r0 < rows; r0 += seq_len) c.attn_in.block(r0, W, seq_len, p) = pe;
+    }
+    RowMatrix<T> y(rows, W + p);
+    if (b.linear) b.linear->forward(c.attn_in, seq_len, c.linear, y);
+    if (b.softmax) b.softmax->forward(c.attn_in, seq_len, c.softmax, y);
+    if (b.mesa) b.mesa->forward(c.attn_in, seq_len, c.mesa, y);
+    h += y.leftCols(W);
+    if (b.mlp) {
+      RowMatrix<T> z(rows, W);
+      if (b.ln2) {
+        RowMatrix<T> u(rows, W);
+        b.ln2->forward(h, u, c.ln2);
+        b.mlp->forward(u, z, c.mlp);
+      } else {
+        b.mlp->forward(h, z, c.mlp);
+      }
+      h += z;
+    }
+    if (config_.clip > 0) {
+      c.pre_clip = h;
+      clip_forward<T>(c.pre_clip, static_cast<T>(config_.clip), h, c.clip);
+    } else {
+      c.pre_clip.resize(0, 0);
+    }
+  }
+
+  // dh (B*T, width): dL/d(block output) in, dL/d(block input) out.
+  void block_backward(Block& b, RowMatrix<T>& dh, long seq_len, BlockCache<T>& c) {
+    const long rows = dh.rows(), W = config_.width, p = b.config.positional_dim;
+    if (config_.clip > 0) {
+      RowMatrix<T> g = dh;
+      clip_backward<T>(g, c.clip, dh);
+    }
+    if (b.mlp) {  // h_out = h_mid + MLP(LN2?(h_mid))
+      RowMatrix<T> du(rows, W);
+      b.mlp->backward(dh, c.mlp, du);
+      if (b.ln2) {
+        RowMatrix<T> dmid(rows, W);
+        b.ln2->backward(du, c.ln2, dmid);
+        dh += dmid;
+      } else {
+        dh += du;
+      }
+    }
+    // h_mid = h_in + Attn([LN1?(h_in), pe])[:, :W]: the pe columns and the
+    // dropped output columns get no gradient.
+    RowMatrix<T> dy = RowMatrix<T>::Zero(rows, W + p);
+    dy.leftCols(W) = dh;
+    RowMatrix<T> da(rows, W + p);
+    if (b.linear) b.linear->backward(c.attn_in, seq_len, dy, c.linear, da);
+    if (b.softmax) b.softmax->backward(c.attn_in, seq_len, dy, c.softmax, da);
+    if (b.mesa) b.mesa->backward(c.attn_in, seq_len, dy, c.mesa, da);
+    if (b.ln1) {
+      RowMatrix<T> dx(rows, W);
+      b.ln1->backward(da.leftCols(W), c.ln1, dx);
+      dh += dx;
+    } else {
+      dh += da.leftCols(W);
+    }
+  }
+
+  void backward_impl(ConstMatrixRef<T> dpred, Cache& cache, RowMatrix<T>* dx) {
+    const char* where = "Model::backward";
+    if (cache.batch <= 0 || cache.blocks.size() != blocks_.size())
+      mesaopt::detail::fail(where, "cache holds no complete forward of this model (call forward first)");
+    const long rows = cache.batch * cache.seq_len, W = config_.width;
+    mesaopt::detail::check_shape(where, "dpred", dpred, rows, config_.output_dim);
+    mesaopt::detail::ScopedSerialEigen serial_eigen;
+    RowMatrix<T> dh(rows, W);
+    if (readout_) {
+      readout_->backward(dpred, cache.readout, dh);
+    } else {
+      dh.setZero();
+      dh.leftCols(config_.output_dim) = dpred;
+    }
+    for (std::size_t i = blocks_.size(); i-- > 0;) block_backward(*blocks_[i], dh, cache.seq_len, cache.blocks[i]);
+    if (embed_) {
+      if (dx != nullptr)
+        embed_->backward(dh, cache.embed, *dx);
+      else
+        embed_->backward(dh, cache.embed);
+    } else if (dx != nullptr) {
+      *dx = dh;
+    }
+  }
+
+  ModelConfig config_;
+  std::unique_ptr<Dense<T>> embed_;
+  std::vector<std::unique_ptr<Block>> blocks_;
+  std::unique_ptr<Dense<T>> readout_;
+};
+
+}  // namespace mesaopt::nn
