@@ -10,3 +10,4 @@
 #include <mesaopt/nn/positional.hpp>
 #include <mesaopt/nn/random.hpp>
 #include <mesaopt/nn/residual.hpp>
+#include <mesaopt/nn/model.hpp>

@@ -10,3 +10,4 @@
 #include <mesaopt/train/progress.hpp>
 #include <mesaopt/train/safetensors.hpp>
 #include <mesaopt/train/schedule.hpp>
+#include <mesaopt/train/trainer.hpp>
