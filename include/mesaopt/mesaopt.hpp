@@ -5,6 +5,7 @@
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parameters.hpp>
+#include <mesaopt/common/random.hpp>
 #include <mesaopt/common/parallel.hpp>
 #include <mesaopt/kernels.hpp>
 #include <mesaopt/ops.hpp>

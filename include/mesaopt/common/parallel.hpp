@@ -35,4 +35,41 @@ void parallel_for(std::ptrdiff_t n, int num_threads, Body&& body) {
   for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
 }
 
+namespace detail {
+
+// Eigen multithreads a large GEMM with OpenMP when it is called
+// outside a parallel region, and then picks its cache blocking (the order of
+// the sums over the inner dimension) from the thread count. Inside a parallel
+// region Eigen runs serially. So when a layer runs on one thread (no region is
+// opened) its GEMMs would be computed by Eigen on omp_get_max_threads() threads
+// with a different blocking than the same GEMMs inside the 2-thread region.
+// ScopedSerialEigen sets the calling thread's OpenMP default team size
+// (nthreads-var, a per-thread ICV: other user threads are unaffected) to 1 for
+// the duration of a layer call, so Eigen runs every GEMM serially; the layers
+// pass their thread count to parallel_for explicitly. (If a program calls
+// Eigen::setNbThreads(n > 1) itself, Eigen ignores OpenMP's setting and this
+// guarantee is lost; mesaopt never touches that global.)
+// While alive, Eigen's GEMMs called from this thread run single-threaded.
+class ScopedSerialEigen {
+ public:
+  ScopedSerialEigen() {
+#if defined(_OPENMP)
+    saved_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+  }
+  ~ScopedSerialEigen() {
+#if defined(_OPENMP)
+    omp_set_num_threads(saved_);
+#endif
+  }
+  ScopedSerialEigen(const ScopedSerialEigen&) = delete;
+  ScopedSerialEigen& operator=(const ScopedSerialEigen&) = delete;
+
+ private:
+  int saved_ = 1;
+};
+
+}  // namespace detail
+
 }  // namespace mesaopt

@@ -8,18 +8,7 @@
 // every item writes only its own memory, so results are bit-identical for any
 // thread count.
 //
-// One trap: Eigen multithreads a large GEMM with OpenMP when it is called
-// outside a parallel region, and then picks its cache blocking (the order of
-// the sums over the inner dimension) from the thread count. Inside a parallel
-// region Eigen runs serially. So when a layer runs on one thread (no region is
-// opened) its GEMMs would be computed by Eigen on omp_get_max_threads() threads
-// with a different blocking than the same GEMMs inside the 2-thread region.
-// ScopedSerialEigen sets the calling thread's OpenMP default team size
-// (nthreads-var, a per-thread ICV: other user threads are unaffected) to 1 for
-// the duration of a layer call, so Eigen runs every GEMM serially; the layers
-// pass their thread count to parallel_for explicitly. (If a program calls
-// Eigen::setNbThreads(n > 1) itself, Eigen ignores OpenMP's setting and this
-// guarantee is lost; the layers do not touch that global.)
+// Eigen's own threading is held off by ScopedSerialEigen (common/parallel.hpp).
 #include <mesaopt/common/parallel.hpp>
 
 #include <cstddef>
@@ -34,26 +23,6 @@ namespace mesaopt::detail {
 // The thread count a layer uses: `requested` when > 0, else the library default.
 inline int resolve_num_threads(int requested) { return requested > 0 ? requested : default_num_threads(); }
 
-// While alive, Eigen's GEMMs called from this thread run single-threaded.
-class ScopedSerialEigen {
- public:
-  ScopedSerialEigen() {
-#if defined(_OPENMP)
-    saved_ = omp_get_max_threads();
-    omp_set_num_threads(1);
-#endif
-  }
-  ~ScopedSerialEigen() {
-#if defined(_OPENMP)
-    omp_set_num_threads(saved_);
-#endif
-  }
-  ScopedSerialEigen(const ScopedSerialEigen&) = delete;
-  ScopedSerialEigen& operator=(const ScopedSerialEigen&) = delete;
-
- private:
-  int saved_ = 1;
-};
 
 // parallel_for whose items may throw: every item's exception is caught into
 // its own slot (no exception crosses the OpenMP region, which would terminate)

@@ -24,42 +24,16 @@
 #include <mesaopt/kernels/state_update.hpp>
 #include <mesaopt/ops/linear_attention_reference.hpp>
 
+#include <mesaopt/common/parallel.hpp>
+
 #include <algorithm>
 #include <cstddef>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
-// Runs the Eigen GEMMs of one op call on the calling thread only.
-// These ops work on one (batch, head) sequence; parallelism belongs to the
-// caller (one call per thread). Outside an OpenMP parallel region Eigen would
-// otherwise split even a 64 x 64 tile product over omp_get_max_threads()
-// threads, which measured up to 30x slower on the shared 2-core machine
-// (docs/linear_attention.md). omp_set_num_threads changes only the calling
-// thread's nthreads ICV, and the guard restores it, so calls stay re-entrant.
-// (An explicit Eigen::setNbThreads(n > 1) by the user still takes precedence.)
-#ifndef MESAOPT_DETAIL_SERIAL_EIGEN_SCOPE
-#define MESAOPT_DETAIL_SERIAL_EIGEN_SCOPE
-namespace mesaopt::detail {
-class SerialEigenScope {
- public:
-#if defined(_OPENMP)
-  SerialEigenScope() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
-  ~SerialEigenScope() { omp_set_num_threads(saved_); }
-#else
-  SerialEigenScope() = default;
-#endif
-  SerialEigenScope(const SerialEigenScope&) = delete;
-  SerialEigenScope& operator=(const SerialEigenScope&) = delete;
-
- private:
-#if defined(_OPENMP)
-  int saved_;
-#endif
-};
-}  // namespace mesaopt::detail
-#endif
+// Each op call runs its Eigen GEMMs on the calling thread only
+// (detail::ScopedSerialEigen, common/parallel.hpp): parallelism belongs to the
+// caller, one call per (batch, head); outside a parallel region Eigen would
+// otherwise split even a 64 x 64 tile product over all threads (measured up to
+// 30x slower on the shared 2-core machine, docs/linear_attention.md).
 
 namespace mesaopt {
 
@@ -171,7 +145,7 @@ void linear_attention_forward_chunked(ConstMatrixRef<T> q, ConstMatrixRef<T> k, 
   if (chunk < 0) detail::fail(where, "chunk must be >= 0 (0 = default), got ", chunk);
   const long n = q.rows(), d = q.cols(), dv = v.cols();
   const long C = std::min(n, chunk > 0 ? chunk : linear_attention_default_chunk(d, dv));
-  const detail::SerialEigenScope serial;
+  const detail::ScopedSerialEigen serial;
   RowMatrix<T> A(C, C);                         // masked Q_c K_c^T
   RowMatrix<T> St = RowMatrix<T>::Zero(d, dv);  // sum over earlier chunks of K^T V
   for (long s = 0; s < n; s += C) {
@@ -203,7 +177,7 @@ void linear_attention_backward_chunked(ConstMatrixRef<T> q, ConstMatrixRef<T> k,
   if (chunk < 0) detail::fail(where, "chunk must be >= 0 (0 = default), got ", chunk);
   const long n = q.rows(), d = q.cols(), dv = v.cols();
   const long C = std::min(n, chunk > 0 ? chunk : linear_attention_default_chunk(d, dv));
-  const detail::SerialEigenScope serial;
+  const detail::ScopedSerialEigen serial;
   RowMatrix<T> A(C, C), B(C, C);
   {
     // forward: o_t = S_t q_t  =>  dq_t = S_t^T g_t = sum_{i<=t} k_i (v_i . g_t)

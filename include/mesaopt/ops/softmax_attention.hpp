@@ -23,43 +23,17 @@
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 
+#include <mesaopt/common/parallel.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
-// Runs the Eigen GEMMs of one op call on the calling thread only.
-// These ops work on one (batch, head) sequence; parallelism belongs to the
-// caller (one call per thread). Outside an OpenMP parallel region Eigen would
-// otherwise split even a 64 x 64 tile product over omp_get_max_threads()
-// threads, which measured up to 30x slower on the shared 2-core machine
-// (docs/linear_attention.md). omp_set_num_threads changes only the calling
-// thread's nthreads ICV, and the guard restores it, so calls stay re-entrant.
-// (An explicit Eigen::setNbThreads(n > 1) by the user still takes precedence.)
-#ifndef MESAOPT_DETAIL_SERIAL_EIGEN_SCOPE
-#define MESAOPT_DETAIL_SERIAL_EIGEN_SCOPE
-namespace mesaopt::detail {
-class SerialEigenScope {
- public:
-#if defined(_OPENMP)
-  SerialEigenScope() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
-  ~SerialEigenScope() { omp_set_num_threads(saved_); }
-#else
-  SerialEigenScope() = default;
-#endif
-  SerialEigenScope(const SerialEigenScope&) = delete;
-  SerialEigenScope& operator=(const SerialEigenScope&) = delete;
-
- private:
-#if defined(_OPENMP)
-  int saved_;
-#endif
-};
-}  // namespace mesaopt::detail
-#endif
+// Each op call runs its Eigen GEMMs on the calling thread only
+// (detail::ScopedSerialEigen, common/parallel.hpp): parallelism belongs to the
+// caller, one call per (batch, head); outside a parallel region Eigen would
+// otherwise split even a 64 x 64 tile product over all threads (measured up to
+// 30x slower on the shared 2-core machine, docs/linear_attention.md).
 
 namespace mesaopt {
 
@@ -121,7 +95,7 @@ void softmax_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMa
   const T scale = T(1) / std::sqrt(T(d));
   sc.lse.resize(n);
   sc.d = d;
-  const detail::SerialEigenScope serial;
+  const detail::ScopedSerialEigen serial;
 
   RowMatrix<T> S(Br, Bc);     // raw logits q_t . k_i of one tile, then P in place
   RowMatrix<T> acc(Br, dv);   // running sum_i exp(s_{t,i} - m_t) v_i
@@ -182,7 +156,7 @@ void softmax_attention_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstM
   const long Br = std::min(tiles.query_rows, n), Bc = std::min(tiles.key_rows, n);
   const T scale = T(1) / std::sqrt(T(d));
 
-  const detail::SerialEigenScope serial;
+  const detail::ScopedSerialEigen serial;
   // D_t = g_t . o_t = sum_j a_{t,j} da_{t,j}  (M4)
   const Vector<T> D = (dout.array() * sc.out.array()).rowwise().sum();
   RowMatrix<T> P(Br, Bc), dP(Br, Bc);
