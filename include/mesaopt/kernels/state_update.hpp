@@ -9,6 +9,7 @@
 #include <mesaopt/kernels/reference.hpp>
 #include <mesaopt/kernels/simd.hpp>
 
+#include <cmath>
 #include <cstddef>
 
 namespace mesaopt::kernels {
@@ -56,22 +57,25 @@ void state_update_columns(std::size_t d, T* St, std::size_t lds, T scale, const 
   }
 }
 
+// The last rem < W columns. Scalar on purpose: these are independent FMA
+// chains (one per column), and a masked store per row (vmaskmovps) is slow on
+// Zen 3; measured on the linear-dynamics models (head size 20 = 16 + 4).
+// Unlike the Sherman-Morrison kernel there is no symmetry to preserve here.
 template <class T, bool Scaled>
 void state_update_tail(std::size_t d, T* St, std::size_t lds, T scale, const T* k, const T* v, const T* a, T* o,
                        std::size_t j0, std::size_t rem) {
-  using B = simd_batch<T>;
-  B acc(T(0));
-  const B s(scale);
-  const B vj = load_partial(v + j0, rem);
+  constexpr std::size_t W = simd_width<T>;
+  T acc[W] = {};
   for (std::size_t r = 0; r < d; ++r) {
     T* row = St + r * lds + j0;
-    B x = load_partial(row, rem);
-    if (Scaled) x = x * s;
-    x = xsimd::fma(B(k[r]), vj, x);
-    store_partial(x, row, rem);
-    acc = xsimd::fma(B(a[r]), x, acc);
+    for (std::size_t j = 0; j < rem; ++j) {
+      T x = Scaled ? row[j] * scale : row[j];
+      x = std::fma(k[r], v[j0 + j], x);
+      row[j] = x;
+      acc[j] = std::fma(a[r], x, acc[j]);
+    }
   }
-  store_partial(acc, o + j0, rem);
+  for (std::size_t j = 0; j < rem; ++j) o[j0 + j] = acc[j];
 }
 
 template <class T, bool Scaled>
