@@ -15,6 +15,7 @@
 #include <mesaopt/layers/attention_projections.hpp>
 #include <mesaopt/layers/threading.hpp>
 #include <mesaopt/ops/softmax_attention.hpp>
+#include <mesaopt/ops/softmax_attention_reference.hpp>
 
 #include <cstdint>
 #include <string>
@@ -102,6 +103,31 @@ class SoftmaxAttentionLayer : public AttentionProjections<T> {
     RowMatrix<T> y(x.rows(), x.cols());
     forward(x, seq_len, cache, y);
     return y;
+  }
+
+  // Probe (read-only: touches no weight, gradient or cache). x is (B*T, D),
+  // sequence-major. Returns B*H matrices, item b*H + h: head h's causal
+  // attention probabilities a_{t,i} = softmax_{i<=t}((q_t . k_i) / sqrt(d)) on
+  // sequence b (M4), (T, T), row t = query position t, column i = key position
+  // i; rows sum to 1 and entries above the diagonal are 0. Same projections as
+  // forward; the probabilities come from the plain max-subtracted reference
+  // (ops/softmax_attention_reference.hpp), so they match what the tiled forward
+  // uses to rounding (the tiled kernel never materialises them). O(B H T^2) memory.
+  std::vector<RowMatrix<T>> attention_probabilities(ConstMatrixRef<T> x, long seq_len) const {
+    const char* where = "SoftmaxAttentionLayer::attention_probabilities";
+    const long B = detail::check_layer_input<T>(where, x, seq_len, config_.D);
+    const int threads = detail::resolve_num_threads(config_.num_threads);
+    detail::ScopedSerialEigen serial_eigen;
+    const long H = config_.H, d = config_.d;
+    RowMatrix<T> qkv;
+    Base::project_qkv(x, qkv, threads);
+    std::vector<RowMatrix<T>> probs(static_cast<std::size_t>(B * H));
+    detail::parallel_for_rethrow(B * H, threads, [&](std::ptrdiff_t item) {
+      const long b = long(item) / H, h = long(item) % H, r0 = b * seq_len;
+      probs[std::size_t(item)] = detail::softmax_attention_probabilities_reference<T>(
+          qkv.block(r0, this->q_col(h), seq_len, d), qkv.block(r0, this->k_col(h), seq_len, d), nullptr);  // M4
+    });
+    return probs;
   }
 
   // dy is dL/dy (B*T, D); writes dx (B*T, D) and ADDS into the weight gradients.

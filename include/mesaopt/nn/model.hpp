@@ -216,21 +216,11 @@ class Model {
 
   // x is (B*T, input_dim), one token per row; returns (B*T, output_dim).
   RowMatrix<T> forward(ConstMatrixRef<T> x, long seq_len, Cache& cache) {
-    const char* where = "Model::forward";
-    mesaopt::detail::check_positive_size(where, "seq_len", seq_len);
-    mesaopt::detail::check_positive_size(where, "x.rows()", x.rows());
-    mesaopt::detail::check_size(where, "x.cols()", x.cols(), config_.input_dim, "config.input_dim");
-    if (x.rows() % seq_len != 0)
-      mesaopt::detail::fail(where, "x has ", x.rows(), " rows, not a multiple of seq_len = ", seq_len,
-                            " (expected B*T rows)");
+    check_input("Model::forward", x, seq_len);
     mesaopt::detail::ScopedSerialEigen serial_eigen;
     cache.batch = 0;  // invalid until complete
-    const long rows = x.rows(), W = config_.width;
-    RowMatrix<T> h(rows, W);
-    if (embed_)
-      embed_->forward(x, h, cache.embed);
-    else
-      h = x;
+    const long rows = x.rows();
+    RowMatrix<T> h = embed_forward(x, cache.embed);
     cache.blocks.resize(blocks_.size());
     for (std::size_t i = 0; i < blocks_.size(); ++i) block_forward(*blocks_[i], h, seq_len, cache.blocks[i]);
     RowMatrix<T> pred(rows, config_.output_dim);
@@ -254,6 +244,35 @@ class Model {
     RowMatrix<T> tmp(dx.rows(), dx.cols());
     backward_impl(dpred, cache, &tmp);
     dx = tmp;
+  }
+
+  // Probe of the trained model (changes no parameter, gradient or caller's
+  // cache): the causal softmax attention probabilities of block `block`
+  // (0-based) on inputs x (B*T, input_dim), sequence-major. Runs the embedding
+  // and blocks 0..block-1 and builds that block's attention input
+  // [LN1?(h), pe] with the same code as forward, so the layer sees exactly
+  // what it sees in forward; returns SoftmaxAttentionLayer::attention_probabilities
+  // of it: B*H matrices (T, T), item b*H + h, row t = query position, column
+  // i = key position (rows sum to 1, zero above the diagonal). Throws
+  // std::invalid_argument if block is out of range or not a softmax block.
+  std::vector<RowMatrix<T>> attention_probabilities(ConstMatrixRef<T> x, long seq_len, long block) {
+    const char* where = "Model::attention_probabilities";
+    const long num_blocks = static_cast<long>(blocks_.size());
+    if (block < 0 || block >= num_blocks)
+      mesaopt::detail::fail(where, "block must lie in [0, ", num_blocks, ") (the model's blocks), got ", block);
+    Block& probed = *blocks_[std::size_t(block)];
+    if (!probed.softmax)
+      mesaopt::detail::fail(where, "block ", block, " is a ", attention_kind_name(probed.config.attention),
+                            " block; attention probabilities exist only for softmax blocks");
+    check_input(where, x, seq_len);
+    mesaopt::detail::ScopedSerialEigen serial_eigen;
+    Cache scratch;
+    RowMatrix<T> h = embed_forward(x, scratch.embed);
+    scratch.blocks.resize(std::size_t(block) + 1);
+    for (long i = 0; i < block; ++i) block_forward(*blocks_[std::size_t(i)], h, seq_len, scratch.blocks[std::size_t(i)]);
+    BlockCache<T>& c = scratch.blocks[std::size_t(block)];
+    attention_input(probed, h, seq_len, c);
+    return probed.softmax->attention_probabilities(c.attn_in, seq_len);
   }
 
  private:
@@ -304,8 +323,29 @@ class Model {
     return c;
   }
 
-  // h (B*T, width) is updated in place to the block's output.
-  void block_forward(Block& b, RowMatrix<T>& h, long seq_len, BlockCache<T>& c) {
+  // Throws unless x is (B*T, input_dim) for some B >= 1 with T = seq_len >= 1.
+  void check_input(const char* where, const ConstMatrixRef<T>& x, long seq_len) const {
+    mesaopt::detail::check_positive_size(where, "seq_len", seq_len);
+    mesaopt::detail::check_positive_size(where, "x.rows()", x.rows());
+    mesaopt::detail::check_size(where, "x.cols()", x.cols(), config_.input_dim, "config.input_dim");
+    if (x.rows() % seq_len != 0)
+      mesaopt::detail::fail(where, "x has ", x.rows(), " rows, not a multiple of seq_len = ", seq_len,
+                            " (expected B*T rows)");
+  }
+
+  // h_0 (B*T, width) = Embed(x), or x itself without an embedding.
+  RowMatrix<T> embed_forward(const ConstMatrixRef<T>& x, DenseCache<T>& c) {
+    RowMatrix<T> h(x.rows(), config_.width);
+    if (embed_)
+      embed_->forward(x, h, c);
+    else
+      h = x;
+    return h;
+  }
+
+  // c.attn_in (B*T, width + p) = [LN1?(h), pe]: the block's attention input
+  // (fills c.ln1 when LN1 is on).
+  void attention_input(Block& b, const RowMatrix<T>& h, long seq_len, BlockCache<T>& c) {
     const long rows = h.rows(), W = config_.width, p = b.config.positional_dim;
     c.attn_in.resize(rows, W + p);
     if (b.ln1)
@@ -316,6 +356,12 @@ class Model {
       const RowMatrix<T> pe = sinusoidal_encoding<T>(seq_len, p);
       for (long r0 = 0; r0 < rows; r0 += seq_len) c.attn_in.block(r0, W, seq_len, p) = pe;
     }
+  }
+
+  // h (B*T, width) is updated in place to the block's output.
+  void block_forward(Block& b, RowMatrix<T>& h, long seq_len, BlockCache<T>& c) {
+    const long rows = h.rows(), W = config_.width, p = b.config.positional_dim;
+    attention_input(b, h, seq_len, c);
     RowMatrix<T> y(rows, W + p);
     if (b.linear) b.linear->forward(c.attn_in, seq_len, c.linear, y);
     if (b.softmax) b.softmax->forward(c.attn_in, seq_len, c.softmax, y);
