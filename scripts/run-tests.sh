@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Builds everything (library tests, benchmarks, examples) and runs the test
 # suite with CTest. With --sanitize, builds the tests with AddressSanitizer and
-# UBSan (-fno-sanitize-recover=all: any finding fails) in build-sanitize/.
+# UBSan (-fno-sanitize-recover=all: any finding fails) in build-sanitize/, at
+# -O1 -g1 (line tables for reports): the same tests compile 2.7x faster than at
+# RelWithDebInfo's -O2 -g (test_layers.cpp: 207 s vs 570 s on a busy 2-core
+# machine), which keeps CI within its time limit. The install/consume test is a
+# packaging check with nothing to sanitise; it runs in the plain pass only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -9,12 +13,14 @@ bash scripts/install-deps.sh
 jobs=$(nproc)
 if [ "${1:-}" = "--sanitize" ]; then
   build=build-sanitize
-  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMESAOPT_SANITIZE=address,undefined \
-    -DMESAOPT_BUILD_BENCHMARKS=OFF -DMESAOPT_BUILD_EXAMPLES=OFF >/dev/null
+  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" \
+    -DMESAOPT_SANITIZE=address,undefined -DMESAOPT_BUILD_BENCHMARKS=OFF -DMESAOPT_BUILD_EXAMPLES=OFF >/dev/null
+  exclude=(-E '^install_and_consume$')
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 else
   build=build
+  exclude=()
   cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
 fi
 cmake --build "$build" -j "$jobs"
-ctest --test-dir "$build" --output-on-failure -j "$jobs"
+ctest --test-dir "$build" --output-on-failure -j "$jobs" "${exclude[@]}"
