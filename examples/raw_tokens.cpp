@@ -1,0 +1,382 @@
+// The paper's full-model setting (PAPER.md §2 "Full models", §3, §4) on the
+// linear dynamical system of §1: the models see the raw states s_t (no
+// constructed tokens) and must build the pair (s_{t-1}, s_t) themselves.
+//
+//   softmax+mesa-2L:  Embed(s_t) -> softmax block with sinusoidal positions
+//                     -> mesa block -> Dense read-out        (the hybrid)
+//   softmax-2L:       Embed(s_t) -> softmax block with positions
+//                     -> softmax block -> Dense read-out     (softmax only)
+//
+// Both are evaluated on held-out sequences (per-position loss beside ridge
+// with lambda 1e-3 and the noise floor), then probed: where does the first
+// block's attention mass go? The paper's "token construction" finding is that
+// the first layer copies s_{t-1} next to s_t, i.e. some heads put most of
+// their mass on key t-1 (PAPER.md §2, §4).
+//
+// Default: a reduced run (batch 32, 1000 steps, higher peak lr) that finishes
+// in about 2-3 minutes on 2 cores. --full: the paper's settings (batch 256, 10000 steps,
+// warm-up 1000 to 8e-4 / hybrid 3e-4, cosine to 1e-5).
+#include <mesaopt/learners.hpp>
+#include <mesaopt/nn.hpp>
+#include <mesaopt/tasks.hpp>
+#include <mesaopt/train.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+using namespace mesaopt;
+namespace ml = mesaopt::learners;
+namespace mt = mesaopt::tasks;
+
+namespace {
+
+// PAPER.md §2: width 40, 4 heads, key size 20. Value size 20 (= key size, as
+// in the constructed-token models). The positional code concatenated to the
+// first block's input has kPositionalDim columns (sin/cos pairs at 10
+// frequencies from 1 to ~1e-4 rad/step: the fastest pairs tell neighbours
+// apart, which is what attending to t-1 needs).
+constexpr long kWidth = 40, kHeads = 4, kKeySize = 20, kValueSize = 20, kPositionalDim = 20;
+constexpr double kInitStd = 0.05;      // PAPER.md §2: N(0, 0.05^2) for full models
+constexpr double kWeightDecay = 0.05;  // PAPER.md §3
+constexpr double kLrFloor = 1e-5;      // PAPER.md §3: cosine decay to 1e-5
+
+struct Settings {
+  long batch, steps, warmup;
+  double softmax_lr, hybrid_lr;
+};
+// Paper: batch 256, 10000 steps, warm-up 1000, peak 8e-4 (hybrid 3e-4).
+constexpr Settings kFull{256, 10000, 1000, 8e-4, 3e-4};
+// Reduced: 8x smaller batch, 8x fewer steps, a proportionally short warm-up
+// and a higher peak lr (measured to train both models in this budget).
+// Measured (1000 steps, seed 1, 300 held-out sequences): without LayerNorm
+// softmax-2L reached avg 1.05 (lr 3e-3) and 1.35 (lr 1e-3) with a t = 1 loss of
+// 2.33; with pre-LN 0.57; the hybrid 0.200-0.203 either way.
+constexpr Settings kDefault{32, 1000, 100, 3e-3, 2e-3};
+
+struct Options {
+  bool full = false;
+  long batch = 0;  // 0: from the settings
+  long steps = 0;  // 0: from the settings
+  long softmax_layers = 2;
+  long eval_sequences = 1000;
+  long probe_sequences = 200;
+  double softmax_lr = 0, hybrid_lr = 0;  // 0: from the settings
+  bool layer_norm = true;
+  unsigned long long seed = 1;
+  int threads = 0;
+  std::string csv;
+};
+
+void usage() {
+  std::printf(
+      "usage: raw_tokens [options]\n"
+      "  The paper's full-model setting: linear dynamics (n = 10, T = 50) on raw tokens s_t.\n"
+      "  Trains softmax+mesa-2L (softmax block with sinusoidal positions, then a mesa block) and\n"
+      "  softmax-2L (two softmax blocks), prints held-out loss vs context length beside ridge\n"
+      "  (lambda 1e-3) and the noise floor, then the first block's attention mass on keys t-1 and t.\n"
+      "  --full              the paper's settings: batch 256, 10000 steps, warm-up 1000 to lr 8e-4\n"
+      "                      (hybrid 3e-4), cosine to 1e-5 (prints an estimate of the run time first)\n"
+      "                      default: batch %ld, %ld steps, warm-up %ld to lr %.0e (hybrid %.0e)\n"
+      "  --steps N           training steps of each model (N >= 1)\n"
+      "  --batch B           sequences per step (B >= 1)\n"
+      "  --softmax-layers L  blocks of the softmax-only model, L >= 2 (default 2; row softmax-<L>L)\n"
+      "  --lr-softmax X      peak lr of the softmax-only model (0 < X <= 1)\n"
+      "  --lr-hybrid X       peak lr of the hybrid model (0 < X <= 1)\n"
+      "  --no-layer-norm     no pre-LN before the blocks' attention (default: pre-LN on every block)\n"
+      "  --eval N            held-out evaluation sequences (default 1000)\n"
+      "  --probe N           held-out sequences for the attention probe (default 200)\n"
+      "  --seed N            seed of training data, initialisation and evaluation (default 1)\n"
+      "  --threads N         threads, N >= 0 (default 0: OpenMP default)\n"
+      "  --csv FILE          write method,position,loss rows (positions 1..50)\n"
+      "  --help              this text\n",
+      kDefault.batch, kDefault.steps, kDefault.warmup, kDefault.softmax_lr, kDefault.hybrid_lr);
+}
+
+[[noreturn]] void bad_option(const std::string& msg) {
+  std::fprintf(stderr, "raw_tokens: %s (see --help)\n", msg.c_str());
+  std::exit(2);
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) bad_option(a + " needs a value");
+      return argv[++i];
+    };
+    // A whole decimal integer in [lo, hi].
+    auto integer = [&](long long lo, long long hi) {
+      const std::string v = value();
+      char* end = nullptr;
+      errno = 0;
+      const long long x = std::strtoll(v.c_str(), &end, 10);
+      if (end == v.c_str() || *end != '\0' || errno == ERANGE || x < lo || x > hi)
+        bad_option(a + " needs an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got '" + v +
+                   "'");
+      return x;
+    };
+    // A finite number in (0, hi].
+    auto positive = [&](double hi) {
+      const std::string v = value();
+      char* end = nullptr;
+      const double x = std::strtod(v.c_str(), &end);
+      if (end == v.c_str() || *end != '\0' || !std::isfinite(x) || x <= 0 || x > hi)
+        bad_option(a + " needs a number in (0, " + std::to_string(hi) + "], got '" + v + "'");
+      return x;
+    };
+    if (a == "--help" || a == "-h") {
+      usage();
+      std::exit(0);
+    } else if (a == "--full") o.full = true;
+    else if (a == "--steps") o.steps = long(integer(1, 100000000));
+    else if (a == "--batch") o.batch = long(integer(1, 1000000));
+    else if (a == "--softmax-layers") o.softmax_layers = long(integer(2, 64));
+    else if (a == "--eval") o.eval_sequences = long(integer(1, 10000000));
+    else if (a == "--probe") o.probe_sequences = long(integer(1, 100000));
+    else if (a == "--lr-softmax") o.softmax_lr = positive(1.0);
+    else if (a == "--lr-hybrid") o.hybrid_lr = positive(1.0);
+    else if (a == "--no-layer-norm") o.layer_norm = false;
+    else if (a == "--seed") o.seed = static_cast<unsigned long long>(integer(0, (1LL << 62)));
+    else if (a == "--threads") o.threads = int(integer(0, 1024));
+    else if (a == "--csv") {
+      o.csv = value();
+      if (o.csv.empty()) bad_option("--csv needs a file name");
+    } else bad_option("unknown option '" + a + "'");
+  }
+  return o;
+}
+
+nn::BlockConfig block(nn::AttentionKind kind, long positional_dim, bool layer_norm) {
+  nn::BlockConfig b;
+  b.layer_norm = layer_norm;
+  b.attention = kind;
+  b.heads = kHeads;
+  b.key_size = kKeySize;
+  b.value_size = kValueSize;
+  b.positional_dim = positional_dim;
+  return b;
+}
+
+// Embed Dense n -> 40, blocks, Dense read-out 40 -> n. Pre-LN before each
+// attention (default; it made the softmax-only model train in the reduced
+// budget, see kDefault), no MLP (attention-only blocks as in PAPER.md §2's
+// dynamics runs; it also keeps the default run short), no clipping.
+nn::ModelConfig model_config(long n, const std::vector<nn::BlockConfig>& blocks, int threads) {
+  nn::ModelConfig mc;
+  mc.input_dim = n;
+  mc.width = kWidth;
+  mc.output_dim = n;
+  mc.embed = true;
+  mc.readout_slice = false;
+  mc.blocks = blocks;
+  mc.num_threads = threads;
+  return mc;
+}
+
+struct ModelSpec {
+  std::string name;
+  nn::ModelConfig config;
+  double peak_lr;
+};
+
+struct Row {
+  std::string method, setting;
+  std::vector<double> curve;
+};
+
+// Share of block-0 attention mass per head on key t-1 and on key t, averaged
+// over query positions t >= 2 (1-based; t = 1 has no t-1) and sequences.
+struct HeadShares {
+  std::vector<double> prev, self;
+};
+
+HeadShares attention_shares(nn::Model<float>& model, const RowMatrix<float>& x, long T, long block) {
+  const long H = model.config().blocks[std::size_t(block)].heads;
+  const std::vector<RowMatrix<float>> probs = model.attention_probabilities(x, T, block);
+  const long B = long(probs.size()) / H;
+  HeadShares s{std::vector<double>(std::size_t(H), 0.0), std::vector<double>(std::size_t(H), 0.0)};
+  for (long b = 0; b < B; ++b)
+    for (long h = 0; h < H; ++h) {
+      const RowMatrix<float>& a = probs[std::size_t(b * H + h)];
+      for (long t = 1; t < T; ++t) {  // 0-based row t is position t + 1 >= 2
+        s.prev[std::size_t(h)] += a(t, t - 1);
+        s.self[std::size_t(h)] += a(t, t);
+      }
+    }
+  const double count = double(B) * double(T - 1);
+  for (long h = 0; h < H; ++h) {
+    s.prev[std::size_t(h)] /= count;
+    s.self[std::size_t(h)] /= count;
+  }
+  return s;
+}
+
+std::string fmt(const char* f, double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, f, v);
+  return b;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Options opt = parse(argc, argv);
+  try {
+    const mt::DynamicsConfig dc;  // PAPER.md §1: n = 10, T = 50, noise 0.01, W* Haar orthogonal
+    const long n = dc.state_dim, T = dc.seq_len;
+    const Settings& st = opt.full ? kFull : kDefault;
+    const long batch = opt.batch > 0 ? opt.batch : st.batch;
+    const long steps = opt.steps > 0 ? opt.steps : st.steps;
+    const long warmup = std::min(steps, opt.steps > 0 ? std::max(1L, steps / 10) : st.warmup);
+
+    std::vector<ModelSpec> specs;
+    specs.push_back({"softmax+mesa-2L",
+                     model_config(n, {block(nn::AttentionKind::softmax, kPositionalDim, opt.layer_norm), block(nn::AttentionKind::mesa, 0, opt.layer_norm)},
+                                  opt.threads),
+                     opt.hybrid_lr > 0 ? opt.hybrid_lr : st.hybrid_lr});
+    {
+      std::vector<nn::BlockConfig> blocks{block(nn::AttentionKind::softmax, kPositionalDim, opt.layer_norm)};
+      for (long l = 1; l < opt.softmax_layers; ++l) blocks.push_back(block(nn::AttentionKind::softmax, 0, opt.layer_norm));
+      specs.push_back({"softmax-" + std::to_string(opt.softmax_layers) + "L", model_config(n, blocks, opt.threads),
+                       opt.softmax_lr > 0 ? opt.softmax_lr : st.softmax_lr});
+    }
+
+    std::printf(
+        "linear dynamics on raw tokens s_t (PAPER.md §1-3): n = %ld, T = %ld; width %ld, %ld heads, key/value size "
+        "%ld/%ld, positional code %ld dims on block 0\n"
+        "%s settings: batch %ld, %ld steps, AdamW wd %.2g, clip 1, warm-up %ld then cosine to %.0e, init N(0, %.2g^2), "
+        "pre-LN %s, no MLP\n",
+        n, T, kWidth, kHeads, kKeySize, kValueSize, kPositionalDim, opt.full ? "paper (--full)" : "reduced default",
+        batch, steps, kWeightDecay, warmup, kLrFloor, kInitStd, opt.layer_norm ? "on" : "off");
+
+    const std::uint64_t data_seed = opt.seed;
+    auto make_source = [&]() -> train::BatchSource<float> {
+      return [dc, batch, data_seed, threads = opt.threads](long step) {
+        const auto db = mt::make_dynamics_batch<float>(dc, batch, data_seed, std::uint64_t(step) * batch, threads);
+        train::TrainBatch<float> tb;
+        tb.inputs = db.inputs;  // raw s_t
+        tb.targets = db.targets;
+        tb.seq_len = db.seq_len;
+        return tb;
+      };
+    };
+    auto trainer_config = [&](double peak_lr, long total) {
+      train::TrainerConfig tc;
+      tc.steps = total;
+      tc.adam = train::adamw_config(kWeightDecay);  // AdamW (0.9, 0.999, 1e-8)
+      tc.schedule = train::warmup_cosine_schedule(peak_lr, std::min(warmup, total), total, kLrFloor);
+      tc.clip_norm = 1.0;
+      tc.progress = false;
+      return tc;
+    };
+
+    if (opt.full) {  // time 3 steps of each model (after one warm-up step) and extrapolate
+      double seconds_per_run = 0;
+      for (const ModelSpec& s : specs) {
+        nn::Model<float> probe_model(s.config);
+        probe_model.init(opt.seed, kInitStd);
+        train::Trainer<float> trainer(probe_model, make_source(), trainer_config(s.peak_lr, 4));
+        trainer.run(1);
+        const auto r = trainer.run(4);
+        seconds_per_run += r.seconds / double(r.steps_run) * double(steps);
+      }
+      std::printf("estimated training time: %.0f s (%.1f h) for both models, from 3 timed steps each\n",
+                  seconds_per_run, seconds_per_run / 3600.0);
+    }
+    std::fflush(stdout);
+
+    // Held-out data: seeds disjoint from the training stream.
+    const auto eval = mt::make_dynamics_batch<double>(dc, opt.eval_sequences, opt.seed + 1000003, 0, opt.threads);
+    const RowMatrix<float> eval_x = eval.inputs.cast<float>();
+    const long probe_n = std::min(opt.probe_sequences, opt.eval_sequences);
+    const RowMatrix<float> probe_x = eval_x.topRows(probe_n * T);
+    const RowMatrix<double>&x = eval.inputs, &y = eval.targets;
+
+    std::vector<Row> rows;
+    std::vector<std::pair<std::string, HeadShares>> shares;
+    const auto started = std::chrono::steady_clock::now();
+    for (const ModelSpec& s : specs) {
+      nn::Model<float> model(s.config);
+      model.init(opt.seed, kInitStd);
+      train::TrainerConfig tc = trainer_config(s.peak_lr, steps);
+      tc.progress = true;  // drawn only on a terminal
+      train::Trainer<float> trainer(model, make_source(), tc);
+      const auto r = trainer.run();
+      const std::size_t tail = std::min<std::size_t>(50, r.losses.size());
+      double last = 0;
+      for (std::size_t i = r.losses.size() - tail; i < r.losses.size(); ++i) last += r.losses[i] / double(tail);
+      std::printf("  trained %-16s %6ld steps, peak lr %.0e: train loss %.4f -> %.4f (mean of last %zu), %6.1f s, "
+                  "%.0f training tokens/s\n",
+                  s.name.c_str(), steps, s.peak_lr, r.losses.front(), last, tail, r.seconds, r.tokens_per_second);
+      std::fflush(stdout);
+
+      typename nn::Model<float>::Cache cache;
+      const RowMatrix<double> pred = model.forward(eval_x, T, cache).cast<double>();
+      rows.push_back({s.name, fmt("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
+      shares.emplace_back(s.name, attention_shares(model, probe_x, T, 0));
+    }
+    const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+
+    rows.push_back({"ridge", "reg 1e-3",
+                    ml::loss_curve(ml::Ridge::from_regularizer(1e-3).predict<double>(x, y, T, opt.threads), y, T)});
+    rows.push_back({"noise-floor", "true W*", ml::loss_curve(mt::predict_with_true_dynamics(eval), y, T)});
+
+    const long show[] = {1, 2, 5, 10, 20, 30, 40, 50};
+    std::printf("\nheld-out loss per position (sum of squared errors / 2, mean over %ld sequences)\n",
+                opt.eval_sequences);
+    std::printf("%-16s %-11s", "method", "setting");
+    for (long t : show) std::printf(" %8s", ("t=" + std::to_string(t)).c_str());
+    std::printf(" %8s\n", "avg");
+    for (const Row& r : rows) {
+      std::printf("%-16s %-11s", r.method.c_str(), r.setting.c_str());
+      for (long t : show) std::printf(" %8.4f", r.curve[std::size_t(t - 1)]);
+      std::printf(" %8.4f\n", ml::mean_of(r.curve));
+    }
+    std::printf("(PAPER.md §4, paper settings: 3-layer softmax avg 0.315, t=50 0.057; hybrid softmax + 1 mesa "
+                "about 0.198, t=50 0.0023)\n");
+
+    // Token construction: block 0's attention mass on keys t-1 and t.
+    double uniform_prev = 0;  // uniform causal attention puts 1/t on each key
+    for (long t = 2; t <= T; ++t) uniform_prev += 1.0 / double(t) / double(T - 1);
+    std::printf("\nblock 0 (softmax + positions) attention mass, mean over positions t = 2..%ld and %ld held-out "
+                "sequences\n(uniform causal attention would give %.3f on each of t-1 and t)\n",
+                T, probe_n, uniform_prev);
+    std::printf("%-16s %-6s %10s %10s %10s\n", "model", "head", "on t-1", "on t", "elsewhere");
+    for (const auto& [name, s] : shares) {
+      double prev = 0, self = 0;
+      for (std::size_t h = 0; h < s.prev.size(); ++h) {
+        std::printf("%-16s %-6zu %10.3f %10.3f %10.3f\n", name.c_str(), h, s.prev[h], s.self[h],
+                    1.0 - s.prev[h] - s.self[h]);
+        prev += s.prev[h] / double(s.prev.size());
+        self += s.self[h] / double(s.prev.size());
+      }
+      const auto best = std::max_element(s.prev.begin(), s.prev.end());
+      std::printf("%-16s %-6s %10.3f %10.3f %10.3f   (head %ld puts the most on t-1: %.3f)\n", name.c_str(), "mean",
+                  prev, self, 1.0 - prev - self, long(best - s.prev.begin()), *best);
+    }
+    std::printf("\ntraining took %.0f s in all\n", train_seconds);
+
+    if (!opt.csv.empty()) {
+      std::FILE* f = std::fopen(opt.csv.c_str(), "w");
+      if (f == nullptr) throw std::runtime_error("cannot open --csv file " + opt.csv);
+      std::fprintf(f, "method,position,loss\n");
+      for (const Row& r : rows)
+        for (long t = 1; t <= T; ++t) std::fprintf(f, "%s,%ld,%.9g\n", r.method.c_str(), t, r.curve[std::size_t(t - 1)]);
+      if (std::fclose(f) != 0) throw std::runtime_error("cannot write --csv file " + opt.csv);
+      std::printf("wrote %s\n", opt.csv.c_str());
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "raw_tokens: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
