@@ -9,6 +9,8 @@
 //
 // Default: a reduced run (see kDefaults) that finishes in minutes on 2 cores.
 // --full: the paper's settings (PAPER.md §3).
+#include "curve_report.hpp"
+
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
 #include <mesaopt/tasks.hpp>
@@ -197,17 +199,6 @@ train::BatchSource<float> make_source(const mt::DynamicsConfig& dc, long batch, 
   };
 }
 
-struct Row {
-  std::string method, setting;
-  std::vector<double> curve;
-};
-
-std::string fmt(const char* f, double v) {
-  char b[64];
-  std::snprintf(b, sizeof b, f, v);
-  return b;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -260,7 +251,7 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
 
-    std::vector<Row> rows;
+    std::vector<examples::CurveRow> rows;
     std::vector<std::pair<std::string, std::vector<double>>> histories;
     RowMatrix<double> linear1_pred;
     double linear1_weight_eta = std::nan("");
@@ -288,7 +279,7 @@ int main(int argc, char** argv) {
 
       typename nn::Model<float>::Cache cache;
       const RowMatrix<double> pred = model.forward(eval_tokens, T, cache).cast<double>();
-      rows.push_back({s.name, fmt("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
+      rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
       histories.emplace_back(s.name, r.losses);
       if (s.name == "linear-1L") {
         linear1_pred = pred;
@@ -307,11 +298,13 @@ int main(int argc, char** argv) {
     };
     {
       const double reg = tuned([](double r) { return ml::Ridge::from_regularizer(r); }, 1e-6, 10.0);
-      add("ridge-tuned", fmt("reg %.3g", reg), ml::Ridge::from_regularizer(reg).predict<double>(x, y, T, opt.threads));
+      add("ridge-tuned", examples::format_number("reg %.3g", reg),
+          ml::Ridge::from_regularizer(reg).predict<double>(x, y, T, opt.threads));
       add("ridge", "reg 1e-3", ml::Ridge::from_regularizer(1e-3).predict<double>(x, y, T, opt.threads));
     }
     const double gd_eta = tuned([](double e) { return ml::GradientDescent{1, e, 0.0}; }, 1e-3, 1.0);
-    add("gd-1step-tuned", fmt("eta %.4g", gd_eta), ml::GradientDescent{1, gd_eta, 0.0}.predict<double>(x, y, T, opt.threads));
+    add("gd-1step-tuned", examples::format_number("eta %.4g", gd_eta),
+        ml::GradientDescent{1, gd_eta, 0.0}.predict<double>(x, y, T, opt.threads));
     add("chebyshev-6", "paper coefs", ml::ChebyshevSolver::paper_six_step().predict<double>(x, y, T, opt.threads));
     {
       // Read literally, PAPER.md §5's recursion with its beta diverges here; the
@@ -323,17 +316,10 @@ int main(int argc, char** argv) {
     }
     add("noise-floor", "true W*", mt::predict_with_true_dynamics(eval));
 
-    const long show[] = {1, 2, 5, 10, 20, 30, 40, 50};
+    const std::vector<long> show = {1, 2, 5, 10, 20, 30, 40, 50};
     std::printf("\nheld-out loss per position (sum of squared errors / 2, mean over %ld sequences)\n",
                 opt.eval_sequences);
-    std::printf("%-22s %-13s", "method", "setting");
-    for (long t : show) std::printf(" %8s", ("t=" + std::to_string(t)).c_str());
-    std::printf(" %8s\n", "avg");
-    for (const Row& r : rows) {
-      std::printf("%-22s %-13s", r.method.c_str(), r.setting.c_str());
-      for (long t : show) std::printf(" %8.4f", r.curve[std::size_t(t - 1)]);
-      std::printf(" %8.4f\n", ml::mean_of(r.curve));
-    }
+    examples::print_curve_table(rows, show, 22, 13);
 
     if (linear1_pred.size() > 0) {
       // Which GD step does linear-1L implement? Fit eta to its predictions.
@@ -351,24 +337,8 @@ int main(int argc, char** argv) {
     }
     std::printf("\ntraining took %.0f s in all\n", train_seconds);
 
-    if (!opt.csv.empty()) {
-      std::FILE* f = std::fopen(opt.csv.c_str(), "w");
-      if (f == nullptr) throw std::runtime_error("cannot open --csv file " + opt.csv);
-      std::fprintf(f, "method,position,loss\n");
-      for (const Row& r : rows)
-        for (long t = 1; t <= T; ++t) std::fprintf(f, "%s,%ld,%.9g\n", r.method.c_str(), t, r.curve[std::size_t(t - 1)]);
-      std::fclose(f);
-      std::printf("wrote %s\n", opt.csv.c_str());
-    }
-    if (!opt.history.empty()) {
-      std::FILE* f = std::fopen(opt.history.c_str(), "w");
-      if (f == nullptr) throw std::runtime_error("cannot open --history file " + opt.history);
-      std::fprintf(f, "model,step,loss\n");
-      for (const auto& [name, losses] : histories)
-        for (std::size_t i = 0; i < losses.size(); ++i) std::fprintf(f, "%s,%zu,%.9g\n", name.c_str(), i, losses[i]);
-      std::fclose(f);
-      std::printf("wrote %s\n", opt.history.c_str());
-    }
+    if (!opt.csv.empty()) examples::write_curve_csv(opt.csv, rows, T);
+    if (!opt.history.empty()) examples::write_history_csv(opt.history, histories);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "linear_dynamics: error: %s\n", e.what());
     return 1;

@@ -17,6 +17,8 @@
 // Default: a reduced run (batch 64, 3000 steps, higher peak lr) that finishes
 // in about 6 minutes on 2 cores. --full: the paper's settings (batch 256, 10000 steps,
 // warm-up 1000 to 8e-4 / hybrid 3e-4, cosine to 1e-5).
+#include "curve_report.hpp"
+
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
 #include <mesaopt/tasks.hpp>
@@ -193,11 +195,6 @@ struct ModelSpec {
   double peak_lr;
 };
 
-struct Row {
-  std::string method, setting;
-  std::vector<double> curve;
-};
-
 // Share of block-0 attention mass per head on key t-1 and on key t, averaged
 // over query positions t >= 2 (1-based; t = 1 has no t-1) and sequences.
 struct HeadShares {
@@ -223,12 +220,6 @@ HeadShares attention_shares(nn::Model<float>& model, const RowMatrix<float>& x, 
     s.self[std::size_t(h)] /= count;
   }
   return s;
-}
-
-std::string fmt(const char* f, double v) {
-  char b[64];
-  std::snprintf(b, sizeof b, f, v);
-  return b;
 }
 
 }  // namespace
@@ -306,7 +297,7 @@ int main(int argc, char** argv) {
     const RowMatrix<float> probe_x = eval_x.topRows(probe_n * T);
     const RowMatrix<double>&x = eval.inputs, &y = eval.targets;
 
-    std::vector<Row> rows;
+    std::vector<examples::CurveRow> rows;
     std::vector<std::pair<std::string, HeadShares>> shares;
     const auto started = std::chrono::steady_clock::now();
     for (const ModelSpec& s : specs) {
@@ -326,7 +317,7 @@ int main(int argc, char** argv) {
 
       typename nn::Model<float>::Cache cache;
       const RowMatrix<double> pred = model.forward(eval_x, T, cache).cast<double>();
-      rows.push_back({s.name, fmt("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
+      rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
       shares.emplace_back(s.name, attention_shares(model, probe_x, T, 0));
     }
     const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
@@ -335,17 +326,10 @@ int main(int argc, char** argv) {
                     ml::loss_curve(ml::Ridge::from_regularizer(1e-3).predict<double>(x, y, T, opt.threads), y, T)});
     rows.push_back({"noise-floor", "true W*", ml::loss_curve(mt::predict_with_true_dynamics(eval), y, T)});
 
-    const long show[] = {1, 2, 5, 10, 20, 30, 40, 50};
+    const std::vector<long> show = {1, 2, 5, 10, 20, 30, 40, 50};
     std::printf("\nheld-out loss per position (sum of squared errors / 2, mean over %ld sequences)\n",
                 opt.eval_sequences);
-    std::printf("%-16s %-11s", "method", "setting");
-    for (long t : show) std::printf(" %8s", ("t=" + std::to_string(t)).c_str());
-    std::printf(" %8s\n", "avg");
-    for (const Row& r : rows) {
-      std::printf("%-16s %-11s", r.method.c_str(), r.setting.c_str());
-      for (long t : show) std::printf(" %8.4f", r.curve[std::size_t(t - 1)]);
-      std::printf(" %8.4f\n", ml::mean_of(r.curve));
-    }
+    examples::print_curve_table(rows, show, 16, 11);
     std::printf("(PAPER.md §4, paper settings: 3-layer softmax avg 0.315, t=50 0.057; hybrid softmax + 1 mesa "
                 "about 0.198, t=50 0.0023)\n");
 
@@ -370,15 +354,7 @@ int main(int argc, char** argv) {
     }
     std::printf("\ntraining took %.0f s in all\n", train_seconds);
 
-    if (!opt.csv.empty()) {
-      std::FILE* f = std::fopen(opt.csv.c_str(), "w");
-      if (f == nullptr) throw std::runtime_error("cannot open --csv file " + opt.csv);
-      std::fprintf(f, "method,position,loss\n");
-      for (const Row& r : rows)
-        for (long t = 1; t <= T; ++t) std::fprintf(f, "%s,%ld,%.9g\n", r.method.c_str(), t, r.curve[std::size_t(t - 1)]);
-      if (std::fclose(f) != 0) throw std::runtime_error("cannot write --csv file " + opt.csv);
-      std::printf("wrote %s\n", opt.csv.c_str());
-    }
+    if (!opt.csv.empty()) examples::write_curve_csv(opt.csv, rows, T);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "raw_tokens: error: %s\n", e.what());
     return 1;

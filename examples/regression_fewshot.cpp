@@ -27,6 +27,8 @@
 // context position beside ridge (regulariser tuned on a separate tuning set, and
 // the Bayes-optimal one), least squares, tuned 1-step GD and the noise floor,
 // and fits the step size of 1-step GD to linear-1L's predictions.
+#include "curve_report.hpp"
+
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
 #include <mesaopt/tasks.hpp>
@@ -259,17 +261,6 @@ double step_size_from_weights(nn::Model<float>& model, long dx, long dy, long he
   return eta;
 }
 
-struct Row {
-  std::string method, setting;
-  std::vector<double> curve;
-};
-
-std::string fmt(const char* f, double v) {
-  char b[64];
-  std::snprintf(b, sizeof b, f, v);
-  return b;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -302,7 +293,7 @@ int main(int argc, char** argv) {
     const RowMatrix<float> eval_tokens = constructed_tokens<double>(eval).cast<float>();
     const RowMatrix<double>&x = eval.x, &y = eval.y;
 
-    std::vector<Row> rows;
+    std::vector<examples::CurveRow> rows;
     std::vector<std::pair<std::string, std::vector<double>>> histories;
     RowMatrix<double> linear1_pred;
     double linear1_weight_eta = std::nan("");
@@ -339,7 +330,7 @@ int main(int argc, char** argv) {
 
       typename nn::Model<float>::Cache cache;
       const RowMatrix<double> pred = model.forward(eval_tokens, T, cache).cast<double>();
-      rows.push_back({s.name, fmt("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
+      rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
       histories.emplace_back(s.name, r.losses);
       if (s.name == "linear-1L") {
         linear1_pred = pred;
@@ -357,17 +348,18 @@ int main(int argc, char** argv) {
       rows.push_back({name, setting, ml::loss_curve(pred, y, T)});
     };
     const double reg = tuned([](double r) { return ml::Ridge::from_regularizer(r); }, 1e-4, 100.0);
-    add("ridge-tuned", fmt("reg %.3g", reg), ml::Ridge::from_regularizer(reg).predict<double>(x, y, T, opt.threads));
+    add("ridge-tuned", examples::format_number("reg %.3g", reg),
+        ml::Ridge::from_regularizer(reg).predict<double>(x, y, T, opt.threads));
     // Posterior mean of W under its N(0, 1/dx) prior and N(0, noise^2) noise:
     // ridge with regulariser noise^2 dx (MATH.md M5: prior variance lambda).
     if (opt.noise > 0) {
       const double bayes = opt.noise * opt.noise * double(dx);
-      add("ridge-bayes", fmt("reg %.3g", bayes),
+      add("ridge-bayes", examples::format_number("reg %.3g", bayes),
           ml::Ridge::from_regularizer(bayes).predict<double>(x, y, T, opt.threads));
     }
     add("least-squares", "min-norm", ml::LeastSquares{}.predict<double>(x, y, T, opt.threads));
     const double gd_eta = tuned([](double e) { return ml::GradientDescent{1, e, 0.0}; }, 1e-3, 1.0);
-    add("gd-1step-tuned", fmt("eta %.4g", gd_eta),
+    add("gd-1step-tuned", examples::format_number("eta %.4g", gd_eta),
         ml::GradientDescent{1, gd_eta, 0.0}.predict<double>(x, y, T, opt.threads));
     add("noise-floor", "true W", mt::predict_with_true_weights(eval));
 
@@ -381,14 +373,7 @@ int main(int argc, char** argv) {
     show.erase(std::unique(show.begin(), show.end()), show.end());
     std::printf("\nheld-out loss per position (sum over dy of squared error / 2, mean over %ld sequences)\n",
                 opt.eval_sequences);
-    std::printf("%-15s %-12s", "method", "setting");
-    for (long t : show) std::printf(" %8s", ("t=" + std::to_string(t)).c_str());
-    std::printf(" %8s\n", "avg");
-    for (const Row& r : rows) {
-      std::printf("%-15s %-12s", r.method.c_str(), r.setting.c_str());
-      for (long t : show) std::printf(" %8.4f", r.curve[std::size_t(t - 1)]);
-      std::printf(" %8.4f\n", ml::mean_of(r.curve));
-    }
+    examples::print_curve_table(rows, show, 15, 12);
 
     if (opt.noise > 0 && dx + 1 <= T)
       std::printf(
@@ -397,7 +382,7 @@ int main(int argc, char** argv) {
           dx + 1);
     // Summary lines: each model against the learner it should implement.
     auto avg_of = [&](const std::string& name) {
-      for (const Row& r : rows)
+      for (const examples::CurveRow& r : rows)
         if (r.method == name) return ml::mean_of(r.curve);
       return std::nan("");
     };
@@ -429,24 +414,8 @@ int main(int argc, char** argv) {
     const double total_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     std::printf("\ntraining took %.0f s; %.0f s in all\n", train_seconds, total_seconds);
 
-    if (!opt.csv.empty()) {
-      std::FILE* f = std::fopen(opt.csv.c_str(), "w");
-      if (f == nullptr) throw std::runtime_error("cannot open --csv file " + opt.csv);
-      std::fprintf(f, "method,position,loss\n");
-      for (const Row& r : rows)
-        for (long t = 1; t <= T; ++t) std::fprintf(f, "%s,%ld,%.9g\n", r.method.c_str(), t, r.curve[std::size_t(t - 1)]);
-      if (std::fclose(f) != 0) throw std::runtime_error("error writing --csv file " + opt.csv);
-      std::printf("wrote %s\n", opt.csv.c_str());
-    }
-    if (!opt.history.empty()) {
-      std::FILE* f = std::fopen(opt.history.c_str(), "w");
-      if (f == nullptr) throw std::runtime_error("cannot open --history file " + opt.history);
-      std::fprintf(f, "model,step,loss\n");
-      for (const auto& [name, losses] : histories)
-        for (std::size_t i = 0; i < losses.size(); ++i) std::fprintf(f, "%s,%zu,%.9g\n", name.c_str(), i, losses[i]);
-      if (std::fclose(f) != 0) throw std::runtime_error("error writing --history file " + opt.history);
-      std::printf("wrote %s\n", opt.history.c_str());
-    }
+    if (!opt.csv.empty()) examples::write_curve_csv(opt.csv, rows, T);
+    if (!opt.history.empty()) examples::write_history_csv(opt.history, histories);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "regression_fewshot: error: %s\n", e.what());
     return 1;
