@@ -1,5 +1,6 @@
 // Every SIMD kernel of include/mesaopt/kernels/ next to its scalar reference
-// (kernels/reference.hpp), at d in {16, 32, 64, 128}, float and double.
+// (kernels/reference.hpp), at d in {16, 32, 64, 128} (d in {20, 32, 64, 128}
+// for state_update_dot and rank2_update_apply), float and double.
 //
 // Counters:
 //   GFLOPS     flop/s of the kernel (benchmark::Counter kIsIterationInvariantRate,
@@ -12,6 +13,11 @@
 //   dot, axpy                  2 n
 //   ger, syr_sub, gemv         2 d^2
 //   state_update_apply         4 d^2          (St update + o = St^T a, dv = d)
+//   state_update_dot           4 d^2          (4 d dv with dv = d: St update, 2 flops per
+//                                              entry, + da = St g, 2 flops per entry)
+//   rank2_update_apply         6 d^2          (M update, 2 FMAs = 4 flops per entry,
+//                                              + out = M k, 2 flops per entry; the
+//                                              scale multiply is skipped at scale = 1)
 //   sherman_morrison_update    6 d^2          (R update + R q + R k_next, MATH.md M7, M9)
 //   sherman_morrison_gain      3 d            (k.u, then w = u / sqrt(den))
 //   mesa_step                  6 d^2          (gain + fused update, one token of the
@@ -181,6 +187,43 @@ void BM_state_update_apply(benchmark::State& state) {
   set_counters<T>(state, 4.0 * d * d);
 }
 
+// St <- St + k v^T, da = St g (the mesa backward's M10), v alternating sign so St stays bounded.
+template <class T, bool Fast>
+void BM_state_update_dot(benchmark::State& state) {
+  const std::size_t d = static_cast<std::size_t>(state.range(0));
+  auto St = random_vector<T>(d * d, 3);
+  const auto kv = random_vector<T>(d, 1), g = random_vector<T>(d, 4);
+  auto v = random_vector<T>(d, 2);
+  AlignedVector<T> da(d);
+  for (auto _ : state) {
+    if (Fast) k::state_update_dot(d, d, St.data(), d, T(1), kv.data(), v.data(), g.data(), da.data());
+    else ref::state_update_dot(d, d, St.data(), d, T(1), kv.data(), v.data(), g.data(), da.data());
+    for (auto& x : v) x = -x;
+    benchmark::ClobberMemory();
+  }
+  set_counters<T>(state, 4.0 * d * d);
+}
+
+// M <- M + x y^T + y x^T, out = M k (the mesa backward's M11), x alternating
+// sign so M stays bounded (starts symmetric, as the kernel requires).
+template <class T, bool Fast>
+void BM_rank2_update_apply(benchmark::State& state) {
+  const std::size_t d = static_cast<std::size_t>(state.range(0));
+  auto M = random_vector<T>(d * d, 3);
+  for (std::size_t i = 0; i < d; ++i)
+    for (std::size_t j = 0; j < i; ++j) M[j * d + i] = M[i * d + j];
+  const auto y = random_vector<T>(d, 2), kv = random_vector<T>(d, 4);
+  auto x = random_vector<T>(d, 1);
+  AlignedVector<T> out(d);
+  for (auto _ : state) {
+    if (Fast) k::rank2_update_apply(d, M.data(), d, T(1), x.data(), y.data(), kv.data(), out.data());
+    else ref::rank2_update_apply(d, M.data(), d, T(1), x.data(), y.data(), kv.data(), out.data());
+    for (auto& e : x) e = -e;
+    benchmark::ClobberMemory();
+  }
+  set_counters<T>(state, 6.0 * d * d);
+}
+
 // ---- the mesa recursion --------------------------------------------------------
 
 // A stored random sequence for the Sherman-Morrison benchmarks. Keys have
@@ -293,6 +336,12 @@ void BM_sherman_morrison_gain(benchmark::State& state) {
   BENCHMARK_TEMPLATE(fn, type, true)->Name(#fn "<" #type ">/simd")->Arg(16)->Arg(32)->Arg(64)->Arg(128); \
   BENCHMARK_TEMPLATE(fn, type, false)->Name(#fn "<" #type ">/scalar")->Arg(16)->Arg(32)->Arg(64)->Arg(128)
 
+// The mesa backward's kernels: d = 20 (a tail for every SIMD width: 16 + 4
+// floats with AVX-512, 2 x 8 + 4 doubles) instead of 16.
+#define MESAOPT_BENCH_PAIR_TAIL(fn, type)                                                \
+  BENCHMARK_TEMPLATE(fn, type, true)->Name(#fn "<" #type ">/simd")->Arg(20)->Arg(32)->Arg(64)->Arg(128); \
+  BENCHMARK_TEMPLATE(fn, type, false)->Name(#fn "<" #type ">/scalar")->Arg(20)->Arg(32)->Arg(64)->Arg(128)
+
 MESAOPT_BENCH_PAIR(BM_mesa_step, float);
 MESAOPT_BENCH_PAIR(BM_mesa_step, double);
 MESAOPT_BENCH_PAIR(BM_sherman_morrison_update, float);
@@ -301,6 +350,10 @@ MESAOPT_BENCH_PAIR(BM_sherman_morrison_gain, float);
 MESAOPT_BENCH_PAIR(BM_sherman_morrison_gain, double);
 MESAOPT_BENCH_PAIR(BM_state_update_apply, float);
 MESAOPT_BENCH_PAIR(BM_state_update_apply, double);
+MESAOPT_BENCH_PAIR_TAIL(BM_state_update_dot, float);
+MESAOPT_BENCH_PAIR_TAIL(BM_state_update_dot, double);
+MESAOPT_BENCH_PAIR_TAIL(BM_rank2_update_apply, float);
+MESAOPT_BENCH_PAIR_TAIL(BM_rank2_update_apply, double);
 MESAOPT_BENCH_PAIR(BM_gemv, float);
 MESAOPT_BENCH_PAIR(BM_gemv, double);
 MESAOPT_BENCH_PAIR(BM_ger, float);

@@ -8,6 +8,8 @@
 //     in the padding columns of every matrix, checked after each call, so any
 //     out-of-bounds write fails a test;
 //   - sherman_morrison_update keeps R bitwise symmetric over many steps (MATH.md §3);
+//     rank2_update_apply keeps M symmetric to within rounding (not bitwise);
+//   - read-only inputs are left unchanged;
 //   - the mesa recursion built from the kernels equals a direct ridge solve (M5-M6).
 //
 // Tolerances. For a sum s = sum_i p_i of n products evaluated in any order,
@@ -458,6 +460,176 @@ TEMPLATE_TEST_CASE("state_update_apply matches the reference for d x dv with lds
       std::vector<T> St2(St0), o2(dv);
       k::state_update_apply(d, dv, St2.data(), dv, scale, kv.data(), v.data(), a.data(), o2.data());
       CHECK(worst_ratio(o2, o_ref, tol_o) <= 1.0);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("state_update_dot matches the reference for d x dv with lds > dv, inputs untouched",
+                   "[kernels][state_update]", float, double) {
+  using T = TestType;
+  std::vector<std::pair<std::size_t, std::size_t>> shapes;  // (d, dv)
+  for (std::size_t n : matrix_sizes()) {
+    shapes.emplace_back(n, n);
+    shapes.emplace_back(n % 11 + 1, n);  // every dv (2-batch steps, single batches, partial tails) with a few d
+    shapes.emplace_back(n, n % 5 + 1);   // every d with narrow dv
+  }
+  for (auto [d, dv] : shapes) {
+    for (T scale : {T(1), T(0.9)}) {
+      const std::size_t lds = dv + 3;
+      const auto St0 = random_values<T>(d * dv, 2400 + d * 7 + dv), kv = random_values<T>(d, 2500 + d);
+      const auto v = random_values<T>(dv, 2600 + dv), g = random_values<T>(dv, 2700 + dv);
+      std::vector<T> St_ref(St0), da_ref(d);
+      ref::state_update_dot(d, dv, St_ref.data(), dv, scale, kv.data(), v.data(), g.data(), da_ref.data());
+      // St: two roundings of scale St + k v^T per entry; da_i: a sum of dv products.
+      std::vector<double> tol_S(d * dv), tol_da(d, 0.0);
+      for (std::size_t i = 0; i < d; ++i) {
+        for (std::size_t j = 0; j < dv; ++j) {
+          const double mag = std::abs(double(scale) * double(St0[i * dv + j])) + std::abs(double(kv[i]) * double(v[j]));
+          tol_S[i * dv + j] = 2 * eps<T>() * mag;
+          tol_da[i] += mag * std::abs(double(g[j]));
+        }
+        tol_da[i] *= 2.0 * (dv + 2) * eps<T>();
+      }
+      INFO("d = " << d << ", dv = " << dv << ", lds = " << lds << ", scale = " << scale);
+      auto St = guarded_matrix(d, dv, lds, 1, St0);
+      auto gk = guarded_vector(kv, 1), gv = guarded_vector(v, 0), gg = guarded_vector(g, 1);
+      auto gda = guarded_vector(std::vector<T>(d, T(0)), 1);
+      k::state_update_dot(d, dv, St.data(), lds, scale, gk.data(), gv.data(), gg.data(), gda.data());
+      CHECK(worst_ratio(St.get(), St_ref, tol_S) <= 1.0);
+      CHECK(worst_ratio(gda.get(), da_ref, tol_da) <= 1.0);
+      CHECK(St.guard_violations() == 0);
+      CHECK(gda.guard_violations() == 0);
+      CHECK(gk.guard_violations() == 0);
+      CHECK(gv.guard_violations() == 0);
+      CHECK(gg.guard_violations() == 0);
+      CHECK(gk.get() == kv);  // k, v, g are read-only
+      CHECK(gv.get() == v);
+      CHECK(gg.get() == g);
+      // Exact-size buffers with lds = dv for ASan.
+      std::vector<T> St2(St0), da2(d);
+      k::state_update_dot(d, dv, St2.data(), dv, scale, kv.data(), v.data(), g.data(), da2.data());
+      CHECK(worst_ratio(St2, St_ref, tol_S) <= 1.0);
+      CHECK(worst_ratio(da2, da_ref, tol_da) <= 1.0);
+    }
+  }
+}
+
+// ---- the symmetric rank-2 accumulator of the mesa backward pass (M11) ---------------------
+
+namespace {
+
+// A random symmetric d x d matrix (not necessarily definite), entries in [-1, 1].
+template <class T>
+std::vector<T> random_symmetric(std::size_t d, std::uint64_t seed) {
+  auto M = random_values<T>(d * d, seed);
+  for (std::size_t i = 0; i < d; ++i)
+    for (std::size_t j = 0; j < i; ++j) M[j * d + i] = M[i * d + j];
+  return M;
+}
+
+// |scale M_ij| + |x_i y_j| + |y_i x_j|: the magnitude that bounds the rounding
+// of entry (i, j) of scale M + x y^T + y x^T (symmetric in i, j when M is).
+template <class T>
+double rank2_magnitude(const std::vector<T>& M, std::size_t d, std::size_t i, std::size_t j, T scale,
+                       const std::vector<T>& x, const std::vector<T>& y) {
+  return std::abs(double(scale) * double(M[i * d + j])) + std::abs(double(x[i]) * double(y[j])) +
+         std::abs(double(y[i]) * double(x[j]));
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("rank2_update_apply matches the reference (M, out), guards intact, inputs untouched",
+                   "[kernels][rank2]", float, double) {
+  using T = TestType;
+  for (std::size_t d : matrix_sizes()) {
+    for (T scale : {T(1), T(0.9)}) {
+      const std::size_t ld = d + 2;
+      const auto M0 = random_symmetric<T>(d, 3000 + d);
+      const auto x = random_values<T>(d, 3100 + d), y = random_values<T>(d, 3200 + d);
+      const auto kv = random_values<T>(d, 3300 + d);
+      std::vector<T> M_ref(M0), out_ref(d);
+      ref::rank2_update_apply(d, M_ref.data(), d, scale, x.data(), y.data(), kv.data(), out_ref.data());
+      // Entry (i, j): three roundings in the kernel (scale, two FMAs), up to five
+      // in the reference: 4 eps of its magnitude. out_j = sum_r k_r M_rj: a sum
+      // of d products of such entries: 2 (d + 4) eps sum_r |k_r| magnitude_rj.
+      std::vector<double> tol_M(d * d), tol_out(d, 0.0);
+      for (std::size_t i = 0; i < d; ++i)
+        for (std::size_t j = 0; j < d; ++j) {
+          const double mag = rank2_magnitude(M0, d, i, j, scale, x, y);
+          tol_M[i * d + j] = 4 * eps<T>() * mag;
+          tol_out[j] += mag * std::abs(double(kv[i]));
+        }
+      for (auto& t : tol_out) t *= 2.0 * (d + 4) * eps<T>();
+      INFO("d = " << d << ", ld = " << ld << ", scale = " << scale);
+      auto M = guarded_matrix(d, d, ld, 1, M0);
+      auto gx = guarded_vector(x, 1), gy = guarded_vector(y, 0), gk = guarded_vector(kv, 1);
+      auto gout = guarded_vector(std::vector<T>(d, T(0)), 1);
+      k::rank2_update_apply(d, M.data(), ld, scale, gx.data(), gy.data(), gk.data(), gout.data());
+      CHECK(worst_ratio(M.get(), M_ref, tol_M) <= 1.0);
+      CHECK(worst_ratio(gout.get(), out_ref, tol_out) <= 1.0);
+      CHECK(M.guard_violations() == 0);
+      CHECK(gout.guard_violations() == 0);
+      CHECK(gx.guard_violations() == 0);
+      CHECK(gy.guard_violations() == 0);
+      CHECK(gk.guard_violations() == 0);
+      CHECK(gx.get() == x);  // x, y, k are read-only
+      CHECK(gy.get() == y);
+      CHECK(gk.get() == kv);
+      // Exact-size buffers with ld = d for ASan.
+      std::vector<T> M2(M0), out2(d);
+      k::rank2_update_apply(d, M2.data(), d, scale, x.data(), y.data(), kv.data(), out2.data());
+      CHECK(worst_ratio(M2, M_ref, tol_M) <= 1.0);
+      CHECK(worst_ratio(out2, out_ref, tol_out) <= 1.0);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("rank2_update_apply keeps M symmetric to rounding over many steps", "[kernels][rank2]", float,
+                   double) {
+  using T = TestType;
+  // NOT bitwise: entry (i, j) is fma(y_i, x_j, fma(x_i, y_j, scale M_ij)) and
+  // (j, i) rounds x_j y_i first, so the two can differ in the last bit (kept
+  // that way: the mesa op's results must not change; docs/kernels.md). What
+  // holds is that the asymmetry stays at rounding level and does not grow:
+  // each step adds at most one rounding of each of the two last operations,
+  // and the old asymmetry is multiplied by gamma <= 1. So |M_ij - M_ji| stays
+  // within 2 eps times the running sum of |M| + 2 |x_i y_j| + 2 |y_i x_j|
+  // magnitudes (bound accumulated in double alongside).
+  for (std::size_t d : {13, 37, 67}) {
+    for (T gamma : {T(1), T(0.97)}) {
+      const std::size_t ld = d + 1, steps = 400;
+      const auto xs = random_values<T>(steps * d, 3400 + d), ys = random_values<T>(steps * d, 3500 + d);
+      const auto ks = random_values<T>(steps * d, 3600 + d);
+      Guarded<T> M(d, d, ld, 1);
+      for (std::size_t i = 0; i < d; ++i)
+        for (std::size_t j = 0; j < d; ++j) M.at(i, j) = T(0);
+      std::vector<T> out(d);
+      std::vector<double> bound(d * d, 0.0);  // accumulated allowance for |M_ij - M_ji|
+      double worst = 0;
+      for (std::size_t t = 0; t < steps; ++t) {
+        const T* x = xs.data() + t * d;
+        const T* y = ys.data() + t * d;
+        for (std::size_t i = 0; i < d; ++i)
+          for (std::size_t j = 0; j < i; ++j) {
+            const double mag = std::abs(double(gamma) * double(M.at(i, j))) + std::abs(double(gamma) * double(M.at(j, i))) +
+                               2 * std::abs(double(x[i]) * double(y[j])) + 2 * std::abs(double(y[i]) * double(x[j]));
+            bound[i * d + j] = double(gamma) * bound[i * d + j] + 2 * eps<T>() * mag;
+          }
+        k::rank2_update_apply(d, M.data(), ld, gamma, x, y, ks.data() + t * d, out.data());
+        for (std::size_t i = 0; i < d; ++i)
+          for (std::size_t j = 0; j < i; ++j) {
+            const double diff = std::abs(double(M.at(i, j)) - double(M.at(j, i)));
+            worst = std::max(worst, diff / std::max(bound[i * d + j], std::numeric_limits<double>::min()));
+          }
+      }
+      INFO("d = " << d << ", gamma = " << gamma << ", worst |M_ij - M_ji| / bound " << worst);
+      CHECK(worst <= 1.0);
+      CHECK(M.guard_violations() == 0);
+      // The check is not vacuous: M grew far from 0.
+      double largest = 0;
+      for (std::size_t i = 0; i < d; ++i)
+        for (std::size_t j = 0; j < d; ++j) largest = std::max(largest, std::abs(double(M.at(i, j))));
+      CHECK(largest > 1.0);
     }
   }
 }

@@ -1,7 +1,8 @@
 #pragma once
-// Module header: the SIMD kernel layer (xsimd) and its scalar references.
+// Module header: the SIMD kernel layer and its scalar references.
 #include <mesaopt/kernels/gemv.hpp>
 #include <mesaopt/kernels/rank1.hpp>
+#include <mesaopt/kernels/rank2.hpp>
 #include <mesaopt/kernels/reference.hpp>
 #include <mesaopt/kernels/sherman_morrison.hpp>
 #include <mesaopt/kernels/simd.hpp>

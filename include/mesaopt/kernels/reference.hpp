@@ -66,4 +66,39 @@ void state_update_apply(std::size_t d, std::size_t dv, T* St, std::size_t lds, T
   }
 }
 
+// MATH.md (M10): the state update of the mesa backward pass with the other
+// product: St <- scale St + k v^T;  da = St g  (da_i = sum_j St_ij g_j).
+// (Row by row, each row dotted right after its update: the loop the mesa op
+// used before the SIMD kernel existed, kept so that the scalar build's
+// results do not change.)
+template <class T>
+void state_update_dot(std::size_t d, std::size_t dv, T* St, std::size_t lds, T scale, const T* k, const T* v,
+                      const T* g, T* da) {
+  for (std::size_t i = 0; i < d; ++i) {
+    T* row = St + i * lds;
+    T s = 0;
+    for (std::size_t j = 0; j < dv; ++j) {
+      row[j] = scale * row[j] + k[i] * v[j];
+      s += row[j] * g[j];
+    }
+    da[i] = s;
+  }
+}
+
+// MATH.md (M11): the symmetric accumulator of the mesa backward pass,
+// M <- scale M + x y^T + y x^T (d x d, row stride ldm);  out = M k, summed as
+// out_j = sum_i k_i M_ij (the same for symmetric M, and what the kernel
+// computes), row i added right after its update (the mesa op's former loop).
+template <class T>
+void rank2_update_apply(std::size_t d, T* M, std::size_t ldm, T scale, const T* x, const T* y, const T* k,
+                        T* out) {
+  for (std::size_t j = 0; j < d; ++j) out[j] = 0;
+  for (std::size_t i = 0; i < d; ++i)
+    for (std::size_t j = 0; j < d; ++j) {
+      T& m = M[i * ldm + j];
+      m = scale * m + x[i] * y[j] + y[i] * x[j];
+      out[j] += k[i] * m;
+    }
+}
+
 }  // namespace mesaopt::kernels::reference

@@ -80,15 +80,14 @@ void sherman_morrison_tail(std::size_t d, T* R, std::size_t ldr, const T* w, T s
 template <class T, bool Scaled, bool WithB>
 void sherman_morrison_all(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q,
                           const T* k_next, T* a, T* b) {
-  constexpr std::size_t W = simd_width<T>;
-  std::size_t j = 0;
-  for (; j + 4 * W <= d; j += 4 * W) sherman_morrison_columns<T, 4, Scaled, WithB>(d, R, ldr, w, scale, q, k_next, a, b, j);
-  const std::size_t full = (d - j) / W;
-  if (full == 3) sherman_morrison_columns<T, 3, Scaled, WithB>(d, R, ldr, w, scale, q, k_next, a, b, j);
-  if (full == 2) sherman_morrison_columns<T, 2, Scaled, WithB>(d, R, ldr, w, scale, q, k_next, a, b, j);
-  if (full == 1) sherman_morrison_columns<T, 1, Scaled, WithB>(d, R, ldr, w, scale, q, k_next, a, b, j);
-  j += full * W;
-  if (j < d) sherman_morrison_tail<T, Scaled, WithB>(d, R, ldr, w, scale, q, k_next, a, b, j, d - j);
+  for_each_column_block<T>(
+      d,
+      [&](auto nb, std::size_t j0) {
+        sherman_morrison_columns<T, decltype(nb)::value, Scaled, WithB>(d, R, ldr, w, scale, q, k_next, a, b, j0);
+      },
+      [&](std::size_t j0, std::size_t rem) {
+        sherman_morrison_tail<T, Scaled, WithB>(d, R, ldr, w, scale, q, k_next, a, b, j0, rem);
+      });
 }
 
 }  // namespace detail

@@ -52,10 +52,10 @@ T horizontal_sum(const simd_batch<T>& b) {
 
 // Masks for partial loads/stores: lanes [0, n) on. The native masked
 // instructions matter for speed, not just tidiness: a tail through a stack
-// buffer (copy in, load, store, copy out) cost 40% of a linear-attention layer
-// at head size 20 (perf, 12.6% of it in memmove), because every row of the state
-// pays a store-forwarding stall. Masked-off lanes are never touched in memory,
-// so the "never reads/writes past ptr + n" contract holds.
+// buffer (copy in, load, store, copy out) makes every row of a state pay a
+// store-forwarding stall (measurements in docs/kernels.md). Masked-off lanes
+// are never touched in memory, so the "never reads/writes past ptr + n"
+// contract holds.
 #if defined(__AVX__) && !defined(__AVX512F__)
 // Sliding-window masks: loadu(table + W - n) gives n lanes of all-ones.
 alignas(64) inline constexpr std::int32_t kMask32[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -110,6 +110,30 @@ void store_partial(const simd_batch<T>& b, T* ptr, std::size_t n) {
   alignas(64) T buf[simd_width<T>];
   b.store_aligned(buf);
   std::copy(buf, buf + n, ptr);
+}
+
+// The column-block ladder of the one-pass matrix kernels (sherman_morrison,
+// state_update, rank2): columns [0, n) go in blocks of 4 SIMD widths, then at
+// most one block of 3, 2 or 1 widths, then a partial tail of rem < W columns:
+//
+//   block(std::integral_constant<std::size_t, NB>{}, j0)   columns [j0, j0 + NB W)
+//   tail(j0, rem)                                          columns [j0, j0 + rem)
+//
+// NB is a compile-time constant so that a block's NB accumulators and operands
+// live in registers. One block of 3/2/1 instead of a loop of 1-width blocks:
+// fewer passes over the rows. Both callables are lambdas at the call sites and
+// inline away (docs/kernels.md: same speed as the hand-written ladders).
+template <class T, class Block, class Tail>
+inline void for_each_column_block(std::size_t n, Block&& block, Tail&& tail) {
+  constexpr std::size_t W = simd_width<T>;
+  std::size_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) block(std::integral_constant<std::size_t, 4>{}, j);
+  const std::size_t full = (n - j) / W;
+  if (full == 3) block(std::integral_constant<std::size_t, 3>{}, j);
+  else if (full == 2) block(std::integral_constant<std::size_t, 2>{}, j);
+  else if (full == 1) block(std::integral_constant<std::size_t, 1>{}, j);
+  j += full * W;
+  if (j < n) tail(j, n - j);
 }
 
 }  // namespace detail

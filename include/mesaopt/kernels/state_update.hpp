@@ -6,9 +6,17 @@
 //
 // S is stored transposed so that o = S a = sum_r a_r St_r is a sum of rows:
 // one pass over the state, vector accumulators, no horizontal sums.
+//
+// The mesa backward pass (M10) needs the other product with the same update:
+//
+//   St <- scale St + k v^T,   da = St g         (state_update_dot)
+//
+// a dot product per row: each row is updated and dotted with g while it is in
+// registers, instead of a second pass that would read St again.
 #include <mesaopt/kernels/reference.hpp>
 #include <mesaopt/kernels/simd.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 
@@ -19,9 +27,9 @@ namespace detail {
 
 // Columns [j0, j0 + NB W) of every row. The NB batches of v stay in registers
 // for the whole pass (NB <= 4: 4 v + 4 accumulators + broadcasts fit in the 16
-// AVX2 registers; measured 51% vs 44% of peak at d = dv = 64 against reloading v
-// every row). With NB <= 2 there would be only 1-2 accumulator chains of 4-cycle
-// FMAs, so even and odd rows go to separate accumulators (summed at the end).
+// AVX2 registers; faster than reloading v every row, see docs/kernels.md).
+// With NB <= 2 there would be only 1-2 accumulator chains of 4-cycle FMAs, so
+// even and odd rows go to separate accumulators (summed at the end).
 template <class T, std::size_t NB, bool Scaled>
 void state_update_columns(std::size_t d, T* St, std::size_t lds, T scale, const T* k, const T* v, const T* a,
                           T* o, std::size_t j0) {
@@ -58,9 +66,9 @@ void state_update_columns(std::size_t d, T* St, std::size_t lds, T scale, const 
 }
 
 // The last rem < W columns. Scalar on purpose: these are independent FMA
-// chains (one per column), and a masked store per row (vmaskmovps) is slow on
-// Zen 3; measured on the linear-dynamics models (head size 20 = 16 + 4).
-// Unlike the Sherman-Morrison kernel there is no symmetry to preserve here.
+// chains (one per column), and a masked store per row (vmaskmovps) can be slow
+// (measured faster than the masked tail; docs/kernels.md). Unlike the
+// Sherman-Morrison kernel there is no symmetry to preserve here.
 template <class T, bool Scaled>
 void state_update_tail(std::size_t d, T* St, std::size_t lds, T scale, const T* k, const T* v, const T* a, T* o,
                        std::size_t j0, std::size_t rem) {
@@ -81,15 +89,12 @@ void state_update_tail(std::size_t d, T* St, std::size_t lds, T scale, const T* 
 template <class T, bool Scaled>
 void state_update_all(std::size_t d, std::size_t dv, T* St, std::size_t lds, T scale, const T* k, const T* v,
                       const T* a, T* o) {
-  constexpr std::size_t W = simd_width<T>;
-  std::size_t j = 0;
-  for (; j + 4 * W <= dv; j += 4 * W) state_update_columns<T, 4, Scaled>(d, St, lds, scale, k, v, a, o, j);
-  const std::size_t full = (dv - j) / W;
-  if (full == 3) state_update_columns<T, 3, Scaled>(d, St, lds, scale, k, v, a, o, j);
-  if (full == 2) state_update_columns<T, 2, Scaled>(d, St, lds, scale, k, v, a, o, j);
-  if (full == 1) state_update_columns<T, 1, Scaled>(d, St, lds, scale, k, v, a, o, j);
-  j += full * W;
-  if (j < dv) state_update_tail<T, Scaled>(d, St, lds, scale, k, v, a, o, j, dv - j);
+  for_each_column_block<T>(
+      dv,
+      [&](auto nb, std::size_t j0) {
+        state_update_columns<T, decltype(nb)::value, Scaled>(d, St, lds, scale, k, v, a, o, j0);
+      },
+      [&](std::size_t j0, std::size_t rem) { state_update_tail<T, Scaled>(d, St, lds, scale, k, v, a, o, j0, rem); });
 }
 
 }  // namespace detail
@@ -105,6 +110,54 @@ void state_update_apply(std::size_t d, std::size_t dv, T* St, std::size_t lds, T
   else detail::state_update_all<T, false>(d, dv, St, lds, scale, k, v, a, o);
 #else
   reference::state_update_apply(d, dv, St, lds, scale, k, v, a, o);
+#endif
+}
+
+// St <- scale St + k v^T, then da = St g (da_r = sum_j St_rj g_j; = S^T g with
+// S = St^T). St: d x dv row-major, row stride lds >= dv; da (d entries) must
+// not alias the inputs. scale = 1 skips the multiply (no decay).
+// Row by row: two accumulators (two independent FMA chains) over 2-batch
+// steps, the last < 2 W columns one batch at a time (a zero-padded partial
+// batch for the final < W), one horizontal sum per row.
+template <class T>
+void state_update_dot(std::size_t d, std::size_t dv, T* St, std::size_t lds, T scale, const T* k, const T* v,
+                      const T* g, T* da) {
+#if MESAOPT_SIMD
+  using B = simd_batch<T>;
+  constexpr std::size_t W = B::size;
+  const bool scaled = scale != T(1);
+  const B s(scale);
+  for (std::size_t r = 0; r < d; ++r) {
+    T* row = St + r * lds;
+    const B kr(k[r]);
+    B acc0(T(0)), acc1(T(0));
+    std::size_t j = 0;
+    for (; j + 2 * W <= dv; j += 2 * W) {
+      B x0 = B::load_unaligned(row + j), x1 = B::load_unaligned(row + j + W);
+      if (scaled) {
+        x0 = x0 * s;
+        x1 = x1 * s;
+      }
+      x0 = xsimd::fma(kr, B::load_unaligned(v + j), x0);
+      x1 = xsimd::fma(kr, B::load_unaligned(v + j + W), x1);
+      x0.store_unaligned(row + j);
+      x1.store_unaligned(row + j + W);
+      acc0 = xsimd::fma(x0, B::load_unaligned(g + j), acc0);
+      acc1 = xsimd::fma(x1, B::load_unaligned(g + j + W), acc1);
+    }
+    for (; j < dv; j += W) {
+      const std::size_t n = std::min(W, dv - j);
+      B x = n == W ? B::load_unaligned(row + j) : detail::load_partial(row + j, n);
+      if (scaled) x = x * s;
+      x = xsimd::fma(kr, n == W ? B::load_unaligned(v + j) : detail::load_partial(v + j, n), x);
+      if (n == W) x.store_unaligned(row + j);
+      else detail::store_partial(x, row + j, n);
+      acc0 = xsimd::fma(x, n == W ? B::load_unaligned(g + j) : detail::load_partial(g + j, n), acc0);
+    }
+    da[r] = detail::horizontal_sum(acc0 + acc1);
+  }
+#else
+  reference::state_update_dot(d, dv, St, lds, scale, k, v, g, da);
 #endif
 }
 
