@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
 # Installs what mesaopt's build, tests, benchmarks and examples need, from
 # Debian's packages, only when something is missing. Idempotent and quiet when
-# everything is present. Extra package names may be passed as arguments.
+# everything is present. Extra package names may be passed as arguments;
+# --fuzz adds what the libFuzzer targets need (scripts/run-fuzz.sh): clang and
+# compiler-rt's development package (libclang_rt.fuzzer, ASan, UBSan).
 set -euo pipefail
 
-packages=(cmake g++ make libeigen3-dev libxsimd-dev catch2 libbenchmark-dev "$@")
+packages=(cmake g++ make libeigen3-dev libxsimd-dev catch2 libbenchmark-dev)
+for arg in "$@"; do
+  if [ "$arg" = --fuzz ]; then
+    packages+=(clang libclang-rt-dev)
+  else
+    packages+=("$arg")
+  fi
+done
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -262,7 +262,7 @@ TEST_CASE("Learning-rate schedules at chosen steps") {
   const auto c = train::constant_schedule(1e-4);
   CHECK(c(0) == 1e-4);
   CHECK(c(123456) == 1e-4);
-  // PAPER.md §3: warm-up 1000 steps to 8e-4, cosine to 1e-5 at 10000
+  // docs/paper.md §3: warm-up 1000 steps to 8e-4, cosine to 1e-5 at 10000
   const double peak = 8e-4, floor = 1e-5;
   const auto s = train::warmup_cosine_schedule(peak, 1000, 10000, floor);
   CHECK(s(0) == 0.0);
@@ -283,22 +283,22 @@ TEST_CASE("Learning-rate schedules at chosen steps") {
 // ---------------------------------------------------------------- JSON
 
 TEST_CASE("The header JSON parser accepts valid JSON and rejects invalid JSON") {
-  const auto v = train::json::parse(R"( {"a": [1, -2.5e3, true, null], "b\u00e9\"": "x\n\ud83d\ude00", "c": {}} )");
-  REQUIRE(v.kind == train::json::Value::Kind::object);
+  const auto v = io::json::parse(R"( {"a": [1, -2.5e3, true, null], "b\u00e9\"": "x\n\ud83d\ude00", "c": {}} )");
+  REQUIRE(v.kind == io::json::Value::Kind::object);
   REQUIRE(v.members.size() == 3);
   CHECK(v.find("a")->items.size() == 4);
   CHECK(v.find("a")->items[1].text == "-2.5e3");
   CHECK(v.find("b\xc3\xa9\"") != nullptr);
   CHECK(v.find("b\xc3\xa9\"")->text == "x\n\xf0\x9f\x98\x80");
-  CHECK(train::json::parse(train::json::quote("a\"b\\c\x01")).text == "a\"b\\c\x01");
+  CHECK(io::json::parse(io::json::quote("a\"b\\c\x01")).text == "a\"b\\c\x01");
   for (const char* bad : {"", "{", "{\"a\":1,}", "[1,]", "{\"a\":1}x", "{\"a\":01}", "{\"a\":1,\"a\":2}", "{'a':1}",
                           "{\"a\":tru}", "\"\x01\"", "\"\\ud800\"", "\"\\x\"", "{\"a\" 1}", "\"\xff\"", "-", "1."}) {
     INFO(bad);
-    CHECK_THROWS_AS(train::json::parse(bad), std::runtime_error);
+    CHECK_THROWS_AS(io::json::parse(bad), std::runtime_error);
   }
   std::string deep(100, '[');
   deep += std::string(100, ']');
-  CHECK_THROWS_WITH(train::json::parse(deep), Catch::Contains("nesting"));
+  CHECK_THROWS_WITH(io::json::parse(deep), Catch::Contains("nesting"));
 }
 
 // ---------------------------------------------------------------- checkpoints
@@ -321,7 +321,7 @@ TEMPLATE_TEST_CASE("Checkpoint round trip is bit-exact, with optimiser state and
   const train::CheckpointInfo info = train::load_checkpoint(path, restored.params, &opt2);
   CHECK(info.step == 3);
   CHECK(info.metadata.at("run") == "unit test");
-  CHECK(info.metadata.at("dtype") == train::safetensors_dtype<T>());
+  CHECK(info.metadata.at("dtype") == io::safetensors_dtype<T>());
   CHECK(info.metadata.at("optim.type") == "adamw");
   CHECK(same_bits(model.params, restored.params));
   CHECK(opt2.step_count() == 3);
@@ -339,7 +339,7 @@ TEMPLATE_TEST_CASE("Checkpoint round trip is bit-exact, with optimiser state and
   // Weights only: optimiser tensors in the file are skipped.
   TinyModel<T> weights_only(5);
   CHECK(train::load_checkpoint(path, weights_only.params).step == 3);
-  const auto f = train::read_safetensors(path);
+  const auto f = io::read_safetensors(path);
   for (const auto& p : weights_only.params)
     CHECK(std::memcmp(f.data(*f.find(p.name)), p.value, p.size * sizeof(T)) == 0);
 
@@ -416,7 +416,7 @@ TEST_CASE("Atomic write: a failed save leaves the previous checkpoint intact") {
   for (const std::string stage : {"open", "header", "tensor embed.bias", "fsync", "close", "rename"}) {
     DYNAMIC_SECTION("failure at " << stage) {
       bool fired = false;
-      train::detail::write_fault_hook() = [&](const std::string& s) {
+      mesaopt::detail::write_fault_hook() = [&](const std::string& s) {
         if (s == stage) {
           fired = true;
           throw std::runtime_error("injected failure at " + s);
@@ -424,7 +424,7 @@ TEST_CASE("Atomic write: a failed save leaves the previous checkpoint intact") {
       };
       CHECK_THROWS_WITH(train::save_checkpoint(path, changed.params, static_cast<const train::Adam<double>*>(nullptr), 2),
                         Catch::Contains("injected"));
-      train::detail::write_fault_hook() = nullptr;
+      mesaopt::detail::write_fault_hook() = nullptr;
       CHECK(fired);
       CHECK(read_bytes(path) == good);                             // old file untouched
       CHECK(dir.files() == std::vector<std::string>{"ckpt.safetensors"});  // no temp file left
@@ -433,7 +433,7 @@ TEST_CASE("Atomic write: a failed save leaves the previous checkpoint intact") {
       CHECK(same_bits(check.params, model.params));
     }
   }
-  train::detail::write_fault_hook() = nullptr;
+  mesaopt::detail::write_fault_hook() = nullptr;
   // A successful save replaces it.
   train::save_checkpoint(path, changed.params, static_cast<const train::Adam<double>*>(nullptr), 2);
   CHECK(read_bytes(path) != good);
@@ -566,7 +566,7 @@ TEST_CASE("Corrupt or mismatched checkpoints give clear errors") {
         b[pos] = static_cast<char>(b[pos] ^ static_cast<char>(1u << (rng() % 8)));
       }
       try {
-        const auto f = train::parse_safetensors(b, "flipped");
+        const auto f = io::parse_safetensors(b, "flipped");
         (void)f;
         write_bytes(bad, b);
         train::load_checkpoint(bad, target.params, &target_opt);

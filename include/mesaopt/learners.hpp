@@ -1,5 +1,5 @@
 #pragma once
-// Module header: reference in-context learners (MATH.md §4, PAPER.md §5) and
+// Module header: reference in-context learners (docs/math.md §4, docs/paper.md §5) and
 // the tools for comparing a model with them.
 #include <mesaopt/learners/context.hpp>
 #include <mesaopt/learners/least_squares.hpp>

@@ -13,4 +13,5 @@
 #include <mesaopt/tasks.hpp>
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
+#include <mesaopt/io.hpp>
 #include <mesaopt/train.hpp>

@@ -1,5 +1,5 @@
 #pragma once
-// Module header: the paper's synthetic tasks (PAPER.md §1, MATH.md §5).
+// Module header: the paper's synthetic tasks (docs/paper.md §1, docs/math.md §5).
 #include <mesaopt/tasks/random.hpp>
 #include <mesaopt/tasks/linear_dynamics.hpp>
 #include <mesaopt/tasks/linear_regression.hpp>

@@ -1,13 +1,13 @@
 #pragma once
 // Module header: train — the next-token MSE loss, Adam/AdamW, gradient
 // clipping by global norm, learning-rate schedules, safetensors checkpoints
-// and a terminal progress line. See docs/training.md.
+// (the format itself is in mesaopt/io.hpp) and a terminal progress line.
+// See docs/training.md.
+#include <mesaopt/io.hpp>
 #include <mesaopt/train/adam.hpp>
 #include <mesaopt/train/checkpoint.hpp>
 #include <mesaopt/train/grad_clip.hpp>
-#include <mesaopt/train/json.hpp>
 #include <mesaopt/train/loss.hpp>
 #include <mesaopt/train/progress.hpp>
-#include <mesaopt/train/safetensors.hpp>
 #include <mesaopt/train/schedule.hpp>
 #include <mesaopt/train/trainer.hpp>

@@ -1,5 +1,5 @@
 #pragma once
-// K-step Chebyshev/Richardson solver with per-step coefficients (PAPER.md §5,
+// K-step Chebyshev/Richardson solver with per-step coefficients (docs/paper.md §5,
 // the paper's Prop. 2): approximate h = A_t^{-1} x_t, A_t = H_t + regularizer I,
 // by the two-term recursion on the Frobenius-normalised system
 //
@@ -11,7 +11,7 @@
 // with regulariser `regularizer`). Normalising both A and b keeps A'^{-1} b' =
 // A_t^{-1} x_t while putting the spectrum of A' in (0, 1].
 //
-// That literal reading of PAPER.md §5 with the paper's learned coefficients does
+// That literal reading of docs/paper.md §5 with the paper's learned coefficients does
 // NOT reproduce the paper's 'Prop. 2' curve (measured: docs/learners.md), so the
 // definitional details are options: the momentum convention, the scaling of A
 // and the start h_0. The defaults are the literal reading.
@@ -26,7 +26,7 @@ namespace mesaopt::learners {
 
 // How beta_k enters the recursion.
 enum class Momentum {
-  heavy_ball,  // h_{k+1} = h_k + alpha_k r(h_k) + beta_k (h_k - h_{k-1})   (PAPER.md §5)
+  heavy_ball,  // h_{k+1} = h_k + alpha_k r(h_k) + beta_k (h_k - h_{k-1})   (docs/paper.md §5)
   nesterov,    // g = h_k + beta_k (h_k - h_{k-1}); h_{k+1} = g + alpha_k r(g)
   none,        // h_{k+1} = h_k + alpha_k r(h_k): Richardson, beta ignored
 };
@@ -38,13 +38,13 @@ enum class StartPoint { zero, rhs };  // 0, or b' (the query, as stored in a tok
 struct ChebyshevSolver {
   std::vector<double> alpha;  // alpha_0 .. alpha_{K-1}
   std::vector<double> beta;   // beta_0 .. beta_{K-1} (beta_0 multiplies h_0 - h_{-1} = 0)
-  double regularizer = 1e-3;  // additive, as PAPER.md §5 writes it
+  double regularizer = 1e-3;  // additive, as docs/paper.md §5 writes it
   std::string label = "";     // name override; default "chebyshev-K"
   Momentum momentum = Momentum::heavy_ball;
   SystemScaling scaling = SystemScaling::frobenius;
   StartPoint start = StartPoint::zero;
 
-  // The 6-step coefficients learned in the constructed-token setting (PAPER.md §5).
+  // The 6-step coefficients learned in the constructed-token setting (docs/paper.md §5).
   static ChebyshevSolver paper_six_step() {
     ChebyshevSolver s;
     s.alpha = {1.026, 3.251, 3.258, 3.212, 2.694, 1.273};
@@ -60,10 +60,10 @@ struct ChebyshevSolver {
   // polynomial after K steps is T_K((theta - mu)/delta) / T_K(sigma).
   static ChebyshevSolver classical(long steps, double mu_min, double mu_max, double regularizer = 1e-3) {
     const char* where = "ChebyshevSolver::classical";
-    mesaopt::detail::check_positive_size(where, "steps", steps);
-    mesaopt::detail::check_positive_finite(where, "mu_min", mu_min);
+    detail::check_positive_size(where, "steps", steps);
+    detail::check_positive_finite(where, "mu_min", mu_min);
     if (!(std::isfinite(mu_max) && mu_max > mu_min)) {
-      mesaopt::detail::fail(where, "mu_max must be finite and > mu_min = ", mu_min, ", got ", mu_max);
+      detail::fail(where, "mu_max must be finite and > mu_min = ", mu_min, ", got ", mu_max);
     }
     const double theta = 0.5 * (mu_max + mu_min), delta = 0.5 * (mu_max - mu_min), sigma = theta / delta;
     ChebyshevSolver s;
@@ -83,16 +83,16 @@ struct ChebyshevSolver {
   std::string name() const { return label.empty() ? "chebyshev-" + std::to_string(alpha.size()) : label; }
 
   void validate(const char* where) const {
-    mesaopt::detail::check_positive_size(where, "alpha.size()", static_cast<long>(alpha.size()));
-    mesaopt::detail::check_size(where, "beta.size()", static_cast<long>(beta.size()),
+    detail::check_positive_size(where, "alpha.size()", static_cast<long>(alpha.size()));
+    detail::check_size(where, "beta.size()", static_cast<long>(beta.size()),
                                 static_cast<long>(alpha.size()), "alpha.size()");
     for (std::size_t k = 0; k < alpha.size(); ++k) {
       if (!std::isfinite(alpha[k]) || !std::isfinite(beta[k])) {
-        mesaopt::detail::fail(where, "coefficients must be finite, got alpha[", k, "] = ", alpha[k], ", beta[", k,
+        detail::fail(where, "coefficients must be finite, got alpha[", k, "] = ", alpha[k], ", beta[", k,
                               "] = ", beta[k]);
       }
     }
-    mesaopt::detail::check_positive_finite(where, "regularizer", regularizer);
+    detail::check_positive_finite(where, "regularizer", regularizer);
   }
 
   // Runs the recursion for one system: returns h_K ~ A^{-1} b. A is (d, d) SPD.

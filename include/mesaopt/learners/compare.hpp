@@ -1,5 +1,5 @@
 #pragma once
-// Tools for comparing a model with a learner (PAPER.md §4: "the trained
+// Tools for comparing a model with a learner (docs/paper.md §4: "the trained
 // 1-layer linear model *is* one step of GD"): loss curves side by side,
 // agreement of predictions, and fitting a learner's hyperparameter to a model.
 #include <mesaopt/learners/context.hpp>
@@ -47,11 +47,11 @@ struct Agreement {
 template <class A, class B>
 Agreement agreement(const A& pred_a, const B& pred_b, long seq_len) {
   const char* where = "agreement";
-  mesaopt::detail::check_positive_size(where, "seq_len", seq_len);
-  mesaopt::detail::check_shape(where, "pred_b", pred_b, pred_a.rows(), pred_a.cols());
-  mesaopt::detail::check_positive_size(where, "pred_a.rows()", pred_a.rows());
+  detail::check_positive_size(where, "seq_len", seq_len);
+  detail::check_shape(where, "pred_b", pred_b, pred_a.rows(), pred_a.cols());
+  detail::check_positive_size(where, "pred_a.rows()", pred_a.rows());
   if (pred_a.rows() % seq_len != 0) {
-    mesaopt::detail::fail(where, "pred_a has ", pred_a.rows(), " rows, not a multiple of seq_len ", seq_len);
+    detail::fail(where, "pred_a has ", pred_a.rows(), " rows, not a multiple of seq_len ", seq_len);
   }
   const long nb = pred_a.rows() / seq_len;
   Agreement g;
@@ -87,11 +87,11 @@ Minimum minimize_1d(F&& f, double lo, double hi, bool log_scale = true, int grid
                     int golden_iterations = 30) {
   const char* where = "minimize_1d";
   if (!(std::isfinite(lo) && std::isfinite(hi) && lo < hi)) {
-    mesaopt::detail::fail(where, "need finite lo < hi, got lo = ", lo, ", hi = ", hi);
+    detail::fail(where, "need finite lo < hi, got lo = ", lo, ", hi = ", hi);
   }
-  if (log_scale && !(lo > 0.0)) mesaopt::detail::fail(where, "log_scale needs lo > 0, got lo = ", lo);
-  if (grid_points < 3) mesaopt::detail::fail(where, "grid_points must be at least 3, got ", grid_points);
-  if (golden_iterations < 0) mesaopt::detail::fail(where, "golden_iterations must be >= 0, got ", golden_iterations);
+  if (log_scale && !(lo > 0.0)) detail::fail(where, "log_scale needs lo > 0, got lo = ", lo);
+  if (grid_points < 3) detail::fail(where, "grid_points must be at least 3, got ", grid_points);
+  if (golden_iterations < 0) detail::fail(where, "golden_iterations must be >= 0, got ", golden_iterations);
   // u is the search coordinate: log(p) or p.
   auto to_p = [&](double u) { return log_scale ? std::exp(u) : u; };
   const double ulo = log_scale ? std::log(lo) : lo, uhi = log_scale ? std::log(hi) : hi;
@@ -132,7 +132,7 @@ template <class T, class Make>
 FitResult fit_to_model(Make&& make, ConstMatrixRef<T> model_pred, ConstMatrixRef<T> x, ConstMatrixRef<T> y,
                        long seq_len, double lo, double hi, bool log_scale = true, int num_threads = 0) {
   detail::check_context("fit_to_model", x, y, seq_len);
-  mesaopt::detail::check_shape("fit_to_model", "model_pred", model_pred, y.rows(), y.cols());
+  detail::check_shape("fit_to_model", "model_pred", model_pred, y.rows(), y.cols());
   auto residual = [&](double p) {
     return agreement(make(p).template predict<T>(x, y, seq_len, num_threads), model_pred, seq_len)
         .mean_squared_difference;
@@ -147,8 +147,8 @@ template <class T, class Make>
 FitResult fit_integer_to_model(Make&& make, ConstMatrixRef<T> model_pred, ConstMatrixRef<T> x, ConstMatrixRef<T> y,
                                long seq_len, long kmin, long kmax, int num_threads = 0) {
   detail::check_context("fit_integer_to_model", x, y, seq_len);
-  mesaopt::detail::check_shape("fit_integer_to_model", "model_pred", model_pred, y.rows(), y.cols());
-  if (kmin > kmax) mesaopt::detail::fail("fit_integer_to_model", "need kmin <= kmax, got ", kmin, " > ", kmax);
+  detail::check_shape("fit_integer_to_model", "model_pred", model_pred, y.rows(), y.cols());
+  if (kmin > kmax) detail::fail("fit_integer_to_model", "need kmin <= kmax, got ", kmin, " > ", kmax);
   FitResult best;
   best.residual = std::numeric_limits<double>::infinity();
   for (long k = kmin; k <= kmax; ++k) {

@@ -1,5 +1,5 @@
 #pragma once
-// Shared plumbing for the reference in-context learners (MATH.md §4).
+// Shared plumbing for the reference in-context learners (docs/math.md §4).
 //
 // Data convention: a batch of B sequences of T pairs (x_t, y_t), stored
 // sequence-major: x is (B*T, dx), y is (B*T, dy), sequence b in rows
@@ -10,7 +10,7 @@
 //
 // For the dynamics task x = inputs (s_1..s_T) and y = targets (s_2..s_{T+1}),
 // so at position t the context is the pairs (s_i, s_{i+1}), i < t, the query
-// s_t and the target s_{t+1} (PAPER.md §5; the pair (s_0 = 0, s_1) of the
+// s_t and the target s_{t+1} (docs/paper.md §5; the pair (s_0 = 0, s_1) of the
 // paper's formulas contributes nothing to any learner here and is omitted).
 //
 // All learners compute in double precision whatever the storage scalar T.
@@ -45,18 +45,20 @@ AnyLearner<T> erase(L learner, int num_threads = 0) {
   return out;
 }
 
-namespace detail {
+}  // namespace mesaopt::learners
+
+namespace mesaopt::detail {
 
 // Throws unless x is (B*T, dx) and y is (B*T, dy) with B, T, dx, dy >= 1.
 template <class X, class Y>
 void check_context(const char* where, const X& x, const Y& y, long seq_len) {
-  mesaopt::detail::check_positive_size(where, "seq_len", seq_len);
-  mesaopt::detail::check_positive_size(where, "x.rows()", x.rows());
-  mesaopt::detail::check_positive_size(where, "x.cols()", x.cols());
-  mesaopt::detail::check_positive_size(where, "y.cols()", y.cols());
-  mesaopt::detail::check_size(where, "y.rows()", y.rows(), x.rows(), "x.rows()");
+  detail::check_positive_size(where, "seq_len", seq_len);
+  detail::check_positive_size(where, "x.rows()", x.rows());
+  detail::check_positive_size(where, "x.cols()", x.cols());
+  detail::check_positive_size(where, "y.cols()", y.cols());
+  detail::check_size(where, "y.rows()", y.rows(), x.rows(), "x.rows()");
   if (x.rows() % seq_len != 0) {
-    mesaopt::detail::fail(where, "x has ", x.rows(), " rows, not a multiple of seq_len ", seq_len);
+    detail::fail(where, "x has ", x.rows(), " rows, not a multiple of seq_len ", seq_len);
   }
 }
 
@@ -69,7 +71,7 @@ RowMatrix<T> for_each_sequence(const char* where, ConstMatrixRef<T> x, ConstMatr
   check_context(where, x, y, seq_len);
   const long B = x.rows() / seq_len;
   RowMatrix<T> pred(x.rows(), y.cols());
-  parallel_for(B, num_threads, [&](std::ptrdiff_t b) {
+  mesaopt::parallel_for(B, num_threads, [&](std::ptrdiff_t b) {
     const RowMatrix<double> X = x.middleRows(b * seq_len, seq_len).template cast<double>();
     const RowMatrix<double> Y = y.middleRows(b * seq_len, seq_len).template cast<double>();
     RowMatrix<double> P = RowMatrix<double>::Zero(seq_len, y.cols());
@@ -85,18 +87,20 @@ inline std::string format_number(double v) {
   return buf;
 }
 
-}  // namespace detail
+}  // namespace mesaopt::detail
+
+namespace mesaopt::learners {
 
 // Per-position loss curve: entry t-1 is the mean over sequences of
-// 1/2 ||target_t - prediction_t||^2 (PAPER.md §1). pred and target are (B*T, d).
+// 1/2 ||target_t - prediction_t||^2 (docs/paper.md §1). pred and target are (B*T, d).
 template <class P, class Y>
 std::vector<double> loss_curve(const P& pred, const Y& target, long seq_len) {
   const char* where = "loss_curve";
-  mesaopt::detail::check_positive_size(where, "seq_len", seq_len);
-  mesaopt::detail::check_shape(where, "pred", pred, target.rows(), target.cols());
-  mesaopt::detail::check_positive_size(where, "target.rows()", target.rows());
+  detail::check_positive_size(where, "seq_len", seq_len);
+  detail::check_shape(where, "pred", pred, target.rows(), target.cols());
+  detail::check_positive_size(where, "target.rows()", target.rows());
   if (target.rows() % seq_len != 0) {
-    mesaopt::detail::fail(where, "target has ", target.rows(), " rows, not a multiple of seq_len ", seq_len);
+    detail::fail(where, "target has ", target.rows(), " rows, not a multiple of seq_len ", seq_len);
   }
   const long B = target.rows() / seq_len;
   std::vector<double> curve(static_cast<std::size_t>(seq_len), 0.0);

@@ -1,5 +1,5 @@
 #pragma once
-// Gradient-descent learners (MATH.md §1 and §4) on the context loss
+// Gradient-descent learners (docs/math.md §1 and §4) on the context loss
 //
 //     L_t(W) = 1/2 sum_{i<t} ||y_i - W x_i||^2 + regularizer/2 ||W||_F^2,
 //     grad L_t(W) = W A_t - G_t,   A_t = H_t + regularizer I,
@@ -12,18 +12,22 @@
 
 namespace mesaopt::learners {
 
-namespace detail {
+}  // namespace mesaopt::learners
+
+namespace mesaopt::detail {
 inline void check_regularizer(const char* where, double r) {
-  if (!(std::isfinite(r) && r >= 0.0)) mesaopt::detail::fail(where, "regularizer must be finite and >= 0, got ", r);
+  if (!(std::isfinite(r) && r >= 0.0)) detail::fail(where, "regularizer must be finite and >= 0, got ", r);
 }
 inline void check_finite_eta(const char* where, double eta) {
-  if (!std::isfinite(eta)) mesaopt::detail::fail(where, "eta must be finite, got ", eta);
+  if (!std::isfinite(eta)) detail::fail(where, "eta must be finite, got ", eta);
 }
-}  // namespace detail
+}  // namespace mesaopt::detail
+
+namespace mesaopt::learners {
 
 // K steps of W <- W - eta grad L_t(W) from W_0 = 0, prediction W_K x_t.
 // K = 1 gives y_hat_t = eta sum_{i<t} y_i (x_i . x_t): one linear-attention
-// layer (MATH.md §1; PAPER.md §5, eta = 0.032 for the trained 1-layer model).
+// layer (docs/math.md §1; docs/paper.md §5, eta = 0.032 for the trained 1-layer model).
 // Written as the literal matrix iteration (the reference for CompressedAlg).
 // With frobenius_scaled the step at position t is eta / ||A_t||_F (A_t = 0, an
 // all-zero context, predicts 0): a fixed step that suits short contexts
@@ -39,7 +43,7 @@ struct GradientDescent {
   template <class T>
   RowMatrix<T> predict(ConstMatrixRef<T> x, ConstMatrixRef<T> y, long seq_len, int num_threads = 0) const {
     const char* where = "GradientDescent::predict";
-    mesaopt::detail::check_positive_size(where, "steps", steps);
+    detail::check_positive_size(where, "steps", steps);
     detail::check_finite_eta(where, eta);
     detail::check_regularizer(where, regularizer);
     const long K = steps;
@@ -67,7 +71,7 @@ struct GradientDescent {
 };
 
 // Preconditioned GD: K steps of W <- W - eta grad L_t(W) P from W_0 = 0, with a
-// fixed (dx, dx) preconditioner P (MATH.md §4). P = A_t^{-1} and eta = 1 would
+// fixed (dx, dx) preconditioner P (docs/math.md §4). P = A_t^{-1} and eta = 1 would
 // give ridge in one step; a fixed P is what a trained layer can hold.
 struct PreconditionedGradientDescent {
   long steps = 1;
@@ -81,11 +85,11 @@ struct PreconditionedGradientDescent {
   template <class T>
   RowMatrix<T> predict(ConstMatrixRef<T> x, ConstMatrixRef<T> y, long seq_len, int num_threads = 0) const {
     const char* where = "PreconditionedGradientDescent::predict";
-    mesaopt::detail::check_positive_size(where, "steps", steps);
+    detail::check_positive_size(where, "steps", steps);
     detail::check_finite_eta(where, eta);
     detail::check_regularizer(where, regularizer);
-    mesaopt::detail::check_shape(where, "preconditioner", preconditioner, x.cols(), x.cols());
-    if (!preconditioner.allFinite()) mesaopt::detail::fail(where, "preconditioner has non-finite entries");
+    detail::check_shape(where, "preconditioner", preconditioner, x.cols(), x.cols());
+    if (!preconditioner.allFinite()) detail::fail(where, "preconditioner has non-finite entries");
     const long K = steps;
     const double e = eta, reg = regularizer;
     const Eigen::MatrixXd Pc = preconditioner;
@@ -136,7 +140,7 @@ struct OnlineGradientDescent {
   }
 };
 
-// CompressedAlg-K (MATH.md §4): the truncated Neumann series
+// CompressedAlg-K (docs/math.md §4): the truncated Neumann series
 //     A_t^{-1} ~ eta sum_{j=0}^{K} (I - eta A_t)^j,   A_t = H_t + I/lambda,
 // prediction G_t [eta sum_j (I - eta A_t)^j x_t] (K+1 matrix-vector products).
 // The error against ridge is G_t A_t^{-1} (I - eta A_t)^{K+1} x_t: geometric
@@ -155,9 +159,9 @@ struct CompressedAlg {
   template <class T>
   RowMatrix<T> predict(ConstMatrixRef<T> x, ConstMatrixRef<T> y, long seq_len, int num_threads = 0) const {
     const char* where = "CompressedAlg::predict";
-    if (order < 0) mesaopt::detail::fail(where, "order must be >= 0, got ", order);
-    mesaopt::detail::check_positive_finite(where, "eta", eta);
-    mesaopt::detail::check_positive_finite(where, "lambda", lambda);
+    if (order < 0) detail::fail(where, "order must be >= 0, got ", order);
+    detail::check_positive_finite(where, "eta", eta);
+    detail::check_positive_finite(where, "lambda", lambda);
     const long K = order;
     const double e = eta, lam = lambda;
     const bool scaled = frobenius_scaled;

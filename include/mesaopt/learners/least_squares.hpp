@@ -1,9 +1,9 @@
 #pragma once
-// Least squares, ridge and recursive least squares (MATH.md §4, M5-M9).
+// Least squares, ridge and recursive least squares (docs/math.md §4, M5-M9).
 //
-// Convention (MATH.md M5): `lambda` is the prior variance, the regulariser is
+// Convention (docs/math.md M5): `lambda` is the prior variance, the regulariser is
 // 1/lambda: W_t = G_t (H_t + I/lambda)^{-1} with H_t = sum_{i<t} x_i x_i^T and
-// G_t = sum_{i<t} y_i x_i^T, and lambda -> infinity is least squares. PAPER.md
+// G_t = sum_{i<t} y_i x_i^T, and lambda -> infinity is least squares. docs/paper.md
 // §5 writes the regulariser itself ("lambda = 1e-3"); Ridge::from_regularizer
 // converts.
 #include <mesaopt/learners/context.hpp>
@@ -15,7 +15,7 @@ namespace mesaopt::learners {
 
 // Ridge regression solved directly at every t: y_hat_t = G_t (H_t + I/lambda)^{-1} x_t.
 struct Ridge {
-  double lambda = 1e3;  // prior variance; regulariser 1/lambda (MATH.md M5)
+  double lambda = 1e3;  // prior variance; regulariser 1/lambda (docs/math.md M5)
 
   static Ridge from_regularizer(double regularizer) { return Ridge{1.0 / regularizer}; }
   std::string name() const { return "ridge"; }
@@ -23,7 +23,7 @@ struct Ridge {
   // x is (B*T, dx), y is (B*T, dy); returns (B*T, dy).
   template <class T>
   RowMatrix<T> predict(ConstMatrixRef<T> x, ConstMatrixRef<T> y, long seq_len, int num_threads = 0) const {
-    mesaopt::detail::check_positive_finite("Ridge::predict", "lambda", lambda);
+    detail::check_positive_finite("Ridge::predict", "lambda", lambda);
     const double lam = lambda;
     return detail::for_each_sequence<T>("Ridge::predict", x, y, seq_len, num_threads,
                                         [lam](const RowMatrix<double>& X, const RowMatrix<double>& Y,
@@ -63,7 +63,7 @@ struct LeastSquares {
   }
 };
 
-// Recursive least squares (MATH.md M7-M9) with k = x_i, v = y_i, q = x_t:
+// Recursive least squares (docs/math.md M7-M9) with k = x_i, v = y_i, q = x_t:
 // R_0 = lambda I, R <- R - w w^T with w = u / sqrt(1 + k.u), u = R k (the
 // bitwise-symmetric form of M7), S <- S + v k^T, prediction S R x_t. Equals
 // Ridge{lambda} at every t in exact arithmetic.
@@ -74,7 +74,7 @@ struct RecursiveLeastSquares {
 
   template <class T>
   RowMatrix<T> predict(ConstMatrixRef<T> x, ConstMatrixRef<T> y, long seq_len, int num_threads = 0) const {
-    mesaopt::detail::check_positive_finite("RecursiveLeastSquares::predict", "lambda", lambda);
+    detail::check_positive_finite("RecursiveLeastSquares::predict", "lambda", lambda);
     const double lam = lambda;
     return detail::for_each_sequence<T>("RecursiveLeastSquares::predict", x, y, seq_len, num_threads,
                                         [lam](const RowMatrix<double>& X, const RowMatrix<double>& Y,

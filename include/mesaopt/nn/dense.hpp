@@ -31,8 +31,8 @@ template <class T>
 class Dense {
  public:
   explicit Dense(const DenseConfig& config) : config_(config) {
-    mesaopt::detail::check_positive_size("Dense", "config.in_features", config.in_features);
-    mesaopt::detail::check_positive_size("Dense", "config.out_features", config.out_features);
+    detail::check_positive_size("Dense", "config.in_features", config.in_features);
+    detail::check_positive_size("Dense", "config.out_features", config.out_features);
     weight = RowMatrix<T>::Zero(config.out_features, config.in_features);
     weight_grad = RowMatrix<T>::Zero(config.out_features, config.in_features);
     if (config.bias) {
@@ -45,15 +45,15 @@ class Dense {
 
   // W ~ N(0, stddev^2) entry by entry (row-major order), b = 0.
   void init(SplitMix64& rng, double stddev) {
-    if (!(std::isfinite(stddev) && stddev >= 0)) mesaopt::detail::fail("Dense::init", "stddev must be finite and >= 0, got ", stddev);
+    if (!(std::isfinite(stddev) && stddev >= 0)) detail::fail("Dense::init", "stddev must be finite and >= 0, got ", stddev);
     fill_normal(weight.data(), static_cast<std::size_t>(weight.size()), stddev, rng);
     if (config_.bias) bias.setZero();
   }
 
   // x is (rows, in), one token per row; y is (rows, out).
   void forward(ConstMatrixRef<T> x, MatrixRef<T> y, DenseCache<T>& cache) const {
-    mesaopt::detail::check_size("Dense::forward", "x.cols()", x.cols(), config_.in_features, "config.in_features");
-    mesaopt::detail::check_shape("Dense::forward", "y", y, x.rows(), config_.out_features);
+    detail::check_size("Dense::forward", "x.cols()", x.cols(), config_.in_features, "config.in_features");
+    detail::check_shape("Dense::forward", "y", y, x.rows(), config_.out_features);
     cache.x = x;
     y.noalias() = x * weight.transpose();
     if (config_.bias) y.rowwise() += bias.transpose();
@@ -63,7 +63,7 @@ class Dense {
   // dx = dy W, (rows, in).
   void backward(ConstMatrixRef<T> dy, const DenseCache<T>& cache, MatrixRef<T> dx) {
     check_backward(dy, cache);
-    mesaopt::detail::check_shape("Dense::backward", "dx", dx, cache.x.rows(), config_.in_features);
+    detail::check_shape("Dense::backward", "dx", dx, cache.x.rows(), config_.in_features);
     accumulate_parameter_grads(dy, cache);
     // forward: y = x W^T   =>   dx = dy W
     dx.noalias() = dy * weight;
@@ -91,9 +91,9 @@ class Dense {
 
  private:
   void check_backward(ConstMatrixRef<T> dy, const DenseCache<T>& cache) const {
-    mesaopt::detail::check_size("Dense::backward", "cache.x.cols()", cache.x.cols(), config_.in_features,
+    detail::check_size("Dense::backward", "cache.x.cols()", cache.x.cols(), config_.in_features,
                        "config.in_features (was forward called?)");
-    mesaopt::detail::check_shape("Dense::backward", "dy", dy, cache.x.rows(), config_.out_features);
+    detail::check_shape("Dense::backward", "dy", dy, cache.x.rows(), config_.out_features);
   }
   void accumulate_parameter_grads(ConstMatrixRef<T> dy, const DenseCache<T>& cache) {
     // forward: y = x W^T + b   =>   dW += dy^T x,   db += sum_rows dy

@@ -16,7 +16,9 @@ struct GeluCache {
   RowMatrix<T> x;  // (rows, cols)
 };
 
-namespace detail {
+}  // namespace mesaopt::nn
+
+namespace mesaopt::detail {
 inline constexpr double kSqrt2OverPi = 0.79788456080286535587989211986876;
 inline constexpr double kGeluCubic = 0.044715;
 
@@ -32,12 +34,14 @@ T gelu_derivative(T x) {
   return T(0.5) * (T(1) + th) +
          T(0.5) * x * (T(1) - th * th) * T(kSqrt2OverPi) * (T(1) + T(3 * kGeluCubic) * x * x);
 }
-}  // namespace detail
+}  // namespace mesaopt::detail
+
+namespace mesaopt::nn {
 
 // x and y are (rows, cols), element-wise.
 template <class T>
 void gelu_forward(ConstMatrixRef<T> x, MatrixRef<T> y, GeluCache<T>& cache) {
-  mesaopt::detail::check_shape("gelu_forward", "y", y, x.rows(), x.cols());
+  detail::check_shape("gelu_forward", "y", y, x.rows(), x.cols());
   cache.x = x;
   for (long r = 0; r < x.rows(); ++r)
     for (long c = 0; c < x.cols(); ++c) y(r, c) = detail::gelu(x(r, c));
@@ -46,8 +50,8 @@ void gelu_forward(ConstMatrixRef<T> x, MatrixRef<T> y, GeluCache<T>& cache) {
 // dy and dx are (rows, cols): dx = gelu'(x) * dy.
 template <class T>
 void gelu_backward(ConstMatrixRef<T> dy, const GeluCache<T>& cache, MatrixRef<T> dx) {
-  mesaopt::detail::check_shape("gelu_backward", "dy", dy, cache.x.rows(), cache.x.cols());
-  mesaopt::detail::check_shape("gelu_backward", "dx", dx, cache.x.rows(), cache.x.cols());
+  detail::check_shape("gelu_backward", "dy", dy, cache.x.rows(), cache.x.cols());
+  detail::check_shape("gelu_backward", "dx", dx, cache.x.rows(), cache.x.cols());
   for (long r = 0; r < dy.rows(); ++r)
     for (long c = 0; c < dy.cols(); ++c) dx(r, c) = detail::gelu_derivative(cache.x(r, c)) * dy(r, c);
 }

@@ -30,8 +30,8 @@ template <class T>
 class LayerNorm {
  public:
   explicit LayerNorm(const LayerNormConfig& config) : config_(config) {
-    mesaopt::detail::check_positive_size("LayerNorm", "config.features", config.features);
-    mesaopt::detail::check_positive_finite("LayerNorm", "config.eps", config.eps);
+    detail::check_positive_size("LayerNorm", "config.features", config.features);
+    detail::check_positive_finite("LayerNorm", "config.eps", config.eps);
     gain = Vector<T>::Ones(config.features);
     bias = Vector<T>::Zero(config.features);
     gain_grad = Vector<T>::Zero(config.features);
@@ -48,8 +48,8 @@ class LayerNorm {
 
   // x and y are (rows, features); y may not alias x.
   void forward(ConstMatrixRef<T> x, MatrixRef<T> y, LayerNormCache<T>& cache) const {
-    mesaopt::detail::check_size("LayerNorm::forward", "x.cols()", x.cols(), config_.features, "config.features");
-    mesaopt::detail::check_shape("LayerNorm::forward", "y", y, x.rows(), config_.features);
+    detail::check_size("LayerNorm::forward", "x.cols()", x.cols(), config_.features, "config.features");
+    detail::check_shape("LayerNorm::forward", "y", y, x.rows(), config_.features);
     const long rows = x.rows(), n = config_.features;
     cache.xhat.resize(rows, n);
     cache.rstd.resize(rows);
@@ -69,10 +69,10 @@ class LayerNorm {
   // writes dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat*xhat)), dxhat = dy*g.
   void backward(ConstMatrixRef<T> dy, const LayerNormCache<T>& cache, MatrixRef<T> dx) {
     const long rows = cache.xhat.rows(), n = config_.features;
-    mesaopt::detail::check_size("LayerNorm::backward", "cache.xhat.cols()", cache.xhat.cols(), n,
+    detail::check_size("LayerNorm::backward", "cache.xhat.cols()", cache.xhat.cols(), n,
                        "config.features (was forward called?)");
-    mesaopt::detail::check_shape("LayerNorm::backward", "dy", dy, rows, n);
-    mesaopt::detail::check_shape("LayerNorm::backward", "dx", dx, rows, n);
+    detail::check_shape("LayerNorm::backward", "dy", dy, rows, n);
+    detail::check_shape("LayerNorm::backward", "dx", dx, rows, n);
     // forward: y = g * xhat + b   =>   dg += dy * xhat,   db += dy
     gain_grad.noalias() += (dy.array() * cache.xhat.array()).colwise().sum().matrix().transpose();
     bias_grad.noalias() += dy.colwise().sum().transpose();

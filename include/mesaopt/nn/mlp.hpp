@@ -40,8 +40,8 @@ class Mlp {
 
   // x and y are (rows, features).
   void forward(ConstMatrixRef<T> x, MatrixRef<T> y, MlpCache<T>& cache) const {
-    mesaopt::detail::check_size("Mlp::forward", "x.cols()", x.cols(), config_.features, "config.features");
-    mesaopt::detail::check_shape("Mlp::forward", "y", y, x.rows(), config_.features);
+    detail::check_size("Mlp::forward", "x.cols()", x.cols(), config_.features, "config.features");
+    detail::check_shape("Mlp::forward", "y", y, x.rows(), config_.features);
     RowMatrix<T> h(x.rows(), config_.hidden), a(x.rows(), config_.hidden);
     fc1.forward(x, h, cache.fc1);
     gelu_forward<T>(h, a, cache.act);
@@ -51,8 +51,8 @@ class Mlp {
   // dy and dx are (rows, features); adds into both layers' gradients.
   void backward(ConstMatrixRef<T> dy, const MlpCache<T>& cache, MatrixRef<T> dx) {
     const long rows = cache.fc1.x.rows();
-    mesaopt::detail::check_shape("Mlp::backward", "dy", dy, rows, config_.features);
-    mesaopt::detail::check_shape("Mlp::backward", "dx", dx, rows, config_.features);
+    detail::check_shape("Mlp::backward", "dy", dy, rows, config_.features);
+    detail::check_shape("Mlp::backward", "dx", dx, rows, config_.features);
     RowMatrix<T> da(rows, config_.hidden), dh(rows, config_.hidden);
     fc2.backward(dy, cache.fc2, da);
     gelu_backward<T>(da, cache.act, dh);
@@ -67,8 +67,8 @@ class Mlp {
 
  private:
   static MlpConfig checked(const MlpConfig& c) {
-    mesaopt::detail::check_positive_size("Mlp", "config.features", c.features);
-    mesaopt::detail::check_positive_size("Mlp", "config.hidden", c.hidden);
+    detail::check_positive_size("Mlp", "config.features", c.features);
+    detail::check_positive_size("Mlp", "config.hidden", c.hidden);
     return c;
   }
   MlpConfig config_;

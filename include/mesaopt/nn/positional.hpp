@@ -1,7 +1,7 @@
 #pragma once
 // Sinusoidal positional encoding (Vaswani et al. 2017), concatenated to the
 // tokens that feed keys and queries of the first softmax block of the paper's
-// full models (PAPER.md §2: the layer that learns to copy s_{t-1} next to s_t).
+// full models (docs/paper.md §2: the layer that learns to copy s_{t-1} next to s_t).
 //
 //   PE[t, 2i]   = sin(t * base^(-2i/p))
 //   PE[t, 2i+1] = cos(t * base^(-2i/p)),      t = 0..T-1 (0-based position)
@@ -16,9 +16,9 @@ namespace mesaopt::nn {
 // The (seq_len, dim) encoding; row t is the code of position t (0-based).
 template <class T>
 RowMatrix<T> sinusoidal_encoding(long seq_len, long dim, double base = 10000.0) {
-  mesaopt::detail::check_positive_size("sinusoidal_encoding", "seq_len", seq_len);
-  mesaopt::detail::check_positive_size("sinusoidal_encoding", "dim", dim);
-  if (!(std::isfinite(base) && base > 1.0)) mesaopt::detail::fail("sinusoidal_encoding", "base must be finite and > 1, got ", base);
+  detail::check_positive_size("sinusoidal_encoding", "seq_len", seq_len);
+  detail::check_positive_size("sinusoidal_encoding", "dim", dim);
+  if (!(std::isfinite(base) && base > 1.0)) detail::fail("sinusoidal_encoding", "base must be finite and > 1, got ", base);
   RowMatrix<T> pe(seq_len, dim);
   for (long t = 0; t < seq_len; ++t) {
     for (long j = 0; j < dim; ++j) {
@@ -36,11 +36,11 @@ RowMatrix<T> sinusoidal_encoding(long seq_len, long dim, double base = 10000.0) 
 template <class T>
 void positional_concat_forward(ConstMatrixRef<T> x, ConstMatrixRef<T> pe, MatrixRef<T> out) {
   const long seq_len = pe.rows();
-  mesaopt::detail::check_positive_size("positional_concat_forward", "pe.rows() (T)", seq_len);
+  detail::check_positive_size("positional_concat_forward", "pe.rows() (T)", seq_len);
   if (x.rows() % seq_len != 0)
-    mesaopt::detail::fail("positional_concat_forward", "x has ", x.rows(), " rows, not a multiple of pe.rows() = ",
+    detail::fail("positional_concat_forward", "x has ", x.rows(), " rows, not a multiple of pe.rows() = ",
                           seq_len, " (expected B*T rows)");
-  mesaopt::detail::check_shape("positional_concat_forward", "out", out, x.rows(), x.cols() + pe.cols());
+  detail::check_shape("positional_concat_forward", "out", out, x.rows(), x.cols() + pe.cols());
   const long batch = x.rows() / seq_len;
   out.leftCols(x.cols()) = x;
   for (long b = 0; b < batch; ++b) out.block(b * seq_len, x.cols(), seq_len, pe.cols()) = pe;
@@ -51,8 +51,8 @@ void positional_concat_forward(ConstMatrixRef<T> x, ConstMatrixRef<T> pe, Matrix
 template <class T>
 void positional_concat_backward(ConstMatrixRef<T> dout, MatrixRef<T> dx) {
   if (dx.cols() > dout.cols())
-    mesaopt::detail::fail("positional_concat_backward", "dx has ", dx.cols(), " columns but dout only ", dout.cols());
-  mesaopt::detail::check_size("positional_concat_backward", "dx.rows()", dx.rows(), dout.rows(), "dout.rows()");
+    detail::fail("positional_concat_backward", "dx has ", dx.cols(), " columns but dout only ", dout.cols());
+  detail::check_size("positional_concat_backward", "dx.rows()", dx.rows(), dout.rows(), "dout.rows()");
   // forward: out = [x, pe]   =>   dx = dout[:, :D]
   dx = dout.leftCols(dx.cols());
 }

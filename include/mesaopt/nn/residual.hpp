@@ -9,7 +9,7 @@
 // backward: dz = dy;  du = f.backward(dz);  dx = dy + LN.backward(du)
 //           (the skip path carries dy through unchanged, then the branch's
 //            input gradient is added)
-// Without LayerNorm (the paper's linear-attention runs, PAPER.md §2) it is
+// Without LayerNorm (the paper's linear-attention runs, docs/paper.md §2) it is
 // y = x + f(x) and dx = dy + f.backward(dy). Activation clipping (nn/clip.hpp)
 // then follows the whole block: y <- clip(y, ±c).
 //
@@ -51,8 +51,8 @@ class PreLnMlp {
   // x and y are (rows, D); y may not alias x.
   void forward(ConstMatrixRef<T> x, MatrixRef<T> y, PreLnMlpCache<T>& cache) const {
     const long d = ln.config().features;
-    mesaopt::detail::check_size("PreLnMlp::forward", "x.cols()", x.cols(), d, "config.features");
-    mesaopt::detail::check_shape("PreLnMlp::forward", "y", y, x.rows(), d);
+    detail::check_size("PreLnMlp::forward", "x.cols()", x.cols(), d, "config.features");
+    detail::check_shape("PreLnMlp::forward", "y", y, x.rows(), d);
     RowMatrix<T> u(x.rows(), d);
     ln.forward(x, u, cache.ln);
     mlp.forward(u, y, cache.mlp);  // y = z
@@ -62,8 +62,8 @@ class PreLnMlp {
   // dy and dx are (rows, D).
   void backward(ConstMatrixRef<T> dy, const PreLnMlpCache<T>& cache, MatrixRef<T> dx) {
     const long rows = cache.ln.xhat.rows(), d = ln.config().features;
-    mesaopt::detail::check_shape("PreLnMlp::backward", "dy", dy, rows, d);
-    mesaopt::detail::check_shape("PreLnMlp::backward", "dx", dx, rows, d);
+    detail::check_shape("PreLnMlp::backward", "dy", dy, rows, d);
+    detail::check_shape("PreLnMlp::backward", "dx", dx, rows, d);
     RowMatrix<T> du(rows, d);
     mlp.backward(dy, cache.mlp, du);  // forward: y = x + f(u)  =>  du = f'(u)^T dy
     ln.backward(du, cache.ln, dx);    //                            dx = LN'(x)^T du + dy

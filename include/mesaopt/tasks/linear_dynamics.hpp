@@ -1,5 +1,5 @@
 #pragma once
-// The paper's main task (PAPER.md §1, MATH.md §5): sequences of a dynamical
+// The paper's main task (docs/paper.md §1, docs/math.md §5): sequences of a dynamical
 // system with a fresh transition matrix W* per sequence,
 //
 //     s_{t+1} = W* s_t + eps_t            (linear, the default)
@@ -64,23 +64,25 @@ struct DynamicsBatch {
 };
 
 inline void validate(const char* where, const DynamicsConfig& c) {
-  mesaopt::detail::check_positive_size(where, "state_dim", c.state_dim);
-  if (c.seq_len < 2) mesaopt::detail::fail(where, "seq_len must be at least 2, got ", c.seq_len);
+  detail::check_positive_size(where, "state_dim", c.state_dim);
+  if (c.seq_len < 2) detail::fail(where, "seq_len must be at least 2, got ", c.seq_len);
   if (!(std::isfinite(c.noise_std) && c.noise_std >= 0.0)) {
-    mesaopt::detail::fail(where, "noise_std must be finite and >= 0, got ", c.noise_std);
+    detail::fail(where, "noise_std must be finite and >= 0, got ", c.noise_std);
   }
   if (c.matrix == TransitionMatrix::gaussian) {
-    mesaopt::detail::check_positive_finite(where, "spectral_radius", c.spectral_radius);
+    detail::check_positive_finite(where, "spectral_radius", c.spectral_radius);
   }
-  mesaopt::detail::check_positive_finite(where, "init_scale", c.init_scale);
-  mesaopt::detail::check_positive_finite(where, "clip", c.clip);
+  detail::check_positive_finite(where, "init_scale", c.init_scale);
+  detail::check_positive_finite(where, "clip", c.clip);
 }
 
-namespace detail {
+}  // namespace mesaopt::tasks
+
+namespace mesaopt::detail {
 
 // Haar-random orthogonal n x n matrix: QR of a Gaussian matrix with the signs
 // of diag(R) moved into Q (Mezzadri 2007), so the law is exactly Haar.
-inline RowMatrix<double> haar_orthogonal(long n, CounterRng& rng) {
+inline RowMatrix<double> haar_orthogonal(long n, tasks::CounterRng& rng) {
   Eigen::MatrixXd g(n, n);
   for (long i = 0; i < n; ++i)
     for (long j = 0; j < n; ++j) g(i, j) = rng.normal();
@@ -93,7 +95,7 @@ inline RowMatrix<double> haar_orthogonal(long n, CounterRng& rng) {
 }
 
 // Gaussian matrix rescaled so that its spectral radius is exactly `radius`.
-inline RowMatrix<double> gaussian_with_radius(long n, double radius, CounterRng& rng) {
+inline RowMatrix<double> gaussian_with_radius(long n, double radius, tasks::CounterRng& rng) {
   Eigen::MatrixXd g(n, n);
   for (long i = 0; i < n; ++i)
     for (long j = 0; j < n; ++j) g(i, j) = rng.normal();
@@ -103,15 +105,15 @@ inline RowMatrix<double> gaussian_with_radius(long n, double radius, CounterRng&
 
 // One sequence from stream (seed, index): draws W*, then s_1, then the noise
 // for each step, in that order.
-inline void generate_dynamics_sequence(const DynamicsConfig& c, std::uint64_t seed, std::uint64_t index,
+inline void generate_dynamics_sequence(const tasks::DynamicsConfig& c, std::uint64_t seed, std::uint64_t index,
                                        RowMatrix<double>& W, RowMatrix<double>& states /* (T+1, n) */) {
-  CounterRng rng(seed, index);
+  tasks::CounterRng rng(seed, index);
   const long n = c.state_dim;
-  W = c.matrix == TransitionMatrix::random_orthogonal ? haar_orthogonal(n, rng)
+  W = c.matrix == tasks::TransitionMatrix::random_orthogonal ? haar_orthogonal(n, rng)
                                                       : gaussian_with_radius(n, c.spectral_radius, rng);
   states.resize(c.seq_len + 1, n);
   for (long j = 0; j < n; ++j) {
-    const double v = c.init == InitialState::uniform ? rng.uniform(-c.init_scale, c.init_scale)
+    const double v = c.init == tasks::InitialState::uniform ? rng.uniform(-c.init_scale, c.init_scale)
                                                      : c.init_scale * rng.normal();
     states(0, j) = std::clamp(v, -c.clip, c.clip);
   }
@@ -119,13 +121,15 @@ inline void generate_dynamics_sequence(const DynamicsConfig& c, std::uint64_t se
   for (long t = 0; t < c.seq_len; ++t) {
     next.noalias() = W * states.row(t).transpose();
     for (long j = 0; j < n; ++j) {
-      double v = c.transition == Transition::linear ? next[j] : std::tanh(next[j]);
+      double v = c.transition == tasks::Transition::linear ? next[j] : std::tanh(next[j]);
       v += c.noise_std * rng.normal();
       states(t + 1, j) = std::clamp(v, -c.clip, c.clip);
     }
   }
 }
-}  // namespace detail
+}  // namespace mesaopt::detail
+
+namespace mesaopt::tasks {
 
 // Generates sequences first_sequence .. first_sequence + batch - 1 of the
 // stream keyed by `seed`. Sequence b depends only on (seed, first_sequence + b):
@@ -135,8 +139,8 @@ DynamicsBatch<T> make_dynamics_batch(const DynamicsConfig& config, long batch, s
                                      long first_sequence = 0, int num_threads = 0) {
   const char* where = "make_dynamics_batch";
   validate(where, config);
-  mesaopt::detail::check_positive_size(where, "batch", batch);
-  if (first_sequence < 0) mesaopt::detail::fail(where, "first_sequence must be >= 0, got ", first_sequence);
+  detail::check_positive_size(where, "batch", batch);
+  if (first_sequence < 0) detail::fail(where, "first_sequence must be >= 0, got ", first_sequence);
   const long len = config.seq_len, n = config.state_dim;
   DynamicsBatch<T> out;
   out.batch = batch;
@@ -156,16 +160,16 @@ DynamicsBatch<T> make_dynamics_batch(const DynamicsConfig& config, long batch, s
   return out;
 }
 
-// The paper's constructed tokens (PAPER.md §2): e_t = [0, s_t, s_t, s_{t-1}]
+// The paper's constructed tokens (docs/paper.md §2): e_t = [0, s_t, s_t, s_{t-1}]
 // with s_0 = 0, 4n dims; the first n slots are where a model writes its
 // prediction. inputs is (B*T, n), sequence-major; returns (B*T, 4n).
 template <class T>
 RowMatrix<T> constructed_tokens(ConstMatrixRef<T> inputs, long seq_len) {
   const char* where = "constructed_tokens";
-  mesaopt::detail::check_positive_size(where, "seq_len", seq_len);
-  mesaopt::detail::check_positive_size(where, "inputs.cols()", inputs.cols());
+  detail::check_positive_size(where, "seq_len", seq_len);
+  detail::check_positive_size(where, "inputs.cols()", inputs.cols());
   if (inputs.rows() % seq_len != 0) {
-    mesaopt::detail::fail(where, "inputs has ", inputs.rows(), " rows, not a multiple of seq_len ", seq_len);
+    detail::fail(where, "inputs has ", inputs.rows(), " rows, not a multiple of seq_len ", seq_len);
   }
   const long n = inputs.cols(), rows = inputs.rows();
   RowMatrix<T> e = RowMatrix<T>::Zero(rows, 4 * n);
@@ -188,7 +192,7 @@ RowMatrix<T> constructed_tokens(const DynamicsBatch<T>& batch) {
 template <class T>
 RowMatrix<T> predict_with_true_dynamics(const DynamicsBatch<T>& batch) {
   if (static_cast<long>(batch.W.size()) != batch.batch || batch.inputs.rows() != batch.batch * batch.seq_len) {
-    mesaopt::detail::fail("predict_with_true_dynamics", "batch is inconsistent: ", batch.W.size(),
+    detail::fail("predict_with_true_dynamics", "batch is inconsistent: ", batch.W.size(),
                           " matrices, ", batch.inputs.rows(), " input rows for batch ", batch.batch,
                           " x seq_len ", batch.seq_len);
   }

@@ -1,5 +1,5 @@
 #pragma once
-// In-context linear regression (MATH.md §5): a fresh weight matrix w per
+// In-context linear regression (docs/math.md §5): a fresh weight matrix w per
 // sequence (dy x dx, entries N(0, weight_std^2)), inputs x_i ~ N(0, I),
 // y_i = w x_i + eps_i with eps_i ~ N(0, noise_std^2 I). Each sequence has
 // num_pairs pairs; every pair can serve as a query for the pairs before it.
@@ -39,13 +39,13 @@ struct RegressionBatch {
 };
 
 inline void validate(const char* where, const RegressionConfig& c) {
-  mesaopt::detail::check_positive_size(where, "input_dim", c.input_dim);
-  mesaopt::detail::check_positive_size(where, "output_dim", c.output_dim);
-  if (c.num_pairs < 2) mesaopt::detail::fail(where, "num_pairs must be at least 2, got ", c.num_pairs);
+  detail::check_positive_size(where, "input_dim", c.input_dim);
+  detail::check_positive_size(where, "output_dim", c.output_dim);
+  if (c.num_pairs < 2) detail::fail(where, "num_pairs must be at least 2, got ", c.num_pairs);
   if (!(std::isfinite(c.noise_std) && c.noise_std >= 0.0)) {
-    mesaopt::detail::fail(where, "noise_std must be finite and >= 0, got ", c.noise_std);
+    detail::fail(where, "noise_std must be finite and >= 0, got ", c.noise_std);
   }
-  mesaopt::detail::check_positive_finite(where, "weight_std", c.weight_std);
+  detail::check_positive_finite(where, "weight_std", c.weight_std);
 }
 
 // Sequences first_sequence .. first_sequence + batch - 1 of the stream keyed by
@@ -56,8 +56,8 @@ RegressionBatch<T> make_regression_batch(const RegressionConfig& config, long ba
                                          long first_sequence = 0, int num_threads = 0) {
   const char* where = "make_regression_batch";
   validate(where, config);
-  mesaopt::detail::check_positive_size(where, "batch", batch);
-  if (first_sequence < 0) mesaopt::detail::fail(where, "first_sequence must be >= 0, got ", first_sequence);
+  detail::check_positive_size(where, "batch", batch);
+  if (first_sequence < 0) detail::fail(where, "first_sequence must be >= 0, got ", first_sequence);
   const long N = config.num_pairs, dx = config.input_dim, dy = config.output_dim;
   RegressionBatch<T> out;
   out.batch = batch;

@@ -1,5 +1,5 @@
 #pragma once
-// Adam and AdamW over a model's parameter views (PAPER.md §3: AdamW 0.9, 0.999,
+// Adam and AdamW over a model's parameter views (docs/paper.md §3: AdamW 0.9, 0.999,
 // eps 1e-8). With g the gradient, t the 1-based step and lr the step's rate:
 //   g' = g + wd * theta                       (Adam with coupled L2 decay only)
 //   m  = beta1 m + (1 - beta1) g'
@@ -57,19 +57,19 @@ class Adam {
   Adam(std::vector<ParameterView<T>> params, const AdamConfig& config, std::vector<bool> decay_mask = {})
       : params_(std::move(params)), config_(config), decay_(std::move(decay_mask)) {
     const char* where = "Adam";
-    if (!(config.beta1 >= 0 && config.beta1 < 1)) mesaopt::detail::fail(where, "config.beta1 must lie in [0, 1), got ", config.beta1);
-    if (!(config.beta2 >= 0 && config.beta2 < 1)) mesaopt::detail::fail(where, "config.beta2 must lie in [0, 1), got ", config.beta2);
-    mesaopt::detail::check_positive_finite(where, "config.eps", config.eps);
+    if (!(config.beta1 >= 0 && config.beta1 < 1)) detail::fail(where, "config.beta1 must lie in [0, 1), got ", config.beta1);
+    if (!(config.beta2 >= 0 && config.beta2 < 1)) detail::fail(where, "config.beta2 must lie in [0, 1), got ", config.beta2);
+    detail::check_positive_finite(where, "config.eps", config.eps);
     if (!(std::isfinite(config.weight_decay) && config.weight_decay >= 0))
-      mesaopt::detail::fail(where, "config.weight_decay must be finite and >= 0, got ", config.weight_decay);
+      detail::fail(where, "config.weight_decay must be finite and >= 0, got ", config.weight_decay);
     if (decay_.empty()) decay_.assign(params_.size(), true);
     if (decay_.size() != params_.size())
-      mesaopt::detail::fail(where, "decay_mask has ", decay_.size(), " entries but there are ", params_.size(),
+      detail::fail(where, "decay_mask has ", decay_.size(), " entries but there are ", params_.size(),
                             " parameters (expected equal, or an empty mask)");
     for (std::size_t i = 0; i < params_.size(); ++i) {
       const auto& p = params_[i];
       if (p.size > 0 && (p.value == nullptr || p.grad == nullptr))
-        mesaopt::detail::fail(where, "parameter '", p.name, "' has null value or grad");
+        detail::fail(where, "parameter '", p.name, "' has null value or grad");
       m_.emplace_back(p.size, T(0));
       v_.emplace_back(p.size, T(0));
     }
@@ -77,7 +77,7 @@ class Adam {
 
   // One update with learning rate lr (>= 0, finite) using the current grads.
   void step(double lr) {
-    if (!(std::isfinite(lr) && lr >= 0)) mesaopt::detail::fail("Adam::step", "lr must be finite and >= 0, got ", lr);
+    if (!(std::isfinite(lr) && lr >= 0)) detail::fail("Adam::step", "lr must be finite and >= 0, got ", lr);
     ++step_;
     const double b1 = config_.beta1, b2 = config_.beta2;
     const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step_));
@@ -105,7 +105,7 @@ class Adam {
 
   long step_count() const { return step_; }  // updates applied so far (t)
   void set_step_count(long t) {
-    if (t < 0) mesaopt::detail::fail("Adam::set_step_count", "t must be >= 0, got ", t);
+    if (t < 0) detail::fail("Adam::set_step_count", "t must be >= 0, got ", t);
     step_ = t;
   }
   const AdamConfig& config() const { return config_; }

@@ -1,5 +1,5 @@
 #pragma once
-// Training checkpoints as safetensors files (train/safetensors.hpp): a model's
+// Training checkpoints as safetensors files (io/safetensors.hpp): a model's
 // weights, the Adam/AdamW state and the step, readable by PyTorch / JAX tools
 // (safetensors.torch.load_file, safetensors.numpy.load_file).
 //
@@ -13,17 +13,18 @@
 //   "optim.type" ("adamw"|"adam"), "optim.beta1", "optim.beta2", "optim.eps",
 //   "optim.weight_decay"; plus the caller's own keys (which may not reuse these).
 //
-// Saving is atomic (write_file_atomically). Loading validates the whole file
-// first (parse_safetensors), then that "step" (and "optim.step" when restoring
+// Saving is atomic (io::write_file_atomically). Loading validates the whole file
+// first (io::parse_safetensors), then that "step" (and "optim.step" when restoring
 // an optimiser) is a non-negative integer, that every expected tensor is
 // present with the model's dtype and the parameter's shape, and that the file
 // holds no unexpected tensor (optimiser tensors are skipped when no optimiser
 // is restored); only then are values copied, so a failed load leaves the model
 // and optimiser untouched. Errors are std::runtime_error naming the file and
-// the tensor or key.
+// the tensor or key. restore_checkpoint does the same from a file already
+// parsed in memory (load_checkpoint = io::read_safetensors + restore_checkpoint).
 #include <mesaopt/common/parameters.hpp>
 #include <mesaopt/train/adam.hpp>
-#include <mesaopt/train/safetensors.hpp>
+#include <mesaopt/io/safetensors.hpp>
 
 #include <cstring>
 #include <limits>
@@ -40,7 +41,9 @@ struct CheckpointInfo {
   std::map<std::string, std::string> metadata;  // all of "__metadata__"
 };
 
-namespace detail {
+}  // namespace mesaopt::train
+
+namespace mesaopt::detail {
 
 inline std::string format_double(double x) {
   std::ostringstream os;
@@ -54,29 +57,28 @@ std::vector<std::uint64_t> checked_shape(const char* where, const ParameterView<
   std::vector<std::uint64_t> shape;
   std::size_t count = 1;
   for (long d : p.shape) {
-    if (d < 0) mesaopt::detail::fail(where, "parameter '", p.name, "' has a negative dimension ", d);
+    if (d < 0) fail(where, "parameter '", p.name, "' has a negative dimension ", d);
     shape.push_back(static_cast<std::uint64_t>(d));
     count *= static_cast<std::size_t>(d);
   }
   if (count != p.size)
-    mesaopt::detail::fail(where, "parameter '", p.name, "' has size ", p.size, " but its shape holds ", count);
-  if (p.size > 0 && p.value == nullptr) mesaopt::detail::fail(where, "parameter '", p.name, "' has null value");
+    fail(where, "parameter '", p.name, "' has size ", p.size, " but its shape holds ", count);
+  if (p.size > 0 && p.value == nullptr) fail(where, "parameter '", p.name, "' has null value");
   return shape;
 }
 
-inline long metadata_integer(const SafetensorsFile& f, const std::string& key, const std::string& path) {
+inline long metadata_integer(const io::SafetensorsFile& f, const std::string& key, const std::string& path) {
   const auto it = f.metadata.find(key);
   if (it == f.metadata.end())
     throw std::runtime_error("checkpoint '" + path + "': metadata has no \"" + key + "\" entry");
-  json::Value v;
-  v.kind = json::Value::Kind::number;
-  v.text = it->second;
-  if (v.text.empty()) throw std::runtime_error("checkpoint '" + path + "': metadata \"" + key + "\" is empty");
-  return static_cast<long>(json::to_index(v, "checkpoint '" + path + "': metadata \"" + key + "\"",
-                                          static_cast<std::uint64_t>(std::numeric_limits<long>::max())));
+  if (it->second.empty()) throw std::runtime_error("checkpoint '" + path + "': metadata \"" + key + "\" is empty");
+  return static_cast<long>(io::json::to_index(it->second, "checkpoint '" + path + "': metadata \"" + key + "\"",
+                                              static_cast<std::uint64_t>(std::numeric_limits<long>::max())));
 }
 
-}  // namespace detail
+}  // namespace mesaopt::detail
+
+namespace mesaopt::train {
 
 // Writes `params` (and, when `optimizer` is not null, its moments and step) to
 // `path` atomically. `metadata` adds the caller's own string entries.
@@ -85,13 +87,13 @@ template <class T>
 void save_checkpoint(const std::string& path, const std::vector<ParameterView<T>>& params, const Adam<T>* optimizer,
                      long step, const std::map<std::string, std::string>& metadata = {}) {
   const char* where = "save_checkpoint";
-  if (step < 0) mesaopt::detail::fail(where, "step must be >= 0, got ", step);
-  const std::string dtype = safetensors_dtype<T>();
+  if (step < 0) detail::fail(where, "step must be >= 0, got ", step);
+  const std::string dtype = io::safetensors_dtype<T>();
   std::map<std::string, std::string> meta = {{"format", "mesaopt.checkpoint"},
                                              {"format_version", "1"},
                                              {"dtype", dtype},
                                              {"step", std::to_string(step)}};
-  std::vector<SafetensorsTensorRef> tensors;
+  std::vector<io::SafetensorsTensorRef> tensors;
   for (const auto& p : params) tensors.push_back({p.name, dtype, detail::checked_shape(where, p), p.value});
   if (optimizer != nullptr) {
     const AdamConfig& c = optimizer->config();
@@ -109,21 +111,21 @@ void save_checkpoint(const std::string& path, const std::vector<ParameterView<T>
     }
   }
   for (const auto& [k, v] : metadata) {
-    if (meta.count(k)) mesaopt::detail::fail(where, "metadata key '", k, "' is reserved by the checkpoint format");
+    if (meta.count(k)) detail::fail(where, "metadata key '", k, "' is reserved by the checkpoint format");
     meta[k] = v;
   }
-  write_safetensors(path, tensors, meta);  // rejects duplicate names
+  io::write_safetensors(path, tensors, meta);  // rejects duplicate names
 }
 
 // Restores `params` (and the optimiser's moments and step when `optimizer` is
-// not null) from `path`; returns the step and metadata. See the header comment
-// for what is validated; on any error nothing is modified.
+// not null) from the parsed file `f`, named `path` in errors; returns the step
+// and metadata. See the header comment for what is validated; on any error
+// nothing is modified.
 template <class T>
-CheckpointInfo load_checkpoint(const std::string& path, const std::vector<ParameterView<T>>& params,
-                               Adam<T>* optimizer = nullptr) {
+CheckpointInfo restore_checkpoint(const io::SafetensorsFile& f, const std::string& path,
+                                  const std::vector<ParameterView<T>>& params, Adam<T>* optimizer = nullptr) {
   const char* where = "load_checkpoint";
-  const SafetensorsFile f = read_safetensors(path);
-  const std::string dtype = safetensors_dtype<T>();
+  const std::string dtype = io::safetensors_dtype<T>();
   const std::string fw = "checkpoint '" + path + "': ";
 
   CheckpointInfo info;
@@ -137,7 +139,7 @@ CheckpointInfo load_checkpoint(const std::string& path, const std::vector<Parame
     std::string name;
     std::vector<std::uint64_t> shape;
     T* dest;
-    const SafetensorsTensor* src = nullptr;
+    const io::SafetensorsTensor* src = nullptr;
   };
   std::vector<Target> targets;
   for (const auto& p : params) targets.push_back({p.name, detail::checked_shape(where, p), p.value});
@@ -151,7 +153,7 @@ CheckpointInfo load_checkpoint(const std::string& path, const std::vector<Parame
   }
   std::set<std::string> expected;
   for (auto& t : targets) {
-    if (!expected.insert(t.name).second) mesaopt::detail::fail(where, "duplicate parameter name '", t.name, "'");
+    if (!expected.insert(t.name).second) detail::fail(where, "duplicate parameter name '", t.name, "'");
     t.src = f.find(t.name);
     if (t.src == nullptr) throw std::runtime_error(fw + "tensor \"" + t.name + "\" is missing");
     if (t.src->dtype != dtype)
@@ -181,6 +183,13 @@ CheckpointInfo load_checkpoint(const std::string& path, const std::vector<Parame
   }
   if (optimizer != nullptr) optimizer->set_step_count(optim_step);
   return info;
+}
+
+// io::read_safetensors(path) + restore_checkpoint.
+template <class T>
+CheckpointInfo load_checkpoint(const std::string& path, const std::vector<ParameterView<T>>& params,
+                               Adam<T>* optimizer = nullptr) {
+  return restore_checkpoint(io::read_safetensors(path), path, params, optimizer);
 }
 
 }  // namespace mesaopt::train

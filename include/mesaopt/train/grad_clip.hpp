@@ -1,5 +1,6 @@
 #pragma once
-// Gradient clipping by global norm (PAPER.md §3 clips at 1), as optax's
+// Gradient clipping by global norm (docs/paper.md §3: the paper's code clips
+// element-wise to [-1, 1] instead; this is the global-norm option), as optax's
 // clip_by_global_norm: with N = sqrt(sum over all parameters of ||grad||^2),
 //   if N > max_norm:  grad <- grad * (max_norm / N)       (otherwise unchanged)
 // Returns N (before clipping; accumulated in double). A non-finite N leaves
@@ -23,7 +24,7 @@ double global_grad_norm(const std::vector<ParameterView<T>>& params) {
 
 template <class T>
 double clip_grad_norm(const std::vector<ParameterView<T>>& params, double max_norm) {
-  mesaopt::detail::check_positive_finite("clip_grad_norm", "max_norm", max_norm);
+  detail::check_positive_finite("clip_grad_norm", "max_norm", max_norm);
   const double norm = global_grad_norm(params);
   if (std::isfinite(norm) && norm > max_norm) {
     const T scale = static_cast<T>(max_norm / norm);

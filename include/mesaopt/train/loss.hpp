@@ -1,5 +1,5 @@
 #pragma once
-// Autoregressive next-token MSE (PAPER.md §1): predictions and targets are
+// Autoregressive next-token MSE (docs/paper.md §1): predictions and targets are
 // (B*T, n), sequence-major (sequence b in rows [b*T, (b+1)*T)), and
 //   L = 1/(B T) sum_{b,t} 1/2 ||pred_{b,t} - target_{b,t}||^2
 //   per_position[t] = 1/B sum_b 1/2 ||pred_{b,t} - target_{b,t}||^2   (mean over t = L)
@@ -17,17 +17,21 @@ struct MseLoss {
   std::vector<double> per_position; // (T): the per-position loss curve
 };
 
-namespace detail {
+}  // namespace mesaopt::train
+
+namespace mesaopt::detail {
 template <class T>
 void check_mse(const char* where, ConstMatrixRef<T> pred, ConstMatrixRef<T> target, long seq_len) {
-  mesaopt::detail::check_positive_size(where, "seq_len", seq_len);
-  mesaopt::detail::check_positive_size(where, "pred.rows()", pred.rows());
-  mesaopt::detail::check_shape(where, "target", target, pred.rows(), pred.cols());
+  detail::check_positive_size(where, "seq_len", seq_len);
+  detail::check_positive_size(where, "pred.rows()", pred.rows());
+  detail::check_shape(where, "target", target, pred.rows(), pred.cols());
   if (pred.rows() % seq_len != 0)
-    mesaopt::detail::fail(where, "pred has ", pred.rows(), " rows, not a multiple of seq_len = ", seq_len,
+    detail::fail(where, "pred has ", pred.rows(), " rows, not a multiple of seq_len = ", seq_len,
                           " (expected B*T rows)");
 }
-}  // namespace detail
+}  // namespace mesaopt::detail
+
+namespace mesaopt::train {
 
 // pred and target are (B*T, n); seq_len is T.
 template <class T>
@@ -61,7 +65,7 @@ template <class T>
 void mse_loss_backward(ConstMatrixRef<T> pred, ConstMatrixRef<T> target, long seq_len, MatrixRef<T> dpred,
                        double scale = 1.0) {
   detail::check_mse<T>("mse_loss_backward", pred, target, seq_len);
-  mesaopt::detail::check_shape("mse_loss_backward", "dpred", dpred, pred.rows(), pred.cols());
+  detail::check_shape("mse_loss_backward", "dpred", dpred, pred.rows(), pred.cols());
   const T factor = static_cast<T>(scale / static_cast<double>(pred.rows()));
   // forward: L = 1/(BT) sum 1/2 ||pred - target||^2   =>   dpred = (pred - target) / (BT)
   dpred = (pred - target) * factor;

@@ -47,8 +47,8 @@ class ProgressLine {
   ProgressLine(long total_steps, long tokens_per_step, std::FILE* stream, bool enabled)
       : total_(total_steps), tokens_per_step_(tokens_per_step), stream_(stream), enabled_(enabled && stream != nullptr),
         start_(Clock::now()), last_(start_) {
-    mesaopt::detail::check_positive_size("ProgressLine", "total_steps", total_steps);
-    mesaopt::detail::check_positive_size("ProgressLine", "tokens_per_step", tokens_per_step);
+    detail::check_positive_size("ProgressLine", "total_steps", total_steps);
+    detail::check_positive_size("ProgressLine", "tokens_per_step", tokens_per_step);
   }
 
   bool enabled() const { return enabled_; }

@@ -1,5 +1,5 @@
 #pragma once
-// Learning-rate schedules (PAPER.md §3), as functions of the 0-based number of
+// Learning-rate schedules (docs/paper.md §3), as functions of the 0-based number of
 // updates already applied, `step` (the lr for the first update is lr(0)).
 //
 // constant:        lr(s) = lr
@@ -26,7 +26,7 @@ struct LrSchedule {
   long total_steps = 0;      // S (warm-up included)
 
   double operator()(long step) const {
-    if (step < 0) mesaopt::detail::fail("LrSchedule", "step must be >= 0, got ", step);
+    if (step < 0) detail::fail("LrSchedule", "step must be >= 0, got ", step);
     if (kind == Kind::constant) return peak;
     if (step < warmup_steps)
       return init + (peak - init) * static_cast<double>(step) / static_cast<double>(warmup_steps);
@@ -39,7 +39,7 @@ struct LrSchedule {
 };
 
 inline LrSchedule constant_schedule(double lr) {
-  if (!(std::isfinite(lr) && lr >= 0)) mesaopt::detail::fail("constant_schedule", "lr must be finite and >= 0, got ", lr);
+  if (!(std::isfinite(lr) && lr >= 0)) detail::fail("constant_schedule", "lr must be finite and >= 0, got ", lr);
   LrSchedule s;
   s.kind = LrSchedule::Kind::constant;
   s.peak = lr;
@@ -47,15 +47,15 @@ inline LrSchedule constant_schedule(double lr) {
 }
 
 // Linear warm-up from `init` to `peak` over `warmup_steps`, then cosine decay to
-// `floor` at `total_steps` (e.g. PAPER.md §3: peak 8e-4, warm-up 1000, floor 1e-5).
+// `floor` at `total_steps` (e.g. docs/paper.md §3: peak 8e-4, warm-up 1000, floor 1e-5).
 inline LrSchedule warmup_cosine_schedule(double peak, long warmup_steps, long total_steps, double floor,
                                          double init = 0.0) {
   const char* where = "warmup_cosine_schedule";
   for (auto [name, v] : {std::pair<const char*, double>{"peak", peak}, {"floor", floor}, {"init", init}})
-    if (!(std::isfinite(v) && v >= 0)) mesaopt::detail::fail(where, name, " must be finite and >= 0, got ", v);
-  if (warmup_steps < 0) mesaopt::detail::fail(where, "warmup_steps must be >= 0, got ", warmup_steps);
+    if (!(std::isfinite(v) && v >= 0)) detail::fail(where, name, " must be finite and >= 0, got ", v);
+  if (warmup_steps < 0) detail::fail(where, "warmup_steps must be >= 0, got ", warmup_steps);
   if (total_steps < warmup_steps)
-    mesaopt::detail::fail(where, "total_steps (", total_steps, ") must be >= warmup_steps (", warmup_steps, ")");
+    detail::fail(where, "total_steps (", total_steps, ") must be >= warmup_steps (", warmup_steps, ")");
   LrSchedule s;
   s.kind = LrSchedule::Kind::warmup_cosine;
   s.peak = peak;

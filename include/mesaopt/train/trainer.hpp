@@ -68,7 +68,7 @@ class Trainer {
  public:
   Trainer(nn::Model<T>& model, BatchSource<T> source, const TrainerConfig& config)
       : model_(model), source_(std::move(source)), config_(checked(config)) {
-    if (!source_) mesaopt::detail::fail("Trainer", "source (the batch source) is empty");
+    if (!source_) detail::fail("Trainer", "source (the batch source) is empty");
     params_ = model_.parameters();
     optimizer_ = std::make_unique<Adam<T>>(params_, config_.adam, default_decay_mask(params_));
   }
@@ -91,7 +91,7 @@ class Trainer {
     while (step_ < end) {
       TrainBatch<T> batch = source_(step_);
       if (batch.seq_len <= 0 || batch.inputs.rows() == 0)
-        mesaopt::detail::fail(where, "batch source returned an empty batch or seq_len <= 0 at step ", step_);
+        detail::fail(where, "batch source returned an empty batch or seq_len <= 0 at step ", step_);
       if (!progress && config_.progress && config_.progress_stream != nullptr)
         progress = std::make_unique<ProgressLine>(config_.steps, static_cast<long>(batch.inputs.rows()),
                                                   config_.progress_stream);
@@ -156,11 +156,11 @@ class Trainer {
  private:
   static const TrainerConfig& checked(const TrainerConfig& c) {
     const char* where = "Trainer";
-    mesaopt::detail::check_positive_size(where, "config.steps", c.steps);
+    detail::check_positive_size(where, "config.steps", c.steps);
     if (!(std::isfinite(c.clip_norm) && c.clip_norm >= 0))
-      mesaopt::detail::fail(where, "config.clip_norm must be finite and >= 0 (0 = off), got ", c.clip_norm);
+      detail::fail(where, "config.clip_norm must be finite and >= 0 (0 = off), got ", c.clip_norm);
     if (c.checkpoint_every < 0)
-      mesaopt::detail::fail(where, "config.checkpoint_every must be >= 0, got ", c.checkpoint_every);
+      detail::fail(where, "config.checkpoint_every must be >= 0, got ", c.checkpoint_every);
     return c;
   }
 

@@ -24,9 +24,17 @@
 // (begin <= end); end - begin = product(shape) * dtype size (overflow-checked);
 // sorted by begin, the tensors tile the data buffer exactly: the first starts
 // at 0, each starts where the previous ended (no overlap, no gap) and the last
-// ends at the end of the file.
+// ends at the end of the file; no key occurs twice (tensor names, metadata
+// keys, fields of an entry).
+//
+// The header is attacker-controlled input, so parsing is linear in its size
+// (up to the O(t log t) sorts of the t tensors by name and by offset; sorting,
+// not hashing, so no input can provoke a worst case) and its memory is
+// proportional to it: two passes of json::Reader, the first checking the
+// syntax and counting the entries, the second building only the tensor list,
+// the metadata and a sorted name index, never a JSON tree.
 #include <mesaopt/common/check.hpp>
-#include <mesaopt/train/json.hpp>
+#include <mesaopt/io/json.hpp>
 
 #include <algorithm>
 #include <cerrno>
@@ -37,13 +45,14 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-namespace mesaopt::train {
+namespace mesaopt::io {
 
 // Bytes per element of a safetensors dtype name, or 0 if unknown.
 inline std::size_t safetensors_dtype_size(const std::string& dtype) {
@@ -76,11 +85,19 @@ struct SafetensorsFile {
   std::uint64_t data_start = 0;   // 8 + N
   std::vector<SafetensorsTensor> tensors;       // in header order
   std::map<std::string, std::string> metadata;  // "__metadata__"
+  std::vector<std::size_t> by_name;             // indices into tensors, sorted by name (set by parse_safetensors)
 
+  // The tensor named `name`, or nullptr: a binary search of by_name, or a
+  // linear scan when by_name does not index `tensors` (edited by hand).
   const SafetensorsTensor* find(const std::string& name) const {
-    for (const auto& t : tensors)
-      if (t.name == name) return &t;
-    return nullptr;
+    if (by_name.size() != tensors.size()) {
+      for (const auto& t : tensors)
+        if (t.name == name) return &t;
+      return nullptr;
+    }
+    const auto it = std::lower_bound(by_name.begin(), by_name.end(), name,
+                                     [&](std::size_t i, const std::string& n) { return tensors[i].name < n; });
+    return it != by_name.end() && tensors[*it].name == name ? &tensors[*it] : nullptr;
   }
   // Pointer to the first byte of t's data (little-endian elements).
   const char* data(const SafetensorsTensor& t) const { return bytes.data() + data_start + t.begin; }
@@ -95,7 +112,9 @@ struct SafetensorsTensorRef {
   const void* data = nullptr;
 };
 
-namespace detail {
+}  // namespace mesaopt::io
+
+namespace mesaopt::detail {
 
 inline bool host_is_little_endian() {
   const std::uint16_t one = 1;
@@ -129,7 +148,9 @@ inline std::uint64_t checked_mul(std::uint64_t a, std::uint64_t b, const std::st
   return a * b;
 }
 
-}  // namespace detail
+}  // namespace mesaopt::detail
+
+namespace mesaopt::io {
 
 // Validates and indexes a safetensors file held in memory. `source` names it in errors.
 inline SafetensorsFile parse_safetensors(std::vector<char> bytes, const std::string& source = "<memory>") {
@@ -148,65 +169,152 @@ inline SafetensorsFile parse_safetensors(std::vector<char> bytes, const std::str
   if (n < 2 || f.bytes[8] != '{') throw std::runtime_error(where + "header does not start with '{'");
   f.data_start = 8 + n;
   const std::uint64_t data_size = size - f.data_start;
+  const char* text = f.bytes.data() + 8;
+  const std::size_t text_size = static_cast<std::size_t>(n);
+  using Kind = json::Value::Kind;
 
-  json::Value header;
   try {
-    header = json::parse(f.bytes.data() + 8, static_cast<std::size_t>(n));
-  } catch (const std::runtime_error& e) {
+    // Pass 1: the syntax of the whole header (so a syntax error is reported
+    // as such wherever it is), and the number of top-level entries.
+    std::size_t entries = 0;
+    {
+      json::Reader r(text, text_size);
+      if (r.peek() != Kind::object) throw std::runtime_error(where + "header is not a JSON object");
+      r.begin_object();
+      std::string key;
+      while (r.next_member(key)) {
+        r.skip_value();
+        ++entries;
+      }
+      r.finish();
+    }
+    f.tensors.reserve(entries);
+
+    // Pass 2: the entries, straight into f.tensors and f.metadata.
+    json::Reader r(text, text_size, /*utf8_checked=*/true);
+    r.begin_object();
+    std::string name;
+    bool seen_metadata = false;
+    while (r.next_member(name)) {
+      if (name == "__metadata__") {
+        if (seen_metadata) throw std::runtime_error(where + "duplicate key \"__metadata__\"");
+        seen_metadata = true;
+        if (r.peek() != Kind::object) throw std::runtime_error(where + "__metadata__ is not an object");
+        r.begin_object();
+        std::string key;
+        while (r.next_member(key)) {
+          const Kind k = r.peek();
+          if (k != Kind::string)
+            throw std::runtime_error(where + "__metadata__ value for " + json::quote(key) + " is a " +
+                                     json::kind_name(k) + ", not a string");
+          std::string value = r.read_string();
+          if (!f.metadata.emplace(key, std::move(value)).second)
+            throw std::runtime_error(where + "__metadata__ has a duplicate key " + json::quote(key));
+        }
+        continue;
+      }
+      // Error messages are built only on failure: no per-entry cost that grows with the name.
+      auto tensor_error = [&](const std::string& what) {
+        return std::runtime_error(where + "tensor " + json::quote(name) + ": " + what);
+      };
+      auto index = [&](std::string_view lexeme, const char* what) {
+        try {
+          return json::to_index(lexeme, what);
+        } catch (const std::runtime_error& e) {
+          throw tensor_error(e.what());
+        }
+      };
+      auto times = [&](std::uint64_t a, std::uint64_t b) {
+        if (a != 0 && b > UINT64_MAX / a) throw tensor_error("shape: size overflows 64 bits");
+        return a * b;
+      };
+      if (r.peek() != Kind::object) throw tensor_error("entry is not an object");
+      SafetensorsTensor t;
+      t.name = name;
+      bool has_dtype = false, has_shape = false, has_offsets = false;
+      Kind dtype_kind = Kind::null, shape_kind = Kind::null, offsets_kind = Kind::null;
+      std::size_t offsets_count = 0;
+      std::string field;
+      r.begin_object();
+      while (r.next_member(field)) {
+        bool* seen = field == "dtype" ? &has_dtype : field == "shape" ? &has_shape
+                                                   : field == "data_offsets" ? &has_offsets : nullptr;
+        if (seen == nullptr) throw tensor_error("unknown field " + json::quote(field));
+        if (*seen) throw tensor_error("duplicate field " + json::quote(field));
+        *seen = true;
+        const Kind k = r.peek();
+        if (field == "dtype") {
+          dtype_kind = k;
+          if (k == Kind::string) t.dtype = r.read_string();
+          else r.skip_value();
+        } else if (field == "shape") {
+          shape_kind = k;
+          if (k != Kind::array) {
+            r.skip_value();
+            continue;
+          }
+          r.begin_array();
+          while (r.next_item()) {
+            const Kind e = r.peek();
+            if (e != Kind::number)
+              throw tensor_error(std::string("shape entry must be a number, got ") + json::kind_name(e));
+            t.shape.push_back(index(r.read_number(), "shape entry"));
+          }
+        } else {
+          offsets_kind = k;
+          if (k != Kind::array) {
+            r.skip_value();
+            continue;
+          }
+          r.begin_array();
+          std::uint64_t* const dest[2] = {&t.begin, &t.end};
+          while (r.next_item()) {
+            if (offsets_count >= 2) throw tensor_error("data_offsets is not an array of two integers");
+            const Kind e = r.peek();
+            const char* what = offsets_count == 0 ? "data_offsets[0]" : "data_offsets[1]";
+            if (e != Kind::number)
+              throw tensor_error(std::string(what) + " must be a number, got " + json::kind_name(e));
+            *dest[offsets_count++] = index(r.read_number(), what);
+          }
+        }
+      }
+      if (!has_dtype || !has_shape || !has_offsets) throw tensor_error("needs dtype, shape and data_offsets");
+      if (dtype_kind != Kind::string) throw tensor_error("dtype is not a string");
+      const std::size_t elem = safetensors_dtype_size(t.dtype);
+      if (elem == 0) throw tensor_error("unknown dtype " + json::quote(t.dtype));
+      if (shape_kind != Kind::array) throw tensor_error("shape is not an array");
+      if (offsets_kind != Kind::array || offsets_count != 2)
+        throw tensor_error("data_offsets is not an array of two integers");
+      std::uint64_t count = 1;
+      for (std::uint64_t d : t.shape) count = times(count, d);
+      if (t.end < t.begin)
+        throw tensor_error("data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] are reversed");
+      if (t.end > data_size)
+        throw tensor_error("data_offsets end " + std::to_string(t.end) + " is beyond the " + std::to_string(data_size) +
+                           "-byte data buffer");
+      const std::uint64_t bytes_needed = times(count, elem);
+      if (t.end - t.begin != bytes_needed)
+        throw tensor_error("data_offsets span " + std::to_string(t.end - t.begin) + " bytes but dtype " + t.dtype +
+                           " and its shape need " + std::to_string(bytes_needed));
+      f.tensors.push_back(std::move(t));
+    }
+    r.finish();
+  } catch (const json::ParseError& e) {
     throw std::runtime_error(where + "header is not valid JSON: " + e.what());
   }
-  if (header.kind != json::Value::Kind::object) throw std::runtime_error(where + "header is not a JSON object");
 
-  for (const auto& [name, entry] : header.members) {
-    if (name == "__metadata__") {
-      if (entry.kind != json::Value::Kind::object) throw std::runtime_error(where + "__metadata__ is not an object");
-      for (const auto& [key, value] : entry.members) {
-        if (value.kind != json::Value::Kind::string)
-          throw std::runtime_error(where + "__metadata__ value for " + json::quote(key) + " is a " +
-                                   json::kind_name(value.kind) + ", not a string");
-        f.metadata[key] = value.text;
-      }
-      continue;
-    }
-    const std::string tw = where + "tensor " + json::quote(name) + ": ";
-    if (entry.kind != json::Value::Kind::object) throw std::runtime_error(tw + "entry is not an object");
-    for (const auto& m : entry.members)
-      if (m.first != "dtype" && m.first != "shape" && m.first != "data_offsets")
-        throw std::runtime_error(tw + "unknown field " + json::quote(m.first));
-    const json::Value* dtype = entry.find("dtype");
-    const json::Value* shape = entry.find("shape");
-    const json::Value* offsets = entry.find("data_offsets");
-    if (!dtype || !shape || !offsets) throw std::runtime_error(tw + "needs dtype, shape and data_offsets");
-    if (dtype->kind != json::Value::Kind::string) throw std::runtime_error(tw + "dtype is not a string");
-    const std::size_t elem = safetensors_dtype_size(dtype->text);
-    if (elem == 0) throw std::runtime_error(tw + "unknown dtype " + json::quote(dtype->text));
-    if (shape->kind != json::Value::Kind::array) throw std::runtime_error(tw + "shape is not an array");
-    if (offsets->kind != json::Value::Kind::array || offsets->items.size() != 2)
-      throw std::runtime_error(tw + "data_offsets is not an array of two integers");
-    SafetensorsTensor t;
-    t.name = name;
-    t.dtype = dtype->text;
-    std::uint64_t count = 1;
-    for (const auto& d : shape->items) {
-      t.shape.push_back(json::to_index(d, tw + "shape entry"));
-      count = detail::checked_mul(count, t.shape.back(), tw + "shape");
-    }
-    t.begin = json::to_index(offsets->items[0], tw + "data_offsets[0]");
-    t.end = json::to_index(offsets->items[1], tw + "data_offsets[1]");
-    if (t.end < t.begin)
-      throw std::runtime_error(tw + "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] are reversed");
-    if (t.end > data_size)
-      throw std::runtime_error(tw + "data_offsets end " + std::to_string(t.end) + " is beyond the " +
-                               std::to_string(data_size) + "-byte data buffer");
-    const std::uint64_t bytes_needed = detail::checked_mul(count, elem, tw + "shape");
-    if (t.end - t.begin != bytes_needed)
-      throw std::runtime_error(tw + "data_offsets span " + std::to_string(t.end - t.begin) + " bytes but dtype " +
-                               t.dtype + " and its shape need " + std::to_string(bytes_needed));
-    f.tensors.push_back(std::move(t));
-  }
+  // Names are unique (the name index, sorted, has no equal neighbours).
+  f.by_name.resize(f.tensors.size());
+  for (std::size_t i = 0; i < f.by_name.size(); ++i) f.by_name[i] = i;
+  std::sort(f.by_name.begin(), f.by_name.end(),
+            [&](std::size_t a, std::size_t b) { return f.tensors[a].name < f.tensors[b].name; });
+  for (std::size_t i = 1; i < f.by_name.size(); ++i)
+    if (f.tensors[f.by_name[i - 1]].name == f.tensors[f.by_name[i]].name)
+      throw std::runtime_error(where + "duplicate tensor name " + json::quote(f.tensors[f.by_name[i]].name));
 
   // The tensors must tile [0, data_size) exactly.
   std::vector<const SafetensorsTensor*> order;
+  order.reserve(f.tensors.size());
   for (const auto& t : f.tensors) order.push_back(&t);
   std::sort(order.begin(), order.end(), [](const SafetensorsTensor* a, const SafetensorsTensor* b) {
     return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
@@ -255,18 +363,21 @@ inline std::vector<char> serialize_safetensors(const std::vector<SafetensorsTens
     }
     header += "}";
   }
-  std::uint64_t offset = 0;
-  std::vector<std::string> seen;
+  std::vector<const std::string*> names;
+  names.reserve(tensors.size());
   for (const auto& t : tensors) {
-    if (t.name == "__metadata__") mesaopt::detail::fail(where, "tensor name '__metadata__' is reserved");
-    if (std::find(seen.begin(), seen.end(), t.name) != seen.end())
-      mesaopt::detail::fail(where, "duplicate tensor name '", t.name, "'");
-    seen.push_back(t.name);
+    if (t.name == "__metadata__") detail::fail(where, "tensor name '__metadata__' is reserved");
+    names.push_back(&t.name);
+  }
+  if (const std::string* dup = detail::find_duplicate_string(std::move(names)))
+    detail::fail(where, "duplicate tensor name '", *dup, "'");
+  std::uint64_t offset = 0;
+  for (const auto& t : tensors) {
     const std::size_t elem = safetensors_dtype_size(t.dtype);
-    if (elem == 0) mesaopt::detail::fail(where, "tensor '", t.name, "' has unknown dtype '", t.dtype, "'");
+    if (elem == 0) detail::fail(where, "tensor '", t.name, "' has unknown dtype '", t.dtype, "'");
     std::uint64_t count = 1;
     for (auto d : t.shape) count = detail::checked_mul(count, d, "tensor '" + t.name + "'");
-    if (count > 0 && t.data == nullptr) mesaopt::detail::fail(where, "tensor '", t.name, "' has null data");
+    if (count > 0 && t.data == nullptr) detail::fail(where, "tensor '", t.name, "' has null data");
     const std::uint64_t nbytes = count * elem;
     if (!metadata.empty() || &t != &tensors.front()) header += ",";
     header += json::quote(t.name) + ":{\"dtype\":" + json::quote(t.dtype) + ",\"shape\":[";
@@ -303,7 +414,7 @@ inline void write_file_atomically(const std::string& path, const std::vector<cha
   const std::size_t slash = path.find_last_of('/');
   const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
   const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
-  if (base.empty()) mesaopt::detail::fail("write_file_atomically", "path '", path, "' names a directory");
+  if (base.empty()) detail::fail("write_file_atomically", "path '", path, "' names a directory");
   std::string tmp = (slash == std::string::npos ? std::string() : path.substr(0, slash + 1)) + "." + base + ".tmp-XXXXXX";
   std::vector<char> name(tmp.begin(), tmp.end());
   name.push_back('\0');
@@ -371,4 +482,4 @@ inline void write_safetensors(const std::string& path, const std::vector<Safeten
   write_file_atomically(path, bytes, stages);
 }
 
-}  // namespace mesaopt::train
+}  // namespace mesaopt::io
