@@ -18,7 +18,7 @@
 //   rank2_update_apply         6 d^2          (M update, 2 FMAs = 4 flops per entry,
 //                                              + out = M k, 2 flops per entry; the
 //                                              scale multiply is skipped at scale = 1)
-//   sherman_morrison_update    6 d^2          (R update + R q + R k_next, MATH.md M7, M9)
+//   sherman_morrison_update    6 d^2          (R update + R q + R k_next, docs/math.md M7, M9)
 //   sherman_morrison_gain      3 d            (k.u, then w = u / sqrt(den))
 //   mesa_step                  6 d^2          (gain + fused update, one token of the
 //                                              mesa recursion; the O(d) gain is not counted)
@@ -230,7 +230,7 @@ void BM_rank2_update_apply(benchmark::State& state) {
 // i.i.d. N(0, 1/d) entries (|k| about 1) and lambda = 1, so after t tokens
 // R_t = (K^T K + I)^{-1} has eigenvalues between about 1/(1 + t/d) and 1: well
 // conditioned, no denormals, no growth. R is reset to lambda I at the start of
-// every sequence (MATH.md M5-M7 with R_0 = lambda I).
+// every sequence (docs/math.md M5-M7 with R_0 = lambda I).
 template <class T>
 struct MesaSequence {
   static constexpr std::size_t kTokens = 256;

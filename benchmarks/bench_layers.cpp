@@ -66,7 +66,7 @@ Layer make_layer(int threads) {
   c.dv = kdv;
   c.num_threads = threads;
   Layer layer(c);
-  layer.init(1, 0.05);  // PAPER.md §2: N(0, 0.05^2) for full models
+  layer.init(1, 0.05);  // docs/paper.md §2: N(0, 0.05^2) for full models
   return layer;
 }
 

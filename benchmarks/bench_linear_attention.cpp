@@ -1,4 +1,4 @@
-// Causal linear attention (MATH.md §1): forward and forward+backward, recurrent
+// Causal linear attention (docs/math.md §1): forward and forward+backward, recurrent
 // vs chunked vs the dispatching entry point, 8 independent sequences (B*H = 8)
 // per iteration, single thread, float.
 //
@@ -16,6 +16,7 @@
 //   peak_frac      GFLOPS / measured single-thread FMA peak (benchmarks/peak.hpp).
 #include <benchmark/benchmark.h>
 #include <mesaopt/ops/linear_attention.hpp>
+#include <mesaopt/ops/linear_attention_reference.hpp>
 
 #include "peak.hpp"
 
@@ -67,7 +68,7 @@ void forward(Form form, Inputs& in, int s, long chunk) {
     case kRecurrent: mesaopt::linear_attention_forward_recurrent(in.q[s], in.k[s], in.v[s], in.out[s]); break;
     case kChunked: mesaopt::linear_attention_forward_chunked(in.q[s], in.k[s], in.v[s], in.out[s], chunk); break;
     case kAuto: mesaopt::linear_attention_forward(in.q[s], in.k[s], in.v[s], in.out[s]); break;
-    case kReference: mesaopt::linear_attention_forward_reference(in.q[s], in.k[s], in.v[s], in.out[s]); break;
+    case kReference: mesaopt::reference::linear_attention_forward(in.q[s], in.k[s], in.v[s], in.out[s]); break;
   }
 }
 
@@ -84,7 +85,7 @@ void backward(Form form, Inputs& in, int s, long chunk) {
       mesaopt::linear_attention_backward(in.q[s], in.k[s], in.v[s], in.g[s], in.dq[s], in.dk[s], in.dv[s]);
       break;
     case kReference:
-      mesaopt::linear_attention_backward_reference(in.q[s], in.k[s], in.v[s], in.g[s], in.dq[s], in.dk[s],
+      mesaopt::reference::linear_attention_backward(in.q[s], in.k[s], in.v[s], in.g[s], in.dq[s], in.dk[s],
                                                    in.dv[s]);
       break;
   }

@@ -1,6 +1,6 @@
 // The mesa op (include/mesaopt/ops/mesa.hpp), float, single thread: forward and
 // forward+backward of B*H = 8 independent sequences per iteration, beside the
-// plain Eigen recursion (reference::mesa_forward_naive), for T in {256, 1024,
+// plain Eigen recursion (reference::mesa_forward), for T in {256, 1024,
 // 4096} and d = dv in {16, 32, 64, 128}.
 //
 // Counters:
@@ -94,7 +94,7 @@ void BM_naive_forward(benchmark::State& state) {
   const long T = state.range(0), d = state.range(1), dv = d;
   Problem p(T, d, dv);
   for (auto _ : state) {
-    for (int s = 0; s < kSequences; ++s) mesaopt::reference::mesa_forward_naive<float>(p.q[s], p.k[s], p.v[s], p.opt, p.out[s]);
+    for (int s = 0; s < kSequences; ++s) mesaopt::reference::mesa_forward<float>(p.q[s], p.k[s], p.v[s], p.opt, p.out[s]);
     benchmark::DoNotOptimize(p.out[kSequences - 1].data());
     benchmark::ClobberMemory();
   }

@@ -1,4 +1,4 @@
-// Causal softmax attention (MATH.md §2, M4): tiled flash forward and
+// Causal softmax attention (docs/math.md §2, M4): tiled flash forward and
 // forward+backward, 8 independent sequences (B*H = 8) per iteration, single
 // thread, float.
 //
@@ -79,7 +79,7 @@ void BM_SoftmaxReference(benchmark::State& state) {
   Inputs in(T, d, dv);
   for (auto _ : state) {
     for (int s = 0; s < kSequences; ++s)
-      mesaopt::softmax_attention_forward_reference(in.q[s], in.k[s], in.v[s], in.out[s], in.cache[s]);
+      mesaopt::reference::softmax_attention_forward(in.q[s], in.k[s], in.v[s], in.out[s]);
     benchmark::DoNotOptimize(in.out[0].data());
     benchmark::ClobberMemory();
   }

@@ -1,5 +1,5 @@
 // A first look at mesaopt's core kernel: runs the fused Sherman-Morrison
-// recursion (MATH.md M7-M9) over a random sequence and checks the final
+// recursion (docs/math.md M7-M9) over a random sequence and checks the final
 // prediction against a direct ridge solve.
 #include <mesaopt/mesaopt.hpp>
 

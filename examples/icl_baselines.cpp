@@ -1,5 +1,5 @@
 // Reference in-context learners on the paper's linear-dynamics task
-// (PAPER.md §1 settings, §4 learner rows, §5 definitions): prints loss vs
+// (docs/paper.md §1 settings, §4 learner rows, §5 definitions): prints loss vs
 // context length for every learner and optionally writes tidy CSV.
 //
 //   icl_baselines [--seed N] [--sequences N] [--csv FILE] [--threads N]

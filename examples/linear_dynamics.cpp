@@ -1,4 +1,4 @@
-// The paper's Fig. 4 experiment (PAPER.md §1-4): Transformers on constructed
+// The paper's Fig. 4 experiment (docs/paper.md §1-4): Transformers on constructed
 // tokens e_t = [0, s_t, s_t, s_{t-1}] of a linear dynamical system. Trains
 // linear-attention models of 1, 2, 4 and 6 layers and a 1-layer mesa model,
 // evaluates them on fresh sequences, and prints loss vs context length beside
@@ -8,7 +8,7 @@
 // eta about 0.032, losses within 1%) and reads the same step off its weights.
 //
 // Default: a reduced run (see kDefaults) that finishes in minutes on 2 cores.
-// --full: the paper's settings (PAPER.md §3).
+// --full: the paper's settings (docs/paper.md §3).
 #include "curve_report.hpp"
 
 #include <mesaopt/learners.hpp>
@@ -34,7 +34,7 @@ namespace mt = mesaopt::tasks;
 
 namespace {
 
-// One trained model of the experiment: architecture (PAPER.md §2) and the
+// One trained model of the experiment: architecture (docs/paper.md §2) and the
 // training schedule of the paper (§3) and of the reduced default run.
 struct ModelSpec {
   std::string name;
@@ -67,7 +67,7 @@ struct Options {
   long eval_sequences = 1000;
   unsigned long long seed = 1;
   int threads = 0;
-  double init_std = 0.0002;  // PAPER.md §2: N(0, 0.0002^2) for constructed tokens
+  double init_std = 0.0002;  // docs/paper.md §2: N(0, 0.0002^2) for constructed tokens
   std::vector<std::string> models;
   std::string csv, history;
 };
@@ -140,7 +140,7 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-// PAPER.md §2: no embedding, read-out = the first n entries of the stream (the
+// docs/paper.md §2: no embedding, read-out = the first n entries of the stream (the
 // slot the constructed token leaves zero), activations clipped to ±4 after each
 // block, no LayerNorm, no MLP, key size 20 (value size = key size).
 nn::ModelConfig model_config(const ModelSpec& s, long n, int threads) {
@@ -161,8 +161,8 @@ nn::ModelConfig model_config(const ModelSpec& s, long n, int threads) {
 
 // The GD step a trained 1-layer linear model implements, read off its weights.
 // Head h adds A_h e_{t'} (e_{t'}^T B_h e_t) to the read-out slot, with
-// A_h = W_o[0:n, h] W_v[h] and B_h = W_k[h]^T W_q[h] (MATH.md M1-M2). One GD
-// step from zero adds eta s_{t'} (s_{t'-1} . s_t) (PAPER.md §5), so with
+// A_h = W_o[0:n, h] W_v[h] and B_h = W_k[h]^T W_q[h] (docs/math.md M1-M2). One GD
+// step from zero adds eta s_{t'} (s_{t'-1} . s_t) (docs/paper.md §5), so with
 // e = [0, s_t, s_t, s_{t-1}] the relevant blocks are A_h's columns of the two
 // s_t slots and B_h's rows of the s_{t-1} slot against columns of the s_t
 // slots; eta_h = (mean diagonal of A_h's block) (mean diagonal of B_h's).
@@ -204,7 +204,7 @@ train::BatchSource<float> make_source(const mt::DynamicsConfig& dc, long batch, 
 int main(int argc, char** argv) {
   const Options opt = parse(argc, argv);
   try {
-    const mt::DynamicsConfig dc;  // PAPER.md §1: n = 10, T = 50, noise 0.01
+    const mt::DynamicsConfig dc;  // docs/paper.md §1: n = 10, T = 50, noise 0.01
     const long n = dc.state_dim, T = dc.seq_len;
     const long batch = opt.batch > 0 ? opt.batch : (opt.full ? kFullBatch : kDefaultBatch);
 
@@ -218,7 +218,7 @@ int main(int argc, char** argv) {
     };
     auto lr_of = [&](const ModelSpec& s) { return opt.lr > 0 ? opt.lr : (opt.full ? s.full_lr : s.default_lr); };
 
-    std::printf("linear dynamics, constructed tokens (PAPER.md §1-3): n = %ld, T = %ld, batch %ld, %s settings\n", n,
+    std::printf("linear dynamics, constructed tokens (docs/paper.md §1-3): n = %ld, T = %ld, batch %ld, %s settings\n", n,
                 T, batch, opt.full ? "paper (--full)" : "reduced default");
 
     // Held-out data: a different seed from training; learners' hyperparameters
@@ -265,7 +265,7 @@ int main(int argc, char** argv) {
       const train::BatchSource<float> source = make_source(dc, batch, opt.seed, opt.threads);
       train::TrainerConfig tc;
       tc.steps = steps;
-      tc.adam = train::adamw_config(0.1);  // PAPER.md §3: AdamW (0.9, 0.999, 1e-8), weight decay 0.1
+      tc.adam = train::adamw_config(0.1);  // docs/paper.md §3: AdamW (0.9, 0.999, 1e-8), weight decay 0.1
       tc.schedule = train::constant_schedule(lr);
       tc.clip_norm = 1.0;
       train::Trainer<float> trainer(model, source, tc);
@@ -307,7 +307,7 @@ int main(int argc, char** argv) {
         ml::GradientDescent{1, gd_eta, 0.0}.predict<double>(x, y, T, opt.threads));
     add("chebyshev-6", "paper coefs", ml::ChebyshevSolver::paper_six_step().predict<double>(x, y, T, opt.threads));
     {
-      // Read literally, PAPER.md §5's recursion with its beta diverges here; the
+      // Read literally, docs/paper.md §5's recursion with its beta diverges here; the
       // same alphas without the momentum term give the paper's 0.234
       // (docs/learners.md discusses the convention).
       auto alpha_only = ml::ChebyshevSolver::paper_six_step();

@@ -1,4 +1,4 @@
-// The paper's full-model setting (PAPER.md §2 "Full models", §3, §4) on the
+// The paper's full-model setting (docs/paper.md §2 "Full models", §3, §4) on the
 // linear dynamical system of §1: the models see the raw states s_t (no
 // constructed tokens) and must build the pair (s_{t-1}, s_t) themselves.
 //
@@ -12,7 +12,7 @@
 // with lambda 1e-3 and the noise floor), then probed: where does the first
 // block's attention mass go? The paper's "token construction" finding is that
 // the first layer copies s_{t-1} next to s_t, i.e. some heads put most of
-// their mass on key t-1 (PAPER.md §2, §4).
+// their mass on key t-1 (docs/paper.md §2, §4).
 //
 // Default: a reduced run (batch 64, 3000 steps, higher peak lr) that finishes
 // in about 6 minutes on 2 cores. --full: the paper's settings (batch 256, 10000 steps,
@@ -41,15 +41,15 @@ namespace mt = mesaopt::tasks;
 
 namespace {
 
-// PAPER.md §2: width 40, 4 heads, key size 20. Value size 20 (= key size, as
+// docs/paper.md §2: width 40, 4 heads, key size 20. Value size 20 (= key size, as
 // in the constructed-token models). The positional code concatenated to the
 // first block's input has kPositionalDim columns (sin/cos pairs at 10
 // frequencies from 1 to ~1e-4 rad/step: the fastest pairs tell neighbours
 // apart, which is what attending to t-1 needs).
 constexpr long kWidth = 40, kHeads = 4, kKeySize = 20, kValueSize = 20, kPositionalDim = 20;
-constexpr double kInitStd = 0.05;      // PAPER.md §2: N(0, 0.05^2) for full models
-constexpr double kWeightDecay = 0.05;  // PAPER.md §3
-constexpr double kLrFloor = 1e-5;      // PAPER.md §3: cosine decay to 1e-5
+constexpr double kInitStd = 0.05;      // docs/paper.md §2: N(0, 0.05^2) for full models
+constexpr double kWeightDecay = 0.05;  // docs/paper.md §3
+constexpr double kLrFloor = 1e-5;      // docs/paper.md §3: cosine decay to 1e-5
 
 struct Settings {
   long batch, steps, warmup;
@@ -175,7 +175,7 @@ nn::BlockConfig block(nn::AttentionKind kind, long positional_dim, bool layer_no
 
 // Embed Dense n -> 40, blocks, Dense read-out 40 -> n. Pre-LN before each
 // attention (default; it made the softmax-only model train in the reduced
-// budget, see kDefault), no MLP (attention-only blocks as in PAPER.md §2's
+// budget, see kDefault), no MLP (attention-only blocks as in docs/paper.md §2's
 // dynamics runs; it also keeps the default run short), no clipping.
 nn::ModelConfig model_config(long n, const std::vector<nn::BlockConfig>& blocks, int threads) {
   nn::ModelConfig mc;
@@ -227,7 +227,7 @@ HeadShares attention_shares(nn::Model<float>& model, const RowMatrix<float>& x, 
 int main(int argc, char** argv) {
   const Options opt = parse(argc, argv);
   try {
-    const mt::DynamicsConfig dc;  // PAPER.md §1: n = 10, T = 50, noise 0.01, W* Haar orthogonal
+    const mt::DynamicsConfig dc;  // docs/paper.md §1: n = 10, T = 50, noise 0.01, W* Haar orthogonal
     const long n = dc.state_dim, T = dc.seq_len;
     const Settings& st = opt.full ? kFull : kDefault;
     const long batch = opt.batch > 0 ? opt.batch : st.batch;
@@ -247,7 +247,7 @@ int main(int argc, char** argv) {
     }
 
     std::printf(
-        "linear dynamics on raw tokens s_t (PAPER.md §1-3): n = %ld, T = %ld; width %ld, %ld heads, key/value size "
+        "linear dynamics on raw tokens s_t (docs/paper.md §1-3): n = %ld, T = %ld; width %ld, %ld heads, key/value size "
         "%ld/%ld, positional code %ld dims on block 0\n"
         "%s settings: batch %ld, %ld steps, AdamW wd %.2g, clip 1, warm-up %ld then cosine to %.0e, init N(0, %.2g^2), "
         "pre-LN %s, no MLP\n",
@@ -330,7 +330,7 @@ int main(int argc, char** argv) {
     std::printf("\nheld-out loss per position (sum of squared errors / 2, mean over %ld sequences)\n",
                 opt.eval_sequences);
     examples::print_curve_table(rows, show, 16, 11);
-    std::printf("(PAPER.md §4, paper settings: 3-layer softmax avg 0.315, t=50 0.057; hybrid softmax + 1 mesa "
+    std::printf("(docs/paper.md §4, paper settings: 3-layer softmax avg 0.315, t=50 0.057; hybrid softmax + 1 mesa "
                 "about 0.198, t=50 0.0023)\n");
 
     // Token construction: block 0's attention mass on keys t-1 and t.

@@ -1,5 +1,5 @@
 // Few-shot (in-context) linear regression: a trained Transformer against the
-// reference in-context learners (issue 5, item 3; MATH.md §5, PAPER.md §2-5).
+// reference in-context learners (issue 5, item 3; docs/math.md §5, docs/paper.md §2-5).
 //
 // Task (tasks/linear_regression.hpp): a fresh W (dy x dx, entries
 // N(0, 1/dx), so every y entry has unit variance) per sequence, x_i ~ N(0, I),
@@ -9,7 +9,7 @@
 // on the same predictions of the same held-out sequences.
 //
 // Tokens: the regression analogue of the paper's constructed tokens
-// e_t = [0, s_t, s_t, s_{t-1}] (PAPER.md §2):
+// e_t = [0, s_t, s_t, s_{t-1}] (docs/paper.md §2):
 //
 //     e_t = [0 (dy), x_t (dx), y_{t-1} (dy), x_{t-1} (dx)],   x_0 = y_0 = 0,
 //
@@ -17,7 +17,7 @@
 // keys from x_{t-1}, values from y_{t-1} and queries from x_t, one linear-
 // attention layer (M1-M2) can compute eta sum_{i<t} y_i (x_i . x_t) — exactly
 // one step of GD from W = 0 — and one mesa layer (M7-M9) can compute the ridge
-// prediction G_t (H_t + I/lambda)^{-1} x_t (MATH.md §4-5). Trained on the task
+// prediction G_t (H_t + I/lambda)^{-1} x_t (docs/math.md §4-5). Trained on the task
 // they should find these: linear-1L close to tuned 1-step GD, mesa-1L close to
 // tuned ridge (which, with a Gaussian W and Gaussian noise, is the Bayes-optimal
 // predictor at regulariser noise^2 dx).
@@ -61,7 +61,7 @@ struct ModelSpec {
   double lr;   // constant learning rate (AdamW)
 };
 
-// Paper (PAPER.md §3): lr 1e-4 (mesa 4e-4) for 5000+ steps at batch 256. The
+// Paper (docs/paper.md §3): lr 1e-4 (mesa 4e-4) for 5000+ steps at batch 256. The
 // short default run uses batch 64 and a 10x larger lr, as linear_dynamics does.
 // linear-1L and mesa-1L have converged by 1500 steps (their held-out avg moves
 // by < 0.2% from 1500 to 4000 steps); linear-2L still improves then
@@ -81,7 +81,7 @@ struct Options {
   double lr_scale = 1;     // multiplies every model's lr
   long key_size = 0;       // 0: 2 dx
   double clip = 0;         // stream clip after each block; 0 = off
-  double init_std = 0.0002;  // PAPER.md §2: N(0, 0.0002^2) for constructed tokens
+  double init_std = 0.0002;  // docs/paper.md §2: N(0, 0.0002^2) for constructed tokens
   long eval_sequences = 1000, tune_sequences = 250;
   unsigned long long seed = 1;
   int threads = 1;  // the models are tiny: one thread beat two on this 2-core machine (see --help)
@@ -111,7 +111,7 @@ void usage() {
       "  --lr-scale X       multiply every model's learning rate by X (default 1)\n"
       "  --key-size N       key = value size per head (default 2 dx); 2 heads per layer\n"
       "  --clip X           clip the residual stream to +-X after each block (default 0 = off)\n"
-      "  --init-std X       weight initialisation std (default 0.0002, PAPER.md §2)\n"
+      "  --init-std X       weight initialisation std (default 0.0002, docs/paper.md §2)\n"
       "  --eval N           held-out evaluation sequences (default 1000)\n"
       "  --tune N           sequences for tuning the learners' hyperparameters (default 250)\n"
       "  --seed N           seed of training data and initialisation; evaluation and tuning\n"
@@ -213,7 +213,7 @@ RowMatrix<T> constructed_tokens(const mt::RegressionBatch<T>& b) {
 }
 
 // No embedding, read-out = the first dy entries of the stream (the slot the
-// token leaves zero), no LayerNorm, no MLP (PAPER.md §2, constructed tokens).
+// token leaves zero), no LayerNorm, no MLP (docs/paper.md §2, constructed tokens).
 nn::ModelConfig model_config(const ModelSpec& s, const Options& o) {
   nn::ModelConfig mc;
   mc.input_dim = mc.width = 2 * (o.dx + o.dy);
@@ -233,7 +233,7 @@ nn::ModelConfig model_config(const ModelSpec& s, const Options& o) {
 // The GD step a trained 1-layer linear model implements, read off its weights.
 // Head h adds A_h e_{t'} (e_{t'}^T B_h e_t) to the read-out slot, with
 // A_h = W_o[0:dy, h] W_v[h] (dy, D) and B_h = W_k[h]^T W_q[h] (D, D; rows: key
-// token e_{t'}, columns: query token e_t) (MATH.md M1-M2). One GD step from zero
+// token e_{t'}, columns: query token e_t) (docs/math.md M1-M2). One GD step from zero
 // adds eta y_{i,k} (x_i . x_t) to output k for i = t' - 1. A head can build that
 // product two ways: value y_{t'-1}, key x_{t'-1} (A's y_{t-1} columns Ay times
 // B's x_{t-1}-row/x_t-column block Bx), or value x_{t'-1}, key y_{t'-1} (A's
@@ -315,7 +315,7 @@ int main(int argc, char** argv) {
       };
       train::TrainerConfig tc;
       tc.steps = steps;
-      tc.adam = train::adamw_config(0.1);  // PAPER.md §3: AdamW (0.9, 0.999, 1e-8), weight decay 0.1
+      tc.adam = train::adamw_config(0.1);  // docs/paper.md §3: AdamW (0.9, 0.999, 1e-8), weight decay 0.1
       tc.schedule = train::constant_schedule(lr);
       tc.clip_norm = 1.0;
       train::Trainer<float> trainer(model, source, tc);
@@ -351,7 +351,7 @@ int main(int argc, char** argv) {
     add("ridge-tuned", examples::format_number("reg %.3g", reg),
         ml::Ridge::from_regularizer(reg).predict<double>(x, y, T, opt.threads));
     // Posterior mean of W under its N(0, 1/dx) prior and N(0, noise^2) noise:
-    // ridge with regulariser noise^2 dx (MATH.md M5: prior variance lambda).
+    // ridge with regulariser noise^2 dx (docs/math.md M5: prior variance lambda).
     if (opt.noise > 0) {
       const double bayes = opt.noise * opt.noise * double(dx);
       add("ridge-bayes", examples::format_number("reg %.3g", bayes),

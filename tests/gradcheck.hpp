@@ -1,7 +1,7 @@
 #pragma once
 // A reusable finite-difference gradient checker for the hand-written backward
-// passes (DEVELOPERS.md: every backward is checked in double for every input
-// and parameter, relative error below 1e-6).
+// passes. The project's rule: every backward is checked in double for every
+// input and parameter, relative error below 1e-6.
 //
 // Usage:
 //   auto loss = [&] { forward(...); return (out.array() * w.array()).sum(); };  // dL/dout = w

@@ -1,6 +1,6 @@
 // Tests for the attention probes: SoftmaxAttentionLayer::attention_probabilities
 // and nn::Model::attention_probabilities (the "token construction" analysis of
-// PAPER.md §2/§4). The probabilities are compared with an independent
+// docs/paper.md §2/§4). The probabilities are compared with an independent
 // straightforward computation from the layer's own weights (softmax of
 // q k^T / sqrt(d) under the causal mask, M4), checked to be row-stochastic and
 // causal, tied back to the layer's forward output (A V W_o^T = y), and the
@@ -170,7 +170,7 @@ TEST_CASE("Model::attention_probabilities of block 0 equals an independent compu
     REQUIRE(probs.size() == std::size_t(B * H));
     check_stochastic_causal(probs, T);
 
-    // Independent attention input: [LN?(x W_e^T + b_e), PE] (PAPER.md §2).
+    // Independent attention input: [LN?(x W_e^T + b_e), PE] (docs/paper.md §2).
     const RowMatrix<double> We = param(params, "embed.weight", W, n);
     const Vector<double> be = Eigen::Map<const Vector<double>>(params.at("embed.bias").value, W);
     RowMatrix<double> h = x * We.transpose();

@@ -7,7 +7,7 @@
 //   - guard regions: sentinel values before and after every output buffer and
 //     in the padding columns of every matrix, checked after each call, so any
 //     out-of-bounds write fails a test;
-//   - sherman_morrison_update keeps R bitwise symmetric over many steps (MATH.md §3);
+//   - sherman_morrison_update keeps R bitwise symmetric over many steps (docs/math.md §3);
 //     rank2_update_apply keeps M symmetric to within rounding (not bitwise);
 //   - read-only inputs are left unchanged;
 //   - the mesa recursion built from the kernels equals a direct ridge solve (M5-M6).
@@ -267,7 +267,7 @@ TEMPLATE_TEST_CASE("gemv matches the reference for m x n with ld > n", "[kernels
   }
 }
 
-// ---- Sherman-Morrison (MATH.md M7, M9) --------------------------------------------
+// ---- Sherman-Morrison (docs/math.md M7, M9) --------------------------------------------
 
 namespace {
 
@@ -638,7 +638,7 @@ TEMPLATE_TEST_CASE("rank2_update_apply keeps M symmetric to rounding over many s
 
 namespace {
 
-// Runs the mesa recursion of MATH.md §3 with forgetting factor gamma on one
+// Runs the mesa recursion of docs/math.md §3 with forgetting factor gamma on one
 // head, with the kernels only: per token
 //   w_t = gain(k_t, u_t)                       u_t = R_{t-1} k_t
 //   R_t = R_{t-1}/gamma - w w^T, a_t = R_t q_t, u_{t+1} = R_t k_{t+1}     (M7, M9)

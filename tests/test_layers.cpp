@@ -31,7 +31,7 @@ namespace {
 // Naive per-head references (one sequence, one head), written independently
 // of the ops: direct sums over i <= t.
 
-// MATH.md M1-M2: o_t = sum_{i<=t} v_i (k_i . q_t).
+// docs/math.md M1-M2: o_t = sum_{i<=t} v_i (k_i . q_t).
 RowMatrix<double> naive_linear(const RowMatrix<double>& q, const RowMatrix<double>& k, const RowMatrix<double>& v) {
   RowMatrix<double> o = RowMatrix<double>::Zero(q.rows(), v.cols());
   for (long t = 0; t < q.rows(); ++t)
@@ -39,7 +39,7 @@ RowMatrix<double> naive_linear(const RowMatrix<double>& q, const RowMatrix<doubl
   return o;
 }
 
-// MATH.md M4: o_t = sum_{i<=t} softmax_i(q_t . k_i / sqrt(d)) v_i.
+// docs/math.md M4: o_t = sum_{i<=t} softmax_i(q_t . k_i / sqrt(d)) v_i.
 RowMatrix<double> naive_softmax(const RowMatrix<double>& q, const RowMatrix<double>& k, const RowMatrix<double>& v) {
   RowMatrix<double> o = RowMatrix<double>::Zero(q.rows(), v.cols());
   const double scale = 1.0 / std::sqrt(double(q.cols()));
@@ -52,7 +52,7 @@ RowMatrix<double> naive_softmax(const RowMatrix<double>& q, const RowMatrix<doub
   return o;
 }
 
-// MATH.md M5-M6 with forgetting, by a direct solve at every t:
+// docs/math.md M5-M6 with forgetting, by a direct solve at every t:
 // o_t = S_t A_t^{-1} q_t, A_t = sum_{i<=t} gamma^{t-i} k_i k_i^T + gamma^t I / lambda,
 // S_t = sum_{i<=t} gamma^{t-i} v_i k_i^T.
 RowMatrix<double> naive_mesa(const RowMatrix<double>& q, const RowMatrix<double>& k, const RowMatrix<double>& v,
@@ -317,7 +317,7 @@ TEST_CASE("LinearAttentionLayer: parameters, init, thread-count invariance, bad 
     CHECK(rms == Approx(0.2).epsilon(0.05));
     CHECK(layer.W_q() != layer.W_k());  // consecutive draws
     // init(seed) is init(rng) with a fresh SplitMix64(seed); a shared generator continues.
-    mesaopt::nn::SplitMix64 rng(3);
+    mesaopt::SplitMix64 rng(3);
     mesaopt::LinearAttentionLayer<float> first(layer.config()), second(layer.config());
     first.init(rng, 0.2);
     second.init(rng, 0.2);

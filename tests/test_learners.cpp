@@ -1,4 +1,4 @@
-// Tests for the reference in-context learners (MATH.md §4, PAPER.md §4-§5):
+// Tests for the reference in-context learners (docs/math.md §4, docs/paper.md §4-§5):
 // each against an independent closed form, the paper's numbers on the
 // linear-dynamics task, the comparison tools, and bad-input checks.
 #include <catch2/catch.hpp>
@@ -78,7 +78,7 @@ TEST_CASE("ridge equals the direct formula; RLS equals ridge at every t (1e-10)"
       for (long r = 0; r < ridge.rows(); ++r)
         worst = std::max(worst, (rls.row(r) - ridge.row(r)).norm() / std::max(1.0, ridge.row(r).norm()));
       CHECK(worst < 1e-10);
-      // MATH.md §4: W = Y X^T (X X^T + I/lambda)^{-1}, solved with a full-pivot LU.
+      // docs/math.md §4: W = Y X^T (X X^T + I/lambda)^{-1}, solved with a full-pivot LU.
       for (long t : {1L, 4L, 16L}) {
         const Ctx c = context(d.x, d.y, T, 2, t);
         const Eigen::MatrixXd A = c.X.transpose() * c.X + Eigen::MatrixXd::Identity(dx, dx) / lambda;
@@ -129,7 +129,7 @@ TEST_CASE("one GD step is eta sum_i y_i (x_i . x_t); K steps equal CompressedAlg
       }
       REQUIRE((gd1.row(b * T + t).transpose() - expect).norm() < 1e-12);
     }
-  // The PAPER.md §5 formula on dynamics: s_hat_{t+1} = eta sum_{t'<=t} s_{t'} (s_{t'-1} . s_t), s_0 = 0.
+  // The docs/paper.md §5 formula on dynamics: s_hat_{t+1} = eta sum_{t'<=t} s_{t'} (s_{t'-1} . s_t), s_0 = 0.
   const auto dyn = paper_dynamics(2, 4);
   const M p = ml::GradientDescent{1, 0.032, 0.0}.predict<double>(dyn.inputs, dyn.targets, 50);
   for (long t = 1; t <= 50; ++t) {  // 1-based, sequence 1
@@ -249,7 +249,7 @@ TEST_CASE("softmax kernel regression: beta -> 0 averages the context, large beta
   }
 }
 
-TEST_CASE("paper numbers on the linear-dynamics task (PAPER.md §1, §4)") {
+TEST_CASE("paper numbers on the linear-dynamics task (docs/paper.md §1, §4)") {
   // 2000 sequences (1000 under sanitizers): sampling error of the averages is < 1%.
   const long B = mesaopt::test::kSanitized ? 1000 : 2000;
   const auto dyn = paper_dynamics(B, 2024);
@@ -276,7 +276,7 @@ TEST_CASE("paper numbers on the linear-dynamics task (PAPER.md §1, §4)") {
   CHECK(std::abs(gd[0] / 1.676 - 1) < 0.02);
   CHECK(std::abs(ml::mean_of(floor) / 5e-4 - 1) < 0.05);
 
-  // 6-step Chebyshev (PAPER.md §5). The literal reading (heavy-ball momentum,
+  // 6-step Chebyshev (docs/paper.md §5). The literal reading (heavy-ball momentum,
   // h_0 = 0, A / ||A||_F) with the paper's coefficients diverges from the
   // paper's row; dropping beta (Richardson with the learned alpha) reproduces
   // the average (docs/learners.md has the measurements).

@@ -1,8 +1,9 @@
-// Causal linear attention (MATH.md §1, M1-M3): recurrent and chunked forms
+// Causal linear attention (docs/math.md §1, M1-M3): recurrent and chunked forms
 // against the materialised reference, every backward against central finite
 // differences, the one-step-of-GD identity, and bad input.
 #include <catch2/catch.hpp>
 #include <mesaopt/ops/linear_attention.hpp>
+#include <mesaopt/ops/linear_attention_reference.hpp>
 
 #include "gradcheck.hpp"
 #include "test_util.hpp"
@@ -84,9 +85,9 @@ TEST_CASE("linear attention backward matches finite differences (all forms, all 
   }
   SECTION("reference") {
     gradcheck_all_inputs(
-        [](auto& q, auto& k, auto& v, auto& o) { mesaopt::linear_attention_forward_reference(q, k, v, o); },
+        [](auto& q, auto& k, auto& v, auto& o) { mesaopt::reference::linear_attention_forward(q, k, v, o); },
         [](auto& q, auto& k, auto& v, auto& g, auto& dq, auto& dk, auto& dv) {
-          mesaopt::linear_attention_backward_reference(q, k, v, g, dq, dk, dv);
+          mesaopt::reference::linear_attention_backward(q, k, v, g, dq, dk, dv);
         },
         T, d, dv, 41);
   }
@@ -107,8 +108,8 @@ TEMPLATE_TEST_CASE("linear attention: recurrent, chunked and reference agree at 
     const RowMatrix<T_> v = random_matrix<T_>(s.T, s.dv, seed++);
     const RowMatrix<T_> g = random_matrix<T_>(s.T, s.dv, seed++);
     RowMatrix<T_> o_ref(s.T, s.dv), dq_ref(s.T, s.d), dk_ref(s.T, s.d), dv_ref(s.T, s.dv);
-    mesaopt::linear_attention_forward_reference(q, k, v, o_ref);
-    mesaopt::linear_attention_backward_reference(q, k, v, g, dq_ref, dk_ref, dv_ref);
+    mesaopt::reference::linear_attention_forward(q, k, v, o_ref);
+    mesaopt::reference::linear_attention_backward(q, k, v, g, dq_ref, dk_ref, dv_ref);
 
     RowMatrix<T_> o(s.T, s.dv), dq(s.T, s.d), dk(s.T, s.d), dv(s.T, s.dv);
     auto compare = [&](const std::string& what) {
@@ -177,7 +178,7 @@ TEST_CASE("linear attention accepts strided views (blocks of wider matrices)") {
   const auto v = wide.middleCols(1 + 2 * d, dv);
   RowMatrix<float> out_wide = RowMatrix<float>::Zero(T, 2 * dv + 3);
   RowMatrix<float> o_ref(T, dv);
-  mesaopt::linear_attention_forward_reference(RowMatrix<float>(q), RowMatrix<float>(k), RowMatrix<float>(v), o_ref);
+  mesaopt::reference::linear_attention_forward(RowMatrix<float>(q), RowMatrix<float>(k), RowMatrix<float>(v), o_ref);
   mesaopt::linear_attention_forward_recurrent(q, k, v, out_wide.middleCols(2, dv));
   CHECK(relative_rms(RowMatrix<float>(out_wide.middleCols(2, dv)), o_ref) < 1e-5);
   CHECK(out_wide.leftCols(2).isZero(0));
@@ -187,7 +188,7 @@ TEST_CASE("linear attention accepts strided views (blocks of wider matrices)") {
   CHECK(relative_rms(RowMatrix<float>(out_wide.middleCols(2, dv)), o_ref) < 1e-5);
 }
 
-TEST_CASE("linear attention with the weights of MATH.md §1 is one step of gradient descent") {
+TEST_CASE("linear attention with the weights of docs/math.md §1 is one step of gradient descent") {
   // In-context regression: pairs (x_i, y_i), i = 1..n, then a query x.
   const long dx = 5, dy = 3;
   const double eta = 0.37;
@@ -258,7 +259,7 @@ TEST_CASE("linear attention rejects bad input with a message naming the argument
     CHECK_THROWS_WITH(fwd(q, k_cols, v, out), Contains("k is 5 x 2 but must be 5 x 4"));
     CHECK_THROWS_WITH(fwd(q, k, v_rows, out), Contains("v is 4 x 3 but must be 5 x 3"));
     CHECK_THROWS_WITH(fwd(q, k, v, out_bad), Contains("out is 5 x 2 but must be 5 x 3"));
-    CHECK_THROWS_WITH(fwd(empty_q, empty_k, empty_v, out0), Contains("T (rows of q) must be at least 1, got 0"));
+    CHECK_THROWS_WITH(fwd(empty_q, empty_k, empty_v, out0), Contains("seq_len (rows of q) must be at least 1, got 0"));
     CHECK_THROWS_WITH(fwd(q_d0, k_d0, v, out), Contains("d (columns of q) must be at least 1, got 0"));
     CHECK_THROWS_WITH(fwd(q, k, v_dv0, out_dv0), Contains("dv (columns of v) must be at least 1, got 0"));
     CHECK_THROWS_AS(fwd(q, k_rows, v, out), std::invalid_argument);
@@ -268,12 +269,12 @@ TEST_CASE("linear attention rejects bad input with a message naming the argument
     CHECK_THROWS_WITH(bwd(q, k, v, g_bad, dq, dk, dv), Contains("dout is 5 x 4 but must be 5 x 3"));
     CHECK_THROWS_WITH(bwd(q, k, v, g, dq_bad, dk, dv), Contains("dq is 5 x 3 but must be 5 x 4"));
     CHECK_THROWS_WITH(bwd(q, k, v, g, dq, dq_bad, dv), Contains("dk is 5 x 3 but must be 5 x 4"));
-    CHECK_THROWS_WITH(bwd(q, k, v, g, dq, dk, dv_bad), Contains("dv is 4 x 3 but must be 5 x 3"));
+    CHECK_THROWS_WITH(bwd(q, k, v, g, dq, dk, dv_bad), Contains("grad_v is 4 x 3 but must be 5 x 3"));
     CHECK_THROWS_WITH(bwd(q, k_rows, v, g, dq, dk, dv), Contains("k is 6 x 4"));
-    CHECK_THROWS_WITH(bwd(empty_q, empty_k, empty_v, g, dq, dk, dv), Contains("T (rows of q)"));
+    CHECK_THROWS_WITH(bwd(empty_q, empty_k, empty_v, g, dq, dk, dv), Contains("seq_len (rows of q)"));
   }
   CHECK_THROWS_WITH(mesaopt::linear_attention_forward_chunked(q, k, v, out, -1), Contains("chunk must be >= 0"));
   CHECK_THROWS_WITH(mesaopt::linear_attention_backward_chunked(q, k, v, g, dq, dk, dv, -3),
                     Contains("chunk must be >= 0 (0 = default), got -3"));
-  CHECK_THROWS_WITH(mesaopt::linear_attention_forward_reference(q, k_rows, v, out), Contains("k is 6 x 4"));
+  CHECK_THROWS_WITH(mesaopt::reference::linear_attention_forward(q, k_rows, v, out), Contains("k is 6 x 4"));
 }

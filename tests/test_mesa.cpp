@@ -91,7 +91,7 @@ TEST_CASE("mesa forward equals the direct ridge solve at every position (double)
 
     // The plain Eigen recursion (the benchmark's baseline) agrees too.
     RowMatrix<double> naive(c.T, c.dv);
-    mesaopt::reference::mesa_forward_naive<double>(q, k, v, opt, naive);
+    mesaopt::reference::mesa_forward<double>(q, k, v, opt, naive);
     CHECK(max_row_relative(naive, ref) < 1e-10);
   }
 }
@@ -306,7 +306,7 @@ TEST_CASE("mesa rejects bad input", "[mesa][errors]") {
   CHECK_THROWS_WITH(fwd(q, k, v.topRows(5), opt, out), Contains("rows of v is 5"));
   CHECK_THROWS_WITH(fwd(q, k, v, opt, out5), Contains("out is 5 x 3 but must be 6 x 3"));
   CHECK_THROWS_WITH(fwd(q, k, v, opt, out63), Contains("out is 6 x 2"));
-  CHECK_THROWS_WITH(fwd(q.topRows(0), k.topRows(0), v.topRows(0), opt, empty_out), Contains("T (rows of q)"));
+  CHECK_THROWS_WITH(fwd(q.topRows(0), k.topRows(0), v.topRows(0), opt, empty_out), Contains("seq_len (rows of q)"));
   RowMatrix<double> q0(6, 0), out60(6, 0);
   CHECK_THROWS_WITH(fwd(q0, q0, v, opt, out), Contains("d (columns of q) must be at least 1, got 0"));
   CHECK_THROWS_WITH(fwd(q, k, out60, opt, out60), Contains("dv (columns of v) must be at least 1, got 0"));
@@ -333,18 +333,18 @@ TEST_CASE("mesa rejects bad input", "[mesa][errors]") {
   CHECK_THROWS_WITH(mesaopt::mesa_backward(q, k, v, opt, out5, cache, dq, dk, dv), Contains("dout is 5 x 3"));
   CHECK_THROWS_WITH(mesaopt::mesa_backward(q, k, v, opt, out, cache, bad, dk, dv), Contains("dq is 5 x 4"));
   CHECK_THROWS_WITH(mesaopt::mesa_backward(q, k, v, opt, out, cache, dq, bad, dv), Contains("dk is 5 x 4"));
-  CHECK_THROWS_WITH(mesaopt::mesa_backward(q, k, v, opt, out, cache, dq, dk, out5), Contains("dv is 5 x 3"));
+  CHECK_THROWS_WITH(mesaopt::mesa_backward(q, k, v, opt, out, cache, dq, dk, out5), Contains("grad_v is 5 x 3"));
   {
     MesaCache<double> fresh;
     CHECK_THROWS_WITH(mesaopt::mesa_backward(q, k, v, opt, out, fresh, dq, dk, dv),
-                      Contains("cache is for T = 0, d = 0, dv = 0 but the inputs have T = 6, d = 4, dv = 3"));
+                      Contains("cache is for seq_len = 0, d = 0, dv = 0 but the inputs have seq_len = 6, d = 4, dv = 3"));
   }
   {
     MesaCache<double> other;
     RowMatrix<double> o7(7, 3);
     mesaopt::mesa_forward(test::random_matrix<double>(7, 4, 1), test::random_matrix<double>(7, 4, 2),
                           test::random_matrix<double>(7, 3, 3), opt, o7, other);
-    CHECK_THROWS_WITH(mesaopt::mesa_backward(q, k, v, opt, out, other, dq, dk, dv), Contains("cache is for T = 7"));
+    CHECK_THROWS_WITH(mesaopt::mesa_backward(q, k, v, opt, out, other, dq, dk, dv), Contains("cache is for seq_len = 7"));
     RowMatrix<double> o5(6, 3);
     mesaopt::mesa_forward(test::random_matrix<double>(6, 5, 1), test::random_matrix<double>(6, 5, 2), v, opt, o5,
                           other);

@@ -1,4 +1,4 @@
-// Causal softmax attention (MATH.md §2, M4): the tiled flash forward/backward
+// Causal softmax attention (docs/math.md §2, M4): the tiled flash forward/backward
 // against the materialised reference (float and double, large logits), every
 // backward against central finite differences, and bad input.
 #include <catch2/catch.hpp>
@@ -71,9 +71,9 @@ TEST_CASE("softmax attention backward matches finite differences for q, k and v"
   }
   SECTION("reference") {
     gradcheck_all_inputs(
-        [](auto& q, auto& k, auto& v, auto& o, auto& sc) { mesaopt::softmax_attention_forward_reference(q, k, v, o, sc); },
+        [](auto& q, auto& k, auto& v, auto& o, auto&) { mesaopt::reference::softmax_attention_forward(q, k, v, o); },
         [](auto& q, auto& k, auto& v, auto& g, auto&, auto& dq, auto& dk, auto& dv) {
-          mesaopt::softmax_attention_backward_reference(q, k, v, g, dq, dk, dv);
+          mesaopt::reference::softmax_attention_backward(q, k, v, g, dq, dk, dv);
         },
         T, d, dv, 99);
   }
@@ -142,9 +142,10 @@ TEMPLATE_TEST_CASE("softmax attention: tiled equals the materialised reference",
     const RowMatrix<double> qd = q.template cast<double>(), kd = k.template cast<double>(),
                             vd = v.template cast<double>(), gd = g.template cast<double>();
     RowMatrix<double> o_ref(c.T, c.dv), dq_ref(c.T, c.d), dk_ref(c.T, c.d), dv_ref(c.T, c.dv);
-    SoftmaxCache<double> sc_ref;
-    mesaopt::softmax_attention_forward_reference(qd, kd, vd, o_ref, sc_ref);
-    mesaopt::softmax_attention_backward_reference(qd, kd, vd, gd, dq_ref, dk_ref, dv_ref);
+    mesaopt::Vector<double> lse_ref;  // lse_t of the materialised probe
+    mesaopt::softmax_attention_probabilities(qd, kd, &lse_ref);
+    mesaopt::reference::softmax_attention_forward(qd, kd, vd, o_ref);
+    mesaopt::reference::softmax_attention_backward(qd, kd, vd, gd, dq_ref, dk_ref, dv_ref);
     if (c.logits != Logits::ordinary) {
       // The case means something only if the logits would overflow a naive exp.
       const double max_logit = (qd * kd.transpose()).cwiseAbs().maxCoeff() / std::sqrt(double(c.d));
@@ -171,8 +172,8 @@ TEMPLATE_TEST_CASE("softmax attention: tiled equals the materialised reference",
       const double e_o = relative_rms(o, o_ref), e_v = relative_rms(dv, dv_ref);
       const double e_q = (dq.template cast<double>() - dq_ref).norm() / std::max(scale_q, 1e-300);
       const double e_k = (dk.template cast<double>() - dk_ref).norm() / std::max(scale_k, 1e-300);
-      const double e_lse = (sc.lse.template cast<double>() - sc_ref.lse).cwiseAbs().maxCoeff() /
-                           std::max(1.0, sc_ref.lse.cwiseAbs().maxCoeff());
+      const double e_lse = (sc.lse.template cast<double>() - lse_ref).cwiseAbs().maxCoeff() /
+                           std::max(1.0, lse_ref.cwiseAbs().maxCoeff());
       INFO("errors: out " << e_o << " dq " << e_q << " dk " << e_k << " dv " << e_v << " lse " << e_lse);
       CHECK(e_o < tol);
       CHECK(e_q < tol);
@@ -192,9 +193,9 @@ TEST_CASE("softmax attention accepts strided views") {
   const auto v = wide.middleCols(1 + 2 * d, dv);
   const RowMatrix<double> g = random_matrix<double>(T, dv, 6);
   RowMatrix<double> o_ref(T, dv), dq_ref(T, d), dk_ref(T, d), dv_ref(T, dv);
-  SoftmaxCache<double> sc_ref, sc;
-  mesaopt::softmax_attention_forward_reference(q, k, v, o_ref, sc_ref);
-  mesaopt::softmax_attention_backward_reference(q, k, v, g, dq_ref, dk_ref, dv_ref);
+  SoftmaxCache<double> sc;
+  mesaopt::reference::softmax_attention_forward(q, k, v, o_ref);
+  mesaopt::reference::softmax_attention_backward(q, k, v, g, dq_ref, dk_ref, dv_ref);
   RowMatrix<double> out_wide = RowMatrix<double>::Zero(T, dv + 4);
   RowMatrix<double> grads = RowMatrix<double>::Zero(T, 2 * d + dv + 2);
   mesaopt::softmax_attention_forward(q, k, v, out_wide.middleCols(1, dv), sc, {8, 16});
@@ -225,35 +226,35 @@ TEST_CASE("softmax attention rejects bad input with a message naming the argumen
   CHECK_THROWS_WITH(mesaopt::softmax_attention_forward(q, k, v_rows, out, sc), Contains("v is 4 x 3 but must be 5 x 3"));
   CHECK_THROWS_WITH(mesaopt::softmax_attention_forward(q, k, v, out_bad, sc), Contains("out is 5 x 2 but must be 5 x 3"));
   CHECK_THROWS_WITH(mesaopt::softmax_attention_forward(empty_q, empty_k, empty_v, out0, sc),
-                    Contains("T (rows of q) must be at least 1, got 0"));
+                    Contains("seq_len (rows of q) must be at least 1, got 0"));
   CHECK_THROWS_WITH(mesaopt::softmax_attention_forward(q_d0, k_d0, v, out, sc),
                     Contains("d (columns of q) must be at least 1, got 0"));
   CHECK_THROWS_WITH(mesaopt::softmax_attention_forward(q, k, v_dv0, out_dv0, sc),
                     Contains("dv (columns of v) must be at least 1, got 0"));
   CHECK_THROWS_WITH(mesaopt::softmax_attention_forward(q, k, v, out, sc, {0, 4}),
-                    Contains("tiles.query_rows must be at least 1, got 0"));
+                    Contains("opt.query_rows must be at least 1, got 0"));
   CHECK_THROWS_WITH(mesaopt::softmax_attention_forward(q, k, v, out, sc, {4, -1}),
-                    Contains("tiles.key_rows must be at least 1, got -1"));
+                    Contains("opt.key_rows must be at least 1, got -1"));
   CHECK_THROWS_AS(mesaopt::softmax_attention_forward(q, k_rows, v, out, sc), std::invalid_argument);
 
   // A cache that was never filled, or filled for other sizes.
   CHECK_THROWS_WITH(mesaopt::softmax_attention_backward(q, k, v, g, sc, dq, dk, dv),
-                    Contains("cache was made for T = 0, d = 0, dv = 0"));
+                    Contains("cache was made for seq_len = 0, d = 0, dv = 0"));
   mesaopt::softmax_attention_forward(q, k, v, out, sc);
   REQUIRE_NOTHROW(mesaopt::softmax_attention_backward(q, k, v, g, sc, dq, dk, dv));
   {
     const M q6 = M::Ones(6, 4), k6 = M::Ones(6, 4), v6 = M::Ones(6, 3), g6 = M::Ones(6, 3);
     M dq6(6, 4), dk6(6, 4), dv6(6, 3);
     CHECK_THROWS_WITH(mesaopt::softmax_attention_backward(q6, k6, v6, g6, sc, dq6, dk6, dv6),
-                      Contains("cache was made for T = 5, d = 4, dv = 3 (out 5 x 3) but the inputs have T = 6, d = 4, dv = 3"));
+                      Contains("cache was made for seq_len = 5, d = 4, dv = 3, prefix = 0 (out 5 x 3) but the inputs have seq_len = 6, d = 4, dv = 3"));
     const M q2 = M::Ones(5, 2), k2 = M::Ones(5, 2);
     M dq2(5, 2), dk2(5, 2);
     CHECK_THROWS_WITH(mesaopt::softmax_attention_backward(q2, k2, v, g, sc, dq2, dk2, dv),
-                      Contains("but the inputs have T = 5, d = 2, dv = 3"));
+                      Contains("but the inputs have seq_len = 5, d = 2, dv = 3"));
     const M v5 = M::Ones(5, 5), g5 = M::Ones(5, 5);
     M dv5(5, 5);
     CHECK_THROWS_WITH(mesaopt::softmax_attention_backward(q, k, v5, g5, sc, dq, dk, dv5),
-                      Contains("but the inputs have T = 5, d = 4, dv = 5"));
+                      Contains("but the inputs have seq_len = 5, d = 4, dv = 5"));
   }
   M dq_bad(5, 3), dv_bad(4, 3);
   const M g_bad = M::Ones(5, 4);
@@ -264,10 +265,10 @@ TEST_CASE("softmax attention rejects bad input with a message naming the argumen
   CHECK_THROWS_WITH(mesaopt::softmax_attention_backward(q, k, v, g, sc, dq, dq_bad, dv),
                     Contains("dk is 5 x 3 but must be 5 x 4"));
   CHECK_THROWS_WITH(mesaopt::softmax_attention_backward(q, k, v, g, sc, dq, dk, dv_bad),
-                    Contains("dv is 4 x 3 but must be 5 x 3"));
+                    Contains("grad_v is 4 x 3 but must be 5 x 3"));
   CHECK_THROWS_WITH(mesaopt::softmax_attention_backward(q, k, v, g, sc, dq, dk, dv, {3, 0}),
-                    Contains("tiles.key_rows must be at least 1"));
-  CHECK_THROWS_WITH(mesaopt::softmax_attention_backward_reference(q, k_rows, v, g, dq, dk, dv), Contains("k is 6 x 4"));
-  CHECK_THROWS_WITH(mesaopt::softmax_attention_forward_reference(empty_q, empty_k, empty_v, out0, sc),
-                    Contains("T (rows of q)"));
+                    Contains("opt.key_rows must be at least 1"));
+  CHECK_THROWS_WITH(mesaopt::reference::softmax_attention_backward(q, k_rows, v, g, dq, dk, dv), Contains("k is 6 x 4"));
+  CHECK_THROWS_WITH(mesaopt::reference::softmax_attention_forward(empty_q, empty_k, empty_v, out0),
+                    Contains("seq_len (rows of q)"));
 }

@@ -1,4 +1,4 @@
-// Tests for the synthetic tasks (PAPER.md §1, MATH.md §5): the generator's
+// Tests for the synthetic tasks (docs/paper.md §1, docs/math.md §5): the generator's
 // statistics match the specification, batches are reproducible, layouts are
 // right and bad settings are rejected.
 #include <catch2/catch.hpp>
@@ -74,7 +74,7 @@ TEST_CASE("dynamics: initial state, noise, targets and the noise floor follow th
   check_mean(eps.array().square().mean(), var, var * std::sqrt(2.0 / m));
   const M ecov = eps.transpose() * eps / double(eps.rows());
   CHECK(std::abs(ecov(2, 7)) < 5.0 * var / std::sqrt(double(eps.rows())));
-  // The noise floor, 1/2 E||eps||^2 = sigma^2 n / 2 = 5e-4 (PAPER.md §1).
+  // The noise floor, 1/2 E||eps||^2 = sigma^2 n / 2 = 5e-4 (docs/paper.md §1).
   const double floor = 0.5 * eps.rowwise().squaredNorm().mean();
   check_mean(floor, var * n / 2.0, var / 2.0 * std::sqrt(2.0 * n / double(eps.rows())));
   CHECK(std::abs(floor - 5e-4) < 0.02 * 5e-4);

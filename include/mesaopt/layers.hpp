@@ -4,4 +4,5 @@
 #include <mesaopt/layers/attention_projections.hpp>
 #include <mesaopt/layers/linear_attention_layer.hpp>
 #include <mesaopt/layers/mesa_layer.hpp>
+#include <mesaopt/layers/multi_head_attention.hpp>
 #include <mesaopt/layers/softmax_attention_layer.hpp>

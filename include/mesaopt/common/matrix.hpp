@@ -1,6 +1,6 @@
 #pragma once
 // Matrix types used across mesaopt. Sequences are stored row-major, one token
-// per row (MATH.md, notation), so a token is a contiguous span of memory.
+// per row (docs/math.md, notation), so a token is a contiguous span of memory.
 #include <Eigen/Core>
 
 #include <type_traits>
@@ -26,5 +26,12 @@ template <class T>
 using ConstMatrixRef = Eigen::Ref<const RowMatrix<identity_t<T>>>;
 template <class T>
 using MatrixRef = Eigen::Ref<RowMatrix<identity_t<T>>>;
+
+// Read-only and writable views of a contiguous vector: a Vector, or one row of
+// a RowMatrix (e.g. the token x.row(t)).
+template <class T>
+using ConstVectorRef = Eigen::Ref<const Vector<identity_t<T>>>;
+template <class T>
+using VectorRef = Eigen::Ref<Vector<identity_t<T>>>;
 
 }  // namespace mesaopt

@@ -2,7 +2,7 @@
 // Rank-1 updates of a row-major matrix: the general A += c x y^T and the
 // symmetric A -= c u u^T. Each row is one axpy. Note: syr_sub rounds (i,j) and
 // (j,i) differently (c u_i u_j vs c u_j u_i); where bitwise symmetry matters
-// use the w w^T form of sherman_morrison.hpp (MATH.md §3).
+// use the w w^T form of sherman_morrison.hpp (docs/math.md §3).
 #include <mesaopt/kernels/vector_ops.hpp>
 
 #include <cstddef>

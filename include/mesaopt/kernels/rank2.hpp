@@ -1,5 +1,5 @@
 #pragma once
-// The symmetric rank-2 accumulator of the mesa backward pass, MATH.md (M11),
+// The symmetric rank-2 accumulator of the mesa backward pass, docs/math.md (M11),
 // fused with its application:
 //
 //   M <- scale M + x y^T + y x^T   (M symmetric, d x d),   out = M k

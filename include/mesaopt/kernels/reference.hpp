@@ -41,7 +41,7 @@ void gemv(std::size_t m, std::size_t n, const T* A, std::size_t lda, const T* x,
   for (std::size_t i = 0; i < m; ++i) y[i] = dot(A + i * lda, x, n);
 }
 
-// MATH.md (M7, M9), fused:  R <- scale R - w w^T;  a = R q;  b = R k_next.
+// docs/math.md (M7, M9), fused:  R <- scale R - w w^T;  a = R q;  b = R k_next.
 // R is d x d row-major (row stride ldr); k_next/b may be null (last token).
 template <class T>
 void sherman_morrison_update(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q,
@@ -52,7 +52,7 @@ void sherman_morrison_update(std::size_t d, T* R, std::size_t ldr, const T* w, T
   if (k_next != nullptr) gemv(d, d, R, ldr, k_next, b);
 }
 
-// MATH.md (M1-M2, M8-M9) with S stored transposed (St = S^T, d x dv):
+// docs/math.md (M1-M2, M8-M9) with S stored transposed (St = S^T, d x dv):
 // St <- scale St + k v^T;  o = St^T a  (= S a).
 template <class T>
 void state_update_apply(std::size_t d, std::size_t dv, T* St, std::size_t lds, T scale, const T* k,
@@ -66,7 +66,7 @@ void state_update_apply(std::size_t d, std::size_t dv, T* St, std::size_t lds, T
   }
 }
 
-// MATH.md (M10): the state update of the mesa backward pass with the other
+// docs/math.md (M10): the state update of the mesa backward pass with the other
 // product: St <- scale St + k v^T;  da = St g  (da_i = sum_j St_ij g_j).
 // (Row by row, each row dotted right after its update: the loop the mesa op
 // used before the SIMD kernel existed, kept so that the scalar build's
@@ -85,7 +85,7 @@ void state_update_dot(std::size_t d, std::size_t dv, T* St, std::size_t lds, T s
   }
 }
 
-// MATH.md (M11): the symmetric accumulator of the mesa backward pass,
+// docs/math.md (M11): the symmetric accumulator of the mesa backward pass,
 // M <- scale M + x y^T + y x^T (d x d, row stride ldm);  out = M k, summed as
 // out_j = sum_i k_i M_ij (the same for symmetric M, and what the kernel
 // computes), row i added right after its update (the mesa op's former loop).

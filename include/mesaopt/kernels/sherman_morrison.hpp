@@ -1,5 +1,5 @@
 #pragma once
-// The fused Sherman-Morrison step of the mesa layer, MATH.md (M7, M9):
+// The fused Sherman-Morrison step of the mesa layer, docs/math.md (M7, M9):
 //
 //   R_t = scale * R_{t-1} - w w^T        (w = u / sqrt(gamma (gamma + k.u)), scale = 1/gamma)
 //   a_t = R_t q_t,   b = R_t k_{t+1}     (b is u_{t+1} of the next step)
@@ -12,7 +12,7 @@
 // Bitwise symmetry: entry (i, j) is fnma(w_i, w_j, scale R_ij) and entry (j, i)
 // is fnma(w_j, w_i, scale R_ji); the product is commutative and every entry,
 // tail included, goes through the same batch instruction, so R stays exactly
-// symmetric (MATH.md §3 shows why that matters in float32).
+// symmetric (docs/math.md §3 shows why that matters in float32).
 #include <mesaopt/kernels/reference.hpp>
 #include <mesaopt/kernels/simd.hpp>
 #include <mesaopt/kernels/vector_ops.hpp>
@@ -113,7 +113,7 @@ void sherman_morrison_update(std::size_t d, T* R, std::size_t ldr, const T* w, T
 #endif
 }
 
-// The w of (M7) with forgetting factor gamma (MATH.md §3):
+// The w of (M7) with forgetting factor gamma (docs/math.md §3):
 //   R_t = (R_{t-1} - u u^T / (gamma + k.u)) / gamma = R_{t-1}/gamma - w w^T,
 //   w = u / sqrt(gamma (gamma + k.u)).
 // Writes w (d entries) and returns den = gamma + k.u (> 0 while R is SPD).

@@ -4,7 +4,7 @@
 // loads/stores so that a tail (d not a multiple of the SIMD width) runs through
 // exactly the same batch instructions as the body. That last point matters for
 // the Sherman-Morrison kernel: entry (i, j) and (j, i) of R must be computed by
-// the same instruction sequence, or R stops being bitwise symmetric (MATH.md §3).
+// the same instruction sequence, or R stops being bitwise symmetric (docs/math.md §3).
 #include <xsimd/xsimd.hpp>
 
 #include <algorithm>

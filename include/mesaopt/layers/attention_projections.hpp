@@ -1,6 +1,6 @@
 #pragma once
 // The projection weights shared by the multi-head attention layers and the
-// GEMMs that apply them (MATH.md §1: per head h, q_t = W_q,h e_t,
+// GEMMs that apply them (docs/math.md §1: per head h, q_t = W_q,h e_t,
 // k_t = W_k,h e_t, v_t = W_v,h e_t, and the layer output
 // Delta e_t = sum_h P_h o_{h,t}; no biases).
 //
@@ -22,7 +22,7 @@
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parameters.hpp>
 #include <mesaopt/layers/threading.hpp>
-#include <mesaopt/nn/random.hpp>
+#include <mesaopt/common/random.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -114,9 +114,9 @@ class AttentionProjections {
   long v_col(long h) const { return 2 * H_ * d_ + h * dv_; }
 
   // W_q, W_k, W_v, W_o (in this order) ~ N(0, stddev^2), drawn from rng.
-  void init_weights(nn::SplitMix64& rng, double stddev) {
-    nn::fill_normal(qkv_.data(), static_cast<std::size_t>(qkv_.size()), stddev, rng);  // W_q, W_k, W_v
-    nn::fill_normal(out_.data(), static_cast<std::size_t>(out_.size()), stddev, rng);  // W_o
+  void init_weights(SplitMix64& rng, double stddev) {
+    fill_normal(qkv_.data(), static_cast<std::size_t>(qkv_.size()), stddev, rng);  // W_q, W_k, W_v
+    fill_normal(out_.data(), static_cast<std::size_t>(out_.size()), stddev, rng);  // W_o
   }
 
   void weight_parameters(std::vector<ParameterView<T>>& views, const std::string& prefix) {
@@ -138,7 +138,7 @@ class AttentionProjections {
     });
   }
 
-  // y (N, D) = o (N, H dv) W_o^T: Delta e_t = sum_h P_h o_{h,t} (MATH.md §1).
+  // y (N, D) = o (N, H dv) W_o^T: Delta e_t = sum_h P_h o_{h,t} (docs/math.md §1).
   void project_out(const RowMatrix<T>& o, MatrixRef<T> y, int threads) const {
     const long N = o.rows();
     detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {

@@ -1,22 +1,19 @@
 #pragma once
-// Multi-head causal linear self-attention layer (MATH.md §1, M1-M3):
+// Multi-head causal linear self-attention layer (docs/math.md §1, M1-M3; state §6, M13-M14):
 //
 //   per head h:  q, k, v = W_q,h e, W_k,h e, W_v,h e    (optionally q, k L2-normalised)
-//                o_t = S_t q_t,  S_t = sum_{i<=t} v_i k_i^T             (M1-M2)
+//                o_t = S_t q_t,  S_t = S_0 + sum_{i<=t} v_i k_i^T      (M1-M2, M13)
 //   output:      Delta e_t = sum_h P_h o_{h,t}  (= O W_o^T)
 //
-// The residual e + Delta e is the caller's (the model's). No softmax, no
-// 1/sqrt(d), no biases (PAPER.md §2). x is (B*T, D), sequence-major: sequence
-// b is rows [b*T, (b+1)*T).
+// No softmax, no 1/sqrt(d), no biases (docs/paper.md §2). The plumbing
+// (projections, threads, state, step, backward) is the shared skeleton of
+// layers/multi_head_attention.hpp; this file supplies the per-head op.
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parameters.hpp>
-#include <mesaopt/layers/attention_projections.hpp>
-#include <mesaopt/layers/qk_normalization.hpp>
-#include <mesaopt/layers/threading.hpp>
+#include <mesaopt/layers/multi_head_attention.hpp>
 #include <mesaopt/ops/linear_attention.hpp>
 
-#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -33,121 +30,55 @@ struct LinearAttentionLayerConfig {
 
 // What LinearAttentionLayer::backward needs from its forward.
 template <class T>
-struct LinearAttentionLayerCache {
-  long batch = 0;          // B of the forward (0: no complete forward yet)
-  long seq_len = 0;        // T of the forward
-  RowMatrix<T> qkv;        // (B*T, H (2d + dv)): projected q | k | v (q, k normalised if on)
-  RowMatrix<T> inv_norm;   // (B*T, 2H): r of q (columns [0, H)) and k ([H, 2H)); empty if off
-  RowMatrix<T> o;          // (B*T, H dv): the heads' outputs, for dW_o
-};
+using LinearAttentionLayerCache = AttentionLayerCache<T, detail::NoHeadCache, LinearAttentionState<T>>;
 
 template <class T>
-class LinearAttentionLayer : public AttentionProjections<T> {
-  using Base = AttentionProjections<T>;
+class LinearAttentionLayer
+    : public MultiHeadAttention<T, LinearAttentionLayer<T>, LinearAttentionLayerConfig, LinearAttentionLayerCache<T>,
+                                LinearAttentionState<T>> {
+  using Skeleton = MultiHeadAttention<T, LinearAttentionLayer<T>, LinearAttentionLayerConfig,
+                                      LinearAttentionLayerCache<T>, LinearAttentionState<T>>;
+  friend Skeleton;
 
  public:
-  using Scalar = T;
   using Config = LinearAttentionLayerConfig;
   using Cache = LinearAttentionLayerCache<T>;
+  static constexpr const char* kName = "LinearAttentionLayer";
 
-  explicit LinearAttentionLayer(const Config& config) : Base(checked(config).D, config.H, config.d, config.dv), config_(config) {}
-
-  const Config& config() const { return config_; }
-  void set_num_threads(int n) { config_.num_threads = n; }
-
-  // W_q, W_k, W_v, W_o (in this order) ~ N(0, stddev^2), drawn from rng
-  // (nn/random.hpp: SplitMix64 + Box-Muller, reproducible across machines).
-  void init(nn::SplitMix64& rng, double stddev) {
-    detail::check_init_stddev("LinearAttentionLayer::init", stddev);
-    Base::init_weights(rng, stddev);
-  }
-  // The same from a fresh generator seeded with `seed`.
-  void init(std::uint64_t seed, double stddev) {
-    nn::SplitMix64 rng(seed);
-    init(rng, stddev);
-  }
-
-  // Appends prefix+"W_q" (H d, D), "W_k" (H d, D), "W_v" (H dv, D), "W_o" (D, H dv).
-  void parameters(std::vector<ParameterView<T>>& out, const std::string& prefix) {
-    Base::weight_parameters(out, prefix);
-  }
-
-  // x is (B*T, D); writes y (B*T, D) = Delta e and fills cache.
-  void forward(ConstMatrixRef<T> x, long seq_len, Cache& cache, MatrixRef<T> y) {
-    const char* where = "LinearAttentionLayer::forward";
-    const long B = detail::check_layer_input<T>(where, x, seq_len, config_.D);
-    detail::check_shape(where, "y", y, x.rows(), config_.D);
-    const int threads = detail::resolve_num_threads(config_.num_threads);
-    detail::ScopedSerialEigen serial_eigen;
-    const long H = config_.H, d = config_.d, dv = config_.dv;
-
-    cache.batch = 0;  // marks the cache invalid until it is complete
-    Base::project_qkv(x, cache.qkv, threads);
-    if (config_.normalize_qk)
-      cache.inv_norm.resize(x.rows(), 2 * H);
-    else
-      cache.inv_norm.resize(0, 0);
-    cache.o.resize(x.rows(), H * dv);
-
-    detail::parallel_for_rethrow(B * H, threads, [&](std::ptrdiff_t item) {
-      const long b = long(item) / H, h = long(item) % H, r0 = b * seq_len;
-      auto q = cache.qkv.block(r0, this->q_col(h), seq_len, d);
-      auto k = cache.qkv.block(r0, this->k_col(h), seq_len, d);
-      auto v = cache.qkv.block(r0, this->v_col(h), seq_len, dv);
-      if (config_.normalize_qk) {
-        detail::l2_normalize_rows_forward<T>(q, &cache.inv_norm(r0, h), 2 * H);
-        detail::l2_normalize_rows_forward<T>(k, &cache.inv_norm(r0, H + h), 2 * H);
-      }
-      linear_attention_forward<T>(q, k, v, cache.o.block(r0, h * dv, seq_len, dv));  // M1-M2
-    });
-    Base::project_out(cache.o, y, threads);
-    cache.seq_len = seq_len;
-    cache.batch = B;
-  }
-
-  // Convenience form returning y.
-  RowMatrix<T> forward(ConstMatrixRef<T> x, long seq_len, Cache& cache) {
-    RowMatrix<T> y(x.rows(), x.cols());
-    forward(x, seq_len, cache, y);
-    return y;
-  }
-
-  // dy is dL/dy (B*T, D); writes dx (B*T, D) and ADDS into the weight gradients.
-  void backward(ConstMatrixRef<T> x, long seq_len, ConstMatrixRef<T> dy, const Cache& cache, MatrixRef<T> dx) {
-    const char* where = "LinearAttentionLayer::backward";
-    const long B = detail::check_layer_backward_args<T>(where, x, seq_len, dy, dx, config_.D, cache.batch,
-                                                          cache.seq_len);
-    const int threads = detail::resolve_num_threads(config_.num_threads);
-    detail::ScopedSerialEigen serial_eigen;
-    const long H = config_.H, d = config_.d, dv = config_.dv;
-
-    RowMatrix<T>& d_o = this->scratch_d_o_;
-    Base::backward_out(dy, cache.o, d_o, threads);  // dO = dY W_o, dW_o += dY^T O
-    RowMatrix<T>& dqkv = this->scratch_dqkv_;
-    dqkv.resize(x.rows(), this->width());  // every entry is written below
-    detail::parallel_for_rethrow(B * H, threads, [&](std::ptrdiff_t item) {
-      const long b = long(item) / H, h = long(item) % H, r0 = b * seq_len;
-      auto q = cache.qkv.block(r0, this->q_col(h), seq_len, d);
-      auto k = cache.qkv.block(r0, this->k_col(h), seq_len, d);
-      auto v = cache.qkv.block(r0, this->v_col(h), seq_len, dv);
-      auto dq = dqkv.block(r0, this->q_col(h), seq_len, d);
-      auto dk = dqkv.block(r0, this->k_col(h), seq_len, d);
-      linear_attention_backward<T>(q, k, v, d_o.block(r0, h * dv, seq_len, dv), dq, dk,
-                                   dqkv.block(r0, this->v_col(h), seq_len, dv));  // M3
-      if (config_.normalize_qk) {
-        detail::l2_normalize_rows_backward<T>(q, &cache.inv_norm(r0, h), 2 * H, dq);
-        detail::l2_normalize_rows_backward<T>(k, &cache.inv_norm(r0, H + h), 2 * H, dk);
-      }
-    });
-    Base::backward_qkv(x, dqkv, dx, threads);  // dX = dQKV W_qkv, dW_qkv += dQKV^T X
-  }
+  explicit LinearAttentionLayer(const Config& config) : Skeleton(checked(config)) {}
 
  private:
   static const Config& checked(const Config& c) {
-    detail::check_attention_sizes("LinearAttentionLayer", c.D, c.H, c.d, c.dv);
+    detail::check_attention_sizes(kName, c.D, c.H, c.d, c.dv);
     return c;
   }
-  Config config_;
+
+  // Hooks of the skeleton.
+  bool normalizes_qk() const { return this->config_.normalize_qk; }
+  LinearAttentionState<T> head_initial_state(long) const {
+    return linear_attention_initial_state<T>(this->config_.d, this->config_.dv);
+  }
+  void prepare(Cache&, const char*) {}
+  void prepare_step(const char*) {}
+  template <class Q, class K, class V, class O>
+  void head_forward(Cache&, std::size_t, long, const Q& q, const K& k, const V& v, O&& out,
+                    const LinearAttentionState<T>* initial, LinearAttentionState<T>* final) {
+    linear_attention_forward<T>(q, k, v, out, initial, final);  // M1-M2, M13
+  }
+  template <class Q, class K, class V, class G, class DQ, class DK, class DV>
+  void head_backward(Cache&, std::size_t, long, const Q& q, const K& k, const V& v, const G& dout, DQ& dq, DK& dk,
+                     DV&& grad_v, const LinearAttentionState<T>* initial, const LinearAttentionState<T>* grad_final,
+                     LinearAttentionState<T>* grad_initial) {
+    linear_attention_backward<T>(q, k, v, dout, dq, dk, grad_v, initial, grad_final, grad_initial);  // M3, M14
+  }
+  void begin_backward(Cache&, long) {}
+  void end_backward(Cache&, long) {}
+  template <class Q, class K, class V, class O>
+  void head_step(long, const Q& q, const K& k, const V& v, LinearAttentionState<T>& state, O&& out) {
+    linear_attention_step<T>(q, k, v, state, out);  // M13, one token
+  }
+  void extra_parameters(std::vector<ParameterView<T>>&, const std::string&) {}
+  void reset_extra_parameters() {}
 };
 
 }  // namespace mesaopt

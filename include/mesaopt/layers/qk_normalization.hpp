@@ -1,6 +1,6 @@
 #pragma once
 // Optional L2 normalisation of queries and keys, per head and per token
-// (PAPER.md §2: "an option to L2-normalise queries and keys"), used by the
+// (docs/paper.md §2: "an option to L2-normalise queries and keys"), used by the
 // linear-attention and mesa layers:
 //
 //   y = x r,   r = (|x|^2 + eps)^(-1/2)

@@ -1,6 +1,6 @@
 #pragma once
 // nn::Model: a stack of residual attention blocks assembled from a ModelConfig
-// (PAPER.md §2-3). Shapes: inputs are (B*T, input_dim), sequence-major (sequence
+// (docs/paper.md §2-3). Shapes: inputs are (B*T, input_dim), sequence-major (sequence
 // b occupies rows [b*T, (b+1)*T)); predictions are (B*T, output_dim).
 //
 //   h_0 = Embed(x)                 Dense input_dim -> width, or identity
@@ -25,17 +25,19 @@
 #include <mesaopt/layers/mesa_layer.hpp>
 #include <mesaopt/layers/softmax_attention_layer.hpp>
 #include <mesaopt/layers/threading.hpp>
+#include <mesaopt/common/random.hpp>
 #include <mesaopt/nn/clip.hpp>
 #include <mesaopt/nn/dense.hpp>
 #include <mesaopt/nn/layer_norm.hpp>
 #include <mesaopt/nn/mlp.hpp>
 #include <mesaopt/nn/positional.hpp>
-#include <mesaopt/nn/random.hpp>
 
 #include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
+#include <variant>
 #include <vector>
 
 namespace mesaopt::nn {
@@ -79,16 +81,17 @@ struct ModelConfig {
   int num_threads = 0;         // attention layers' threads; <= 0: library default
 };
 
-namespace detail {
+}  // namespace mesaopt::nn
+
+namespace mesaopt::detail {
 
 inline std::string block_field(std::size_t i, const char* field) {
   return "config.blocks[" + std::to_string(i) + "]." + field;
 }
 
-inline void validate_model_config(const ModelConfig& c) {
+inline void validate_model_config(const nn::ModelConfig& c) {
+  using nn::AttentionKind;
   const char* where = "Model";
-  using mesaopt::detail::check_positive_size;
-  using mesaopt::detail::fail;
   check_positive_size(where, "config.input_dim", c.input_dim);
   check_positive_size(where, "config.width", c.width);
   check_positive_size(where, "config.output_dim", c.output_dim);
@@ -98,10 +101,10 @@ inline void validate_model_config(const ModelConfig& c) {
   if (c.readout_slice && c.output_dim > c.width)
     fail(where, "config.readout_slice needs config.output_dim (", c.output_dim, ") <= config.width (", c.width, ")");
   if (!(std::isfinite(c.clip) && c.clip >= 0)) fail(where, "config.clip must be finite and >= 0 (0 = off), got ", c.clip);
-  mesaopt::detail::check_positive_finite(where, "config.ln_eps", c.ln_eps);
+  check_positive_finite(where, "config.ln_eps", c.ln_eps);
   if (c.blocks.empty()) fail(where, "config.blocks must hold at least one block");
   for (std::size_t i = 0; i < c.blocks.size(); ++i) {
-    const BlockConfig& b = c.blocks[i];
+    const nn::BlockConfig& b = c.blocks[i];
     if (b.attention != AttentionKind::linear && b.attention != AttentionKind::softmax &&
         b.attention != AttentionKind::mesa)
       fail(where, block_field(i, "attention"), " is not linear, softmax or mesa (value ", int(b.attention), ")");
@@ -124,15 +127,16 @@ inline void validate_model_config(const ModelConfig& c) {
   }
 }
 
-}  // namespace detail
+}  // namespace mesaopt::detail
+
+namespace mesaopt::nn {
 
 template <class T>
 struct BlockCache {
   LayerNormCache<T> ln1;
   RowMatrix<T> attn_in;  // (B*T, width + p): the attention layer's input [LN1?(h), pe]
-  LinearAttentionLayerCache<T> linear;
-  SoftmaxAttentionLayerCache<T> softmax;
-  MesaLayerCache<T> mesa;
+  // The attention layer's cache, of the block's kind.
+  std::variant<LinearAttentionLayerCache<T>, SoftmaxAttentionLayerCache<T>, MesaLayerCache<T>> attn;
   LayerNormCache<T> ln2;
   MlpCache<T> mlp;
   RowMatrix<T> pre_clip;  // (B*T, width): the stream before clipping (empty when clip is off)
@@ -167,25 +171,19 @@ class Model {
 
   void set_num_threads(int n) {
     config_.num_threads = n;
-    for (auto& b : blocks_) {
-      if (b->linear) b->linear->set_num_threads(n);
-      if (b->softmax) b->softmax->set_num_threads(n);
-      if (b->mesa) b->mesa->set_num_threads(n);
-    }
+    for (auto& b : blocks_) std::visit([n](auto& layer) { layer.set_num_threads(n); }, b->attn);
   }
 
   // Deterministic: weights ~ N(0, stddev^2) drawn in parameter order from one
   // SplitMix64(seed); biases 0, LayerNorm gain 1, mesa lambda = lambda_init.
   void init(std::uint64_t seed, double stddev) {
     if (!(std::isfinite(stddev) && stddev >= 0))
-      mesaopt::detail::fail("Model::init", "stddev must be finite and >= 0, got ", stddev);
+      detail::fail("Model::init", "stddev must be finite and >= 0, got ", stddev);
     SplitMix64 rng(seed);
     if (embed_) embed_->init(rng, stddev);
     for (auto& b : blocks_) {
       if (b->ln1) b->ln1->init();
-      if (b->linear) b->linear->init(rng, stddev);
-      if (b->softmax) b->softmax->init(rng, stddev);
-      if (b->mesa) b->mesa->init(rng, stddev);
+      std::visit([&](auto& layer) { layer.init(rng, stddev); }, b->attn);
       if (b->ln2) b->ln2->init();
       if (b->mlp) b->mlp->init(rng, stddev);
     }
@@ -200,9 +198,7 @@ class Model {
       Block& b = *blocks_[i];
       const std::string p = prefix + "block" + std::to_string(i) + ".";
       if (b.ln1) b.ln1->parameters(out, p + "ln1.");
-      if (b.linear) b.linear->parameters(out, p + "attn.");
-      if (b.softmax) b.softmax->parameters(out, p + "attn.");
-      if (b.mesa) b.mesa->parameters(out, p + "attn.");
+      std::visit([&](auto& layer) { layer.parameters(out, p + "attn."); }, b.attn);
       if (b.ln2) b.ln2->parameters(out, p + "ln2.");
       if (b.mlp) b.mlp->parameters(out, p + "mlp.");
     }
@@ -217,7 +213,7 @@ class Model {
   // x is (B*T, input_dim), one token per row; returns (B*T, output_dim).
   RowMatrix<T> forward(ConstMatrixRef<T> x, long seq_len, Cache& cache) {
     check_input("Model::forward", x, seq_len);
-    mesaopt::detail::ScopedSerialEigen serial_eigen;
+    detail::ScopedSerialEigen serial_eigen;
     cache.batch = 0;  // invalid until complete
     const long rows = x.rows();
     RowMatrix<T> h = embed_forward(x, cache.embed);
@@ -240,7 +236,7 @@ class Model {
 
   // Same, and writes dL/dx (B*T, input_dim) into dx.
   void backward(ConstMatrixRef<T> dpred, Cache& cache, MatrixRef<T> dx) {
-    mesaopt::detail::check_shape("Model::backward", "dx", dx, cache.batch * cache.seq_len, config_.input_dim);
+    detail::check_shape("Model::backward", "dx", dx, cache.batch * cache.seq_len, config_.input_dim);
     RowMatrix<T> tmp(dx.rows(), dx.cols());
     backward_impl(dpred, cache, &tmp);
     dx = tmp;
@@ -259,52 +255,56 @@ class Model {
     const char* where = "Model::attention_probabilities";
     const long num_blocks = static_cast<long>(blocks_.size());
     if (block < 0 || block >= num_blocks)
-      mesaopt::detail::fail(where, "block must lie in [0, ", num_blocks, ") (the model's blocks), got ", block);
+      detail::fail(where, "block must lie in [0, ", num_blocks, ") (the model's blocks), got ", block);
     Block& probed = *blocks_[std::size_t(block)];
-    if (!probed.softmax)
-      mesaopt::detail::fail(where, "block ", block, " is a ", attention_kind_name(probed.config.attention),
-                            " block; attention probabilities exist only for softmax blocks");
+    const auto* softmax = std::get_if<SoftmaxAttentionLayer<T>>(&probed.attn);
+    if (softmax == nullptr)
+      detail::fail(where, "block ", block, " is a ", attention_kind_name(probed.config.attention),
+                   " block; attention probabilities exist only for softmax blocks");
     check_input(where, x, seq_len);
-    mesaopt::detail::ScopedSerialEigen serial_eigen;
+    detail::ScopedSerialEigen serial_eigen;
     Cache scratch;
     RowMatrix<T> h = embed_forward(x, scratch.embed);
     scratch.blocks.resize(std::size_t(block) + 1);
     for (long i = 0; i < block; ++i) block_forward(*blocks_[std::size_t(i)], h, seq_len, scratch.blocks[std::size_t(i)]);
     BlockCache<T>& c = scratch.blocks[std::size_t(block)];
     attention_input(probed, h, seq_len, c);
-    return probed.softmax->attention_probabilities(c.attn_in, seq_len);
+    return softmax->attention_probabilities(c.attn_in, seq_len);
   }
 
  private:
+  using AttentionLayer = std::variant<LinearAttentionLayer<T>, SoftmaxAttentionLayer<T>, MesaLayer<T>>;
+
+  // The attention layer of a block's kind, built from its config.
+  static AttentionLayer make_attention(const BlockConfig& bc, const ModelConfig& mc) {
+    const long D = mc.width + bc.positional_dim;
+    switch (bc.attention) {
+      case AttentionKind::linear:
+        return LinearAttentionLayer<T>(
+            LinearAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size, bc.normalize_qk, mc.num_threads});
+      case AttentionKind::softmax:
+        return SoftmaxAttentionLayer<T>(
+            SoftmaxAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size, mc.num_threads});
+      case AttentionKind::mesa:
+        break;
+    }
+    MesaLayerConfig m;
+    m.D = D;
+    m.H = bc.heads;
+    m.d = bc.key_size;
+    m.dv = bc.value_size;
+    m.normalize_qk = bc.normalize_qk;
+    m.lambda_init = bc.lambda_init;
+    m.learn_forget = bc.learn_forget;
+    m.forget_init = bc.forget_init;
+    m.chunk = bc.mesa_chunk;
+    m.num_threads = mc.num_threads;
+    return MesaLayer<T>(m);
+  }
+
   struct Block {
-    Block(const BlockConfig& bc, const ModelConfig& mc) : config(bc) {
-      const long D = mc.width + bc.positional_dim;
+    Block(const BlockConfig& bc, const ModelConfig& mc) : config(bc), attn(make_attention(bc, mc)) {
       if (bc.layer_norm) ln1 = std::make_unique<LayerNorm<T>>(LayerNormConfig{mc.width, mc.ln_eps});
-      switch (bc.attention) {
-        case AttentionKind::linear:
-          linear = std::make_unique<LinearAttentionLayer<T>>(
-              LinearAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size, bc.normalize_qk, mc.num_threads});
-          break;
-        case AttentionKind::softmax:
-          softmax = std::make_unique<SoftmaxAttentionLayer<T>>(
-              SoftmaxAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size, mc.num_threads});
-          break;
-        case AttentionKind::mesa: {
-          MesaLayerConfig m;
-          m.D = D;
-          m.H = bc.heads;
-          m.d = bc.key_size;
-          m.dv = bc.value_size;
-          m.normalize_qk = bc.normalize_qk;
-          m.lambda_init = bc.lambda_init;
-          m.learn_forget = bc.learn_forget;
-          m.forget_init = bc.forget_init;
-          m.chunk = bc.mesa_chunk;
-          m.num_threads = mc.num_threads;
-          mesa = std::make_unique<MesaLayer<T>>(m);
-          break;
-        }
-      }
       if (bc.mlp) {
         if (bc.layer_norm) ln2 = std::make_unique<LayerNorm<T>>(LayerNormConfig{mc.width, mc.ln_eps});
         mlp = std::make_unique<Mlp<T>>(MlpConfig{mc.width, bc.mlp_hidden, true});
@@ -312,11 +312,17 @@ class Model {
     }
     BlockConfig config;
     std::unique_ptr<LayerNorm<T>> ln1, ln2;
-    std::unique_ptr<LinearAttentionLayer<T>> linear;
-    std::unique_ptr<SoftmaxAttentionLayer<T>> softmax;
-    std::unique_ptr<MesaLayer<T>> mesa;
+    AttentionLayer attn;
     std::unique_ptr<Mlp<T>> mlp;
   };
+
+  // The block's layer cache, switched to the layer's kind (a no-op after the first step).
+  template <class Layer>
+  static typename Layer::Cache& layer_cache(BlockCache<T>& c) {
+    using C = typename Layer::Cache;
+    if (!std::holds_alternative<C>(c.attn)) c.attn.template emplace<C>();
+    return std::get<C>(c.attn);
+  }
 
   static const ModelConfig& checked(const ModelConfig& c) {
     detail::validate_model_config(c);
@@ -325,11 +331,11 @@ class Model {
 
   // Throws unless x is (B*T, input_dim) for some B >= 1 with T = seq_len >= 1.
   void check_input(const char* where, const ConstMatrixRef<T>& x, long seq_len) const {
-    mesaopt::detail::check_positive_size(where, "seq_len", seq_len);
-    mesaopt::detail::check_positive_size(where, "x.rows()", x.rows());
-    mesaopt::detail::check_size(where, "x.cols()", x.cols(), config_.input_dim, "config.input_dim");
+    detail::check_positive_size(where, "seq_len", seq_len);
+    detail::check_positive_size(where, "x.rows()", x.rows());
+    detail::check_size(where, "x.cols()", x.cols(), config_.input_dim, "config.input_dim");
     if (x.rows() % seq_len != 0)
-      mesaopt::detail::fail(where, "x has ", x.rows(), " rows, not a multiple of seq_len = ", seq_len,
+      detail::fail(where, "x has ", x.rows(), " rows, not a multiple of seq_len = ", seq_len,
                             " (expected B*T rows)");
   }
 
@@ -363,9 +369,12 @@ class Model {
     const long rows = h.rows(), W = config_.width, p = b.config.positional_dim;
     attention_input(b, h, seq_len, c);
     RowMatrix<T> y(rows, W + p);
-    if (b.linear) b.linear->forward(c.attn_in, seq_len, c.linear, y);
-    if (b.softmax) b.softmax->forward(c.attn_in, seq_len, c.softmax, y);
-    if (b.mesa) b.mesa->forward(c.attn_in, seq_len, c.mesa, y);
+    std::visit(
+        [&](auto& layer) {
+          using Layer = std::decay_t<decltype(layer)>;
+          layer.forward(c.attn_in, seq_len, layer_cache<Layer>(c), y);
+        },
+        b.attn);
     h += y.leftCols(W);
     if (b.mlp) {
       RowMatrix<T> z(rows, W);
@@ -409,9 +418,12 @@ class Model {
     RowMatrix<T> dy = RowMatrix<T>::Zero(rows, W + p);
     dy.leftCols(W) = dh;
     RowMatrix<T> da(rows, W + p);
-    if (b.linear) b.linear->backward(c.attn_in, seq_len, dy, c.linear, da);
-    if (b.softmax) b.softmax->backward(c.attn_in, seq_len, dy, c.softmax, da);
-    if (b.mesa) b.mesa->backward(c.attn_in, seq_len, dy, c.mesa, da);
+    std::visit(
+        [&](auto& layer) {
+          using Layer = std::decay_t<decltype(layer)>;
+          layer.backward(c.attn_in, seq_len, dy, layer_cache<Layer>(c), da);
+        },
+        b.attn);
     if (b.ln1) {
       RowMatrix<T> dx(rows, W);
       b.ln1->backward(da.leftCols(W), c.ln1, dx);
@@ -424,10 +436,10 @@ class Model {
   void backward_impl(ConstMatrixRef<T> dpred, Cache& cache, RowMatrix<T>* dx) {
     const char* where = "Model::backward";
     if (cache.batch <= 0 || cache.blocks.size() != blocks_.size())
-      mesaopt::detail::fail(where, "cache holds no complete forward of this model (call forward first)");
+      detail::fail(where, "cache holds no complete forward of this model (call forward first)");
     const long rows = cache.batch * cache.seq_len, W = config_.width;
-    mesaopt::detail::check_shape(where, "dpred", dpred, rows, config_.output_dim);
-    mesaopt::detail::ScopedSerialEigen serial_eigen;
+    detail::check_shape(where, "dpred", dpred, rows, config_.output_dim);
+    detail::ScopedSerialEigen serial_eigen;
     RowMatrix<T> dh(rows, W);
     if (readout_) {
       readout_->backward(dpred, cache.readout, dh);

@@ -1,38 +1,32 @@
 #pragma once
-// Plain reference for causal linear attention (MATH.md §1): the quadratic form
-// that materialises the T x T matrix A_{t,i} = q_t . k_i (i <= t) with loops,
-// no blocking, no SIMD. Tests compare the recurrent and chunked paths with it.
-// O(T^2 (d + dv)) time and O(T^2) memory: for tests only.
-#include <mesaopt/common/check.hpp>
+// Plain reference for causal linear attention (docs/math.md §1 and §6): the
+// quadratic form that materialises A_{t,i} = q_t . k_i (i <= t) with loops,
+// no blocking, no SIMD, plus the initial state as its own term. Tests compare
+// the recurrent and chunked paths with it. O(seq_len^2 (d + dv)) time: for
+// tests and benchmarks, not for production code.
 #include <mesaopt/common/matrix.hpp>
+#include <mesaopt/ops/checks.hpp>
+#include <mesaopt/ops/state.hpp>
 
-namespace mesaopt {
+namespace mesaopt::reference {
 
-namespace detail {
-
+// o_t = S_0 q_t + sum_{i<=t} v_i (k_i . q_t)  (M1-M2, M13, as the masked quadratic form).
+// q, k are (seq_len, d); v, out are (seq_len, dv); initial->S is (dv, d) or null (S_0 = 0).
 template <class T>
-void check_linear_attention_inputs(const char* where, const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
-                                   const ConstMatrixRef<T>& v) {
-  check_positive_size(where, "T (rows of q)", q.rows());
-  check_positive_size(where, "d (columns of q)", q.cols());
-  check_positive_size(where, "dv (columns of v)", v.cols());
-  check_shape(where, "k", k, q.rows(), q.cols());
-  check_shape(where, "v", v, q.rows(), v.cols());
-}
-
-}  // namespace detail
-
-// o_t = sum_{i<=t} v_i (k_i . q_t)  (M1-M2, written as the masked quadratic form).
-// q, k are (T, d); v is (T, dv); out is (T, dv); one token per row.
-template <class T>
-void linear_attention_forward_reference(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v,
-                                        MatrixRef<T> out) {
-  const char* where = "linear_attention_forward_reference";
-  detail::check_linear_attention_inputs<T>(where, q, k, v);
-  detail::check_shape(where, "out", out, q.rows(), v.cols());
+void linear_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v, MatrixRef<T> out,
+                              const LinearAttentionState<identity_t<T>>* initial = nullptr) {
+  const char* where = "reference::linear_attention_forward";
+  detail::check_sequence_inputs<T>(where, q, k, v);
+  detail::check_output<T>(where, "out", out, q.rows(), v.cols());
+  if (initial != nullptr) detail::check_linear_attention_state(where, "initial", *initial, q.cols(), v.cols());
   const long n = q.rows();
   for (long t = 0; t < n; ++t) {
-    for (long j = 0; j < v.cols(); ++j) out(t, j) = T(0);
+    for (long j = 0; j < v.cols(); ++j) {
+      T s0 = 0;
+      if (initial != nullptr)
+        for (long c = 0; c < q.cols(); ++c) s0 += initial->S(j, c) * q(t, c);
+      out(t, j) = s0;
+    }
     for (long i = 0; i <= t; ++i) {
       T a = 0;  // A_{t,i} = q_t . k_i
       for (long c = 0; c < q.cols(); ++c) a += q(t, c) * k(i, c);
@@ -43,49 +37,68 @@ void linear_attention_forward_reference(ConstMatrixRef<T> q, ConstMatrixRef<T> k
 
 // Gradients of the quadratic form, written from its definition rather than
 // from M3: with A_{t,i} = q_t . k_i and B_{t,i} = g_t . v_i (i <= t),
-//   dq_t = sum_{i<=t} B_{t,i} k_i,  dk_i = sum_{t>=i} B_{t,i} q_t,  dv_i = sum_{t>=i} A_{t,i} g_t.
-// dout is (T, dv); dq, dk are (T, d) and dv_ is (T, dv); all three are overwritten.
+//   dq_t = S_0^T g_t + sum_{i<=t} B_{t,i} k_i,  dk_i = sum_{t>=i} B_{t,i} q_t + Sbar^T v_i,
+//   grad_v_i = sum_{t>=i} A_{t,i} g_t + Sbar k_i,  dL/dS_0 = sum_t g_t q_t^T + Sbar,
+// where Sbar = grad_final->S (dL/dS_T; 0 when null). All outputs are overwritten.
 template <class T>
-void linear_attention_backward_reference(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v,
-                                         ConstMatrixRef<T> dout, MatrixRef<T> dq, MatrixRef<T> dk,
-                                         MatrixRef<T> dv_) {
-  const char* where = "linear_attention_backward_reference";
-  detail::check_linear_attention_inputs<T>(where, q, k, v);
-  detail::check_shape(where, "dout", dout, q.rows(), v.cols());
-  detail::check_shape(where, "dq", dq, q.rows(), q.cols());
-  detail::check_shape(where, "dk", dk, q.rows(), q.cols());
-  detail::check_shape(where, "dv", dv_, q.rows(), v.cols());
+void linear_attention_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v,
+                               ConstMatrixRef<T> dout, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> grad_v,
+                               const LinearAttentionState<identity_t<T>>* initial = nullptr,
+                               const LinearAttentionState<identity_t<T>>* grad_final = nullptr,
+                               LinearAttentionState<identity_t<T>>* grad_initial = nullptr) {
+  const char* where = "reference::linear_attention_backward";
+  detail::check_sequence_inputs<T>(where, q, k, v);
+  const long n = q.rows(), d = q.cols(), dv = v.cols();
+  detail::check_gradient_shapes<T>(where, n, d, dv, dout, dq, dk, grad_v);
+  if (initial != nullptr) detail::check_linear_attention_state(where, "initial", *initial, d, dv);
+  if (grad_final != nullptr) detail::check_linear_attention_state(where, "grad_final", *grad_final, d, dv);
   dq.setZero();
   dk.setZero();
-  dv_.setZero();
-  const long n = q.rows();
+  grad_v.setZero();
   for (long t = 0; t < n; ++t) {
     for (long i = 0; i <= t; ++i) {
       T a = 0, b = 0;
-      for (long c = 0; c < q.cols(); ++c) a += q(t, c) * k(i, c);
-      for (long j = 0; j < v.cols(); ++j) b += dout(t, j) * v(i, j);
-      for (long c = 0; c < q.cols(); ++c) {
+      for (long c = 0; c < d; ++c) a += q(t, c) * k(i, c);
+      for (long j = 0; j < dv; ++j) b += dout(t, j) * v(i, j);
+      for (long c = 0; c < d; ++c) {
         dq(t, c) += b * k(i, c);
         dk(i, c) += b * q(t, c);
       }
-      for (long j = 0; j < v.cols(); ++j) dv_(i, j) += a * dout(t, j);
+      for (long j = 0; j < dv; ++j) grad_v(i, j) += a * dout(t, j);
     }
+  }
+  for (long t = 0; t < n; ++t)
+    for (long c = 0; c < d; ++c)
+      for (long j = 0; j < dv; ++j) {
+        if (initial != nullptr) dq(t, c) += initial->S(j, c) * dout(t, j);
+        if (grad_final != nullptr) {
+          dk(t, c) += grad_final->S(j, c) * v(t, j);
+          grad_v(t, j) += grad_final->S(j, c) * k(t, c);
+        }
+      }
+  if (grad_initial != nullptr) {
+    grad_initial->S = grad_final != nullptr ? RowMatrix<T>(grad_final->S) : RowMatrix<T>::Zero(dv, d);
+    for (long t = 0; t < n; ++t)
+      for (long j = 0; j < dv; ++j)
+        for (long c = 0; c < d; ++c) grad_initial->S(j, c) += dout(t, j) * q(t, c);
   }
 }
 
 // Non-template overloads (callers need not name the scalar).
-#define MESAOPT_LINEAR_ATTENTION_REFERENCE_OVERLOADS(S)                                                        \
-  inline void linear_attention_forward_reference(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v, \
-                                                 MatrixRef<S> out) {                                           \
-    linear_attention_forward_reference<S>(q, k, v, out);                                                       \
-  }                                                                                                            \
-  inline void linear_attention_backward_reference(ConstMatrixRef<S> q, ConstMatrixRef<S> k,                    \
-                                                  ConstMatrixRef<S> v, ConstMatrixRef<S> dout, MatrixRef<S> dq, \
-                                                  MatrixRef<S> dk, MatrixRef<S> dv_) {                         \
-    linear_attention_backward_reference<S>(q, k, v, dout, dq, dk, dv_);                                        \
+#define MESAOPT_LINEAR_ATTENTION_REFERENCE_OVERLOADS(S)                                                          \
+  inline void linear_attention_forward(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v,            \
+                                       MatrixRef<S> out, const LinearAttentionState<S>* initial = nullptr) {     \
+    reference::linear_attention_forward<S>(q, k, v, out, initial);                                                          \
+  }                                                                                                              \
+  inline void linear_attention_backward(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v,           \
+                                        ConstMatrixRef<S> dout, MatrixRef<S> dq, MatrixRef<S> dk,                \
+                                        MatrixRef<S> grad_v, const LinearAttentionState<S>* initial = nullptr,   \
+                                        const LinearAttentionState<S>* grad_final = nullptr,                     \
+                                        LinearAttentionState<S>* grad_initial = nullptr) {                       \
+    reference::linear_attention_backward<S>(q, k, v, dout, dq, dk, grad_v, initial, grad_final, grad_initial);   \
   }
 MESAOPT_LINEAR_ATTENTION_REFERENCE_OVERLOADS(float)
 MESAOPT_LINEAR_ATTENTION_REFERENCE_OVERLOADS(double)
 #undef MESAOPT_LINEAR_ATTENTION_REFERENCE_OVERLOADS
 
-}  // namespace mesaopt
+}  // namespace mesaopt::reference

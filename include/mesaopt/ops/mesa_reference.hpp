@@ -1,37 +1,51 @@
 #pragma once
 // Plain references for the mesa op (ops/mesa.hpp), for tests and benchmarks:
 //
-//  * mesa_forward_direct: the ridge solution solved from scratch at every
-//    position (M5-M6), in double, O(T d^3): the independent closed form.
-//  * mesa_forward_naive:  the Sherman-Morrison recursion (M7-M9) written as
-//    straightforward Eigen expressions, no mesaopt kernels: what the fast path
-//    is measured against in benchmarks/bench_mesa.cpp.
+//  * reference::mesa_forward_direct: the ridge solution solved from scratch at
+//    every position (M5-M6, M15), in double, O(seq_len d^3): the independent
+//    closed form.
+//  * reference::mesa_forward: the Sherman-Morrison recursion (M7-M9, M15)
+//    written as straightforward Eigen expressions, no mesaopt kernels: what the
+//    fast path is measured against in benchmarks/bench_mesa.cpp.
+//  * reference::mesa_backward: every R_t, S_t, a_t stored (O(seq_len d^2)
+//    memory, no checkpoints, no fused kernels), the reverse sweep of M10-M11
+//    and M16-M17 as plain matrix expressions, and dL/dgamma from the total
+//    adjoints directly (sum_t <G_t, S_{t-1}> - 1/2 <M_t, R_{t-1}^{-1}>, with
+//    explicit inverses) rather than the fast path's c_t form (M18).
 #include <mesaopt/common/matrix.hpp>
+#include <mesaopt/ops/checks.hpp>
 #include <mesaopt/ops/mesa.hpp>
 
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
+#include <Eigen/LU>
+
+#include <vector>
 
 namespace mesaopt::reference {
 
 // o_t = S_t H_t^{-1} q_t with, at every t (1-based),
-//   H_t = sum_{i<=t} gamma^{t-i} k_i k_i^T + gamma^t I / lambda,   S_t = sum_{i<=t} gamma^{t-i} v_i k_i^T,
-// H_t factorised afresh (LDL^T) at every t. q, k : (T, d); v : (T, dv); returns (T, dv).
-// H_t and S_t are accumulated by their defining sums (gamma H + k k^T), never inverted incrementally.
+//   H_t = gamma^t H_0 + sum_{i<=t} gamma^{t-i} k_i k_i^T,   S_t = gamma^t S_0 + sum_{i<=t} gamma^{t-i} v_i k_i^T,
+// H_0 = I / lambda and S_0 = 0, or H_0 = initial->R^{-1} and S_0 = initial->S;
+// H_t factorised afresh (LDL^T) at every t. q, k : (seq_len, d); v : (seq_len, dv); returns (seq_len, dv).
+// H_t and S_t are accumulated by their defining sums, never inverted incrementally.
 inline RowMatrix<double> mesa_forward_direct(const RowMatrix<double>& q, const RowMatrix<double>& k,
-                                             const RowMatrix<double>& v, double lambda, double gamma = 1.0) {
-  const long T = q.rows(), d = q.cols(), dv = v.cols();
+                                             const RowMatrix<double>& v, double lambda, double gamma = 1.0,
+                                             const MesaState<double>* initial = nullptr) {
+  const char* where = "reference::mesa_forward_direct";
+  detail::check_sequence_inputs<double>(where, q, k, v);
+  detail::check_positive_finite(where, "lambda", lambda);
+  detail::check_half_open(where, "gamma", gamma, 0.0, 1.0);
+  const long n = q.rows(), d = q.cols(), dv = v.cols();
+  if (initial != nullptr) detail::check_mesa_state(where, "initial", *initial, d, dv);
   using Mat = Eigen::MatrixXd;
-  Mat data = Mat::Zero(d, d);  // sum_i gamma^{t-i} k_i k_i^T
-  Mat S = Mat::Zero(dv, d);
-  double ridge = 1.0 / lambda;  // gamma^t / lambda
-  RowMatrix<double> out(T, dv);
-  for (long t = 0; t < T; ++t) {
+  Mat H = initial != nullptr ? Mat(Mat(initial->R).inverse()) : Mat(Mat::Identity(d, d) / lambda);
+  Mat S = initial != nullptr ? Mat(initial->S) : Mat(Mat::Zero(dv, d));
+  RowMatrix<double> out(n, dv);
+  for (long t = 0; t < n; ++t) {
     const Eigen::VectorXd kt = k.row(t).transpose();
-    data = gamma * data + kt * kt.transpose();
+    H = gamma * H + kt * kt.transpose();
     S = gamma * S + v.row(t).transpose() * kt.transpose();
-    ridge *= gamma;
-    const Mat H = data + ridge * Mat::Identity(d, d);
     const Eigen::VectorXd x = H.ldlt().solve(Eigen::VectorXd(q.row(t).transpose()));
     out.row(t) = (S * x).transpose();
   }
@@ -39,19 +53,24 @@ inline RowMatrix<double> mesa_forward_direct(const RowMatrix<double>& q, const R
 }
 
 // The recursion M7-M9 with forgetting, literally:
-//   u = R k;  R = (R - u u^T / (gamma + k.u)) / gamma;  S = gamma S + v k^T;  a = R q;  o = S a.
-// (The literal rank-1 update; R is not kept bitwise symmetric: MATH.md §3.)
+//   u = R k;  R = (R - u u^T / (gamma + k.u)) / gamma;  S = gamma S + v k^T;  a = R q;  o = S a,
+// from R = lambda I, S = 0 or from *initial; the final state goes to *final.
+// (The literal rank-1 update; R is not kept bitwise symmetric: docs/math.md §3.)
 template <class T>
-void mesa_forward_naive(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v, const MesaOptions<T>& opt,
-                        MatrixRef<T> out) {
+void mesa_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v, const MesaOptions<T>& opt,
+                  MatrixRef<T> out, const MesaState<identity_t<T>>* initial = nullptr, MesaState<identity_t<T>>* final = nullptr) {
+  const char* where = "reference::mesa_forward";
+  detail::check_mesa_args<T>(where, q, k, v, opt);
+  detail::check_output<T>(where, "out", out, q.rows(), v.cols());
   using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
   using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
-  const long T_ = q.rows(), d = q.cols(), dv = v.cols();
+  const long n = q.rows(), d = q.cols(), dv = v.cols();
+  if (initial != nullptr) detail::check_mesa_state(where, "initial", *initial, d, dv);
   const T gamma = opt.forget;
-  Mat R = opt.lambda * Mat::Identity(d, d);
-  Mat S = Mat::Zero(dv, d);
+  Mat R = initial != nullptr ? Mat(initial->R) : Mat(opt.lambda * Mat::Identity(d, d));
+  Mat S = initial != nullptr ? Mat(initial->S) : Mat(Mat::Zero(dv, d));
   Vec u(d), a(d);
-  for (long t = 0; t < T_; ++t) {
+  for (long t = 0; t < n; ++t) {
     const auto kt = k.row(t).transpose();
     u.noalias() = R * kt;
     const T den = gamma + kt.dot(u);
@@ -62,6 +81,72 @@ void mesa_forward_naive(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef
     a.noalias() = R * q.row(t).transpose();
     out.row(t).noalias() = (S * a).transpose();
   }
+  if (final != nullptr) {
+    final->R = R;
+    final->S = S;
+  }
+}
+
+// The gradients of mesa_forward: writes dq, dk (seq_len, d), grad_v (seq_len, dv),
+// *dforget = dL/dgamma if given, *grad_initial = dL/d(R_0, S_0) if given;
+// grad_final = dL/d(R_T, S_T) or null; returns dL/dlambda (0 with an initial state).
+template <class T>
+T mesa_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v, const MesaOptions<T>& opt,
+                ConstMatrixRef<T> dout, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> grad_v, identity_t<T>* dforget = nullptr,
+                const MesaState<identity_t<T>>* initial = nullptr, const MesaState<identity_t<T>>* grad_final = nullptr,
+                MesaState<identity_t<T>>* grad_initial = nullptr) {
+  const char* where = "reference::mesa_backward";
+  detail::check_mesa_args<T>(where, q, k, v, opt);
+  const long n = q.rows(), d = q.cols(), dv = v.cols();
+  detail::check_gradient_shapes<T>(where, n, d, dv, dout, dq, dk, grad_v);
+  if (initial != nullptr) detail::check_mesa_state(where, "initial", *initial, d, dv);
+  if (grad_final != nullptr) detail::check_mesa_state(where, "grad_final", *grad_final, d, dv);
+  using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+  const T gamma = opt.forget;
+  // Forward, keeping R_t and S_t for t = 0 .. n (index t = after t tokens) and a_t.
+  std::vector<Mat> R(std::size_t(n + 1)), S(std::size_t(n + 1));
+  std::vector<Vec> a(static_cast<std::size_t>(n));
+  R[0] = initial != nullptr ? Mat(initial->R) : Mat(opt.lambda * Mat::Identity(d, d));
+  S[0] = initial != nullptr ? Mat(initial->S) : Mat(Mat::Zero(dv, d));
+  for (long t = 0; t < n; ++t) {
+    const Vec kt = k.row(t).transpose();
+    const Vec u = R[std::size_t(t)] * kt;
+    R[std::size_t(t + 1)] = (R[std::size_t(t)] - u * u.transpose() / (gamma + kt.dot(u))) / gamma;
+    S[std::size_t(t + 1)] = gamma * S[std::size_t(t)] + v.row(t).transpose() * k.row(t);
+    a[std::size_t(t)] = R[std::size_t(t + 1)] * q.row(t).transpose();
+  }
+  // Total adjoints: G_t of S_t and M_t = -2 x (adjoint of R_t^{-1}), from the final state's (M16).
+  Mat G = Mat::Zero(dv, d), M = Mat::Zero(d, d);
+  if (grad_final != nullptr) {
+    const Mat& RT = R[std::size_t(n)];
+    G = grad_final->S / gamma;
+    M = T(2) * RT * (Mat(grad_final->R) + Mat(grad_final->R).transpose()) / T(2) * RT / gamma;
+  }
+  double dgamma = 0;
+  for (long t = n - 1; t >= 0; --t) {
+    const std::size_t i = std::size_t(t);
+    const Vec g = dout.row(t).transpose();
+    const Vec da = S[i + 1].transpose() * g;     // forward o = S a
+    const Vec dqt = R[i + 1] * da;               // forward a = R q
+    G = g * a[i].transpose() + gamma * G;        // (M11)
+    M = dqt * a[i].transpose() + a[i] * dqt.transpose() + gamma * M;
+    dq.row(t) = dqt.transpose();
+    grad_v.row(t) = (G * k.row(t).transpose()).transpose();
+    dk.row(t) = (G.transpose() * v.row(t).transpose() - M * k.row(t).transpose()).transpose();
+    // forward: R_t^{-1} = gamma R_{t-1}^{-1} + k k^T,  S_t = gamma S_{t-1} + v k^T
+    const Mat P_prev = R[i].inverse();
+    dgamma += double((G.cwiseProduct(S[i])).sum()) - 0.5 * double((M.cwiseProduct(P_prev)).sum());
+  }
+  if (dforget != nullptr) *dforget = static_cast<T>(dgamma);
+  // (M17) dL/dS_0 = gamma G_1,  dL/dR_0 = gamma/2 R_0^{-1} M_1 R_0^{-1}
+  const Mat P0 = R[0].inverse();
+  const Mat dR0 = (gamma / T(2)) * P0 * M * P0;
+  if (grad_initial != nullptr) {
+    grad_initial->S = gamma * G;
+    grad_initial->R = dR0;
+  }
+  return initial != nullptr ? T(0) : dR0.trace();
 }
 
 }  // namespace mesaopt::reference

@@ -1,5 +1,6 @@
 #pragma once
-// Causal softmax attention, one head, one sequence (MATH.md §2, M4):
+// Causal softmax attention, one head, one sequence (docs/math.md §2, M4; a
+// key/value prefix, §6 M19):
 //
 //   s_{t,i} = (q_t . k_i) / sqrt(d),   a_{t,i} = softmax_{i<=t}(s_{t,.}),   o_t = sum_{i<=t} a_{t,i} v_i
 //
@@ -7,8 +8,9 @@
 // blocks of Bc; each tile of logits Q_b K_b^T is an Eigen GEMM, exponentiated
 // with Eigen's vectorised exp against a running max, and P_b V_b is a second
 // GEMM into a running output. Per query row we carry the running max m and
-// running sum l; the T x T matrix is never formed (scratch O(Br Bc + Br dv)).
-// The cache saves lse_t = log sum_{i<=t} exp(s_{t,i}) and a copy of o_t.
+// running sum l; the seq_len x seq_len matrix is never formed (scratch
+// O(Br Bc + Br dv)). The cache saves lse_t = log sum_{i<=t} exp(s_{t,i}) and a
+// copy of o_t.
 //
 // Backward (flash style): D_t = g_t . o_t; for each key block, for each query
 // block at or below it, recompute P = exp(s - lse) from the cache, then
@@ -17,13 +19,28 @@
 // (dS = P o (dP - D) is ds_{t,i} = a_{t,i} (da_{t,i} - sum_j a_{t,j} da_{t,j})
 //  of M4, since sum_j a_{t,j} (g_t . v_j) = g_t . o_t = D_t.)
 //
+// The op contract (shared with linear_attention and mesa):
+//   forward (q, k, v, opt, out, cache, initial = nullptr, final = nullptr)
+//   backward(q, k, v, opt, dout, cache, dq, dk, grad_v, initial = nullptr, grad_final = nullptr,
+//            grad_initial = nullptr)
+//   step    (q, k, v, kv_cache, out)                       one token, decoding
+// The state is a SoftmaxKVCache: the P keys and values before this piece.
+// Query t of the piece sits at position P + t and attends to all P cached
+// tokens and to the piece's tokens up to t (M19). `final` receives the cache
+// with the piece appended (it may be `initial` itself). The backward takes the
+// same `initial` again, optionally the gradient of the final cache
+// (`grad_final`, (P + seq_len) rows: the next piece's `grad_initial`), and
+// writes the gradient of the initial cache's keys and values into
+// `grad_initial`.
+//
 // Functional: no global state; all scratch is local or in the caller's cache,
 // so different sequences may be processed from different threads at once.
-// Backward OVERWRITES dq, dk, dv (it does not accumulate).
+// Backward OVERWRITES dq, dk, grad_v (it does not accumulate).
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
-
 #include <mesaopt/common/parallel.hpp>
+#include <mesaopt/ops/checks.hpp>
+#include <mesaopt/ops/state.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -32,70 +49,73 @@
 // Each op call runs its Eigen GEMMs on the calling thread only
 // (detail::ScopedSerialEigen, common/parallel.hpp): parallelism belongs to the
 // caller, one call per (batch, head); outside a parallel region Eigen would
-// otherwise split even a 64 x 64 tile product over all threads (measured up to
-// 30x slower on the shared 2-core machine, docs/linear_attention.md).
+// otherwise split even a 64 x 64 tile product over all threads (the slowdown is
+// measured in docs/linear_attention.md).
 
 namespace mesaopt {
 
 // What softmax_attention_backward needs from the forward pass.
-// Memory: T (lse) + T dv (out) scalars per sequence.
+// Memory: seq_len (lse) + seq_len dv (out) scalars per sequence.
 template <class T>
 struct SoftmaxCache {
-  Vector<T> lse;     // (T) per-row log-sum-exp of the scaled logits s_{t,i}, i <= t
-  RowMatrix<T> out;  // (T, dv) copy of the output; backward needs D_t = dout_t . out_t
+  Vector<T> lse;     // (seq_len) per-row log-sum-exp of the scaled logits s_{t,i}, i <= P + t
+  RowMatrix<T> out;  // (seq_len, dv) copy of the output; backward needs D_t = dout_t . out_t
   long d = 0;        // key width the cache was made with
+  long prefix = 0;   // P: tokens of the initial KV cache the forward attended to
 };
 
-// Tile sizes of the flash kernels (tokens). The defaults were measured on this
-// machine (docs/softmax_attention.md); tests use small odd tiles to exercise
-// tile edges.
-struct SoftmaxAttentionTiles {
+// Options of the softmax op: the tile sizes of the flash kernels (tokens). The
+// defaults were measured (docs/softmax_attention.md); tests use small odd tiles
+// to exercise tile edges.
+struct SoftmaxAttentionOptions {
   long query_rows = 64;  // Br
   long key_rows = 128;   // Bc
 };
+using SoftmaxAttentionTiles = SoftmaxAttentionOptions;  // the name before the op contract
 
 namespace detail {
 
-inline void check_softmax_tiles(const char* where, const SoftmaxAttentionTiles& tiles) {
-  check_positive_size(where, "tiles.query_rows", tiles.query_rows);
-  check_positive_size(where, "tiles.key_rows", tiles.key_rows);
+inline void check_softmax_options(const char* where, const SoftmaxAttentionOptions& opt) {
+  check_positive_size(where, "opt.query_rows", opt.query_rows);
+  check_positive_size(where, "opt.key_rows", opt.key_rows);
 }
 
 template <class T>
-void check_softmax_attention_inputs(const char* where, const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
-                                    const ConstMatrixRef<T>& v) {
-  check_positive_size(where, "T (rows of q)", q.rows());
-  check_positive_size(where, "d (columns of q)", q.cols());
-  check_positive_size(where, "dv (columns of v)", v.cols());
-  check_shape(where, "k", k, q.rows(), q.cols());
-  check_shape(where, "v", v, q.rows(), v.cols());
-}
-
-template <class T>
-void check_softmax_cache(const char* where, const SoftmaxCache<T>& sc, long n, long d, long dv) {
-  if (sc.lse.size() != n || sc.out.rows() != n || sc.out.cols() != dv || sc.d != d) {
-    fail(where, "cache was made for T = ", sc.lse.size(), ", d = ", sc.d, ", dv = ", sc.out.cols(),
-         " (out ", sc.out.rows(), " x ", sc.out.cols(), ") but the inputs have T = ", n, ", d = ", d, ", dv = ", dv);
+void check_softmax_cache(const char* where, const SoftmaxCache<T>& sc, long n, long d, long dv, long prefix) {
+  if (sc.lse.size() != n || sc.out.rows() != n || sc.out.cols() != dv || sc.d != d || sc.prefix != prefix) {
+    fail(where, "cache was made for seq_len = ", sc.lse.size(), ", d = ", sc.d, ", dv = ", sc.out.cols(),
+         ", prefix = ", sc.prefix, " (out ", sc.out.rows(), " x ", sc.out.cols(), ") but the inputs have seq_len = ", n,
+         ", d = ", d, ", dv = ", dv, ", prefix = ", prefix, " (pass the same initial cache as to the forward)");
   }
 }
 
-}  // namespace detail
-
-// q, k are (T, d); v is (T, dv); out is (T, dv); one token per row.
-// Fills sc (resized here) with lse and a copy of out for the backward pass.
+// [initial keys; k] (P + n rows), or k itself when there is no prefix.
 template <class T>
-void softmax_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v, MatrixRef<T> out,
-                               SoftmaxCache<T>& sc, const SoftmaxAttentionTiles& tiles = {}) {
-  const char* where = "softmax_attention_forward";
-  detail::check_softmax_attention_inputs<T>(where, q, k, v);
-  detail::check_shape(where, "out", out, q.rows(), v.cols());
-  detail::check_softmax_tiles(where, tiles);
-  const long n = q.rows(), d = q.cols(), dv = v.cols();
-  const long Br = std::min(tiles.query_rows, n), Bc = std::min(tiles.key_rows, n);
+struct PrefixedRows {
+  RowMatrix<T> storage;
+  ConstMatrixRef<T> view;
+  PrefixedRows(const ConstMatrixRef<T>& rows, const T* prefix, long prefix_rows)
+      : storage(prefix_rows > 0 ? prefix_rows + rows.rows() : 0, prefix_rows > 0 ? rows.cols() : 0),
+        view(prefix_rows > 0 ? ConstMatrixRef<T>(storage) : rows) {
+    if (prefix_rows > 0) {
+      storage.topRows(prefix_rows) = Eigen::Map<const RowMatrix<T>>(prefix, prefix_rows, rows.cols());
+      storage.bottomRows(rows.rows()) = rows;
+    }
+  }
+};
+
+// The tiled forward over queries q (n, d) at positions P .. P+n-1 and keys K,
+// values V (P + n rows): query t attends keys 0 .. P + t.
+template <class T>
+void softmax_forward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                           long P, MatrixRef<T> out, SoftmaxCache<T>& sc, const SoftmaxAttentionOptions& opt) {
+  const long n = q.rows(), d = q.cols(), dv = V.cols(), nk = K.rows();
+  const long Br = std::min(opt.query_rows, n), Bc = std::min(opt.key_rows, nk);
   const T scale = T(1) / std::sqrt(T(d));
   sc.lse.resize(n);
   sc.d = d;
-  const detail::ScopedSerialEigen serial;
+  sc.prefix = P;
+  const ScopedSerialEigen serial;
 
   RowMatrix<T> S(Br, Bc);     // raw logits q_t . k_i of one tile, then P in place
   RowMatrix<T> acc(Br, dv);   // running sum_i exp(s_{t,i} - m_t) v_i
@@ -107,15 +127,16 @@ void softmax_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMa
     l.setZero();
     acc.topRows(br).setZero();
     // Key blocks up to the last query row of this block (causal).
-    for (long c0 = 0; c0 < r0 + br; c0 += Bc) {
-      const long bc = std::min(Bc, r0 + br - c0);
+    const long key_end = P + r0 + br;
+    for (long c0 = 0; c0 < key_end; c0 += Bc) {
+      const long bc = std::min(Bc, key_end - c0);
       auto Sb = S.topLeftCorner(br, bc);
-      Sb.noalias() = Qb * k.middleRows(c0, bc).transpose();
+      Sb.noalias() = Qb * K.middleRows(c0, bc).transpose();
       for (long i = 0; i < br; ++i) {
-        // Keys c0 .. c0 + valid - 1 are at or before query t = r0 + i.
-        const long valid = std::min(bc, r0 + i - c0 + 1);
+        // Keys c0 .. c0 + valid - 1 are at or before query t = r0 + i (position P + t).
+        const long valid = std::min(bc, P + r0 + i - c0 + 1);
         auto row = Sb.row(i);
-        if (valid <= 0) {  // the whole tile lies after this query (only when Bc > Br)
+        if (valid <= 0) {  // the whole tile lies after this query
           row.setZero();
           continue;
         }
@@ -128,7 +149,7 @@ void softmax_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMa
         if (alpha != T(1)) acc.row(i) *= alpha;
         m(i) = m_new;
       }
-      acc.topRows(br).noalias() += Sb * v.middleRows(c0, bc);
+      acc.topRows(br).noalias() += Sb * V.middleRows(c0, bc);
     }
     for (long i = 0; i < br; ++i) {
       out.row(r0 + i) = acc.row(i) / l(i);
@@ -138,49 +159,40 @@ void softmax_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMa
   sc.out = out;
 }
 
-// dout is (T, dv) = dL/dout; sc from softmax_attention_forward on the same
-// q, k, v. Writes (overwrites) dq, dk (T, d) and dv_ (T, dv).
+// The tiled backward for the same layout; writes dq (n, d) and dK, dV (P + n rows).
 template <class T>
-void softmax_attention_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v,
-                                ConstMatrixRef<T> dout, const SoftmaxCache<T>& sc, MatrixRef<T> dq, MatrixRef<T> dk,
-                                MatrixRef<T> dv_, const SoftmaxAttentionTiles& tiles = {}) {
-  const char* where = "softmax_attention_backward";
-  detail::check_softmax_attention_inputs<T>(where, q, k, v);
-  const long n = q.rows(), d = q.cols(), dv = v.cols();
-  detail::check_shape(where, "dout", dout, n, dv);
-  detail::check_softmax_cache<T>(where, sc, n, d, dv);
-  detail::check_shape(where, "dq", dq, n, d);
-  detail::check_shape(where, "dk", dk, n, d);
-  detail::check_shape(where, "dv", dv_, n, dv);
-  detail::check_softmax_tiles(where, tiles);
-  const long Br = std::min(tiles.query_rows, n), Bc = std::min(tiles.key_rows, n);
+void softmax_backward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                            long P, const ConstMatrixRef<T>& dout, const SoftmaxCache<T>& sc, MatrixRef<T> dq,
+                            MatrixRef<T> dK_all, MatrixRef<T> dV_all, const SoftmaxAttentionOptions& opt) {
+  const long n = q.rows(), d = q.cols(), dv = V.cols(), nk = K.rows();
+  const long Br = std::min(opt.query_rows, n), Bc = std::min(opt.key_rows, nk);
   const T scale = T(1) / std::sqrt(T(d));
 
-  const detail::ScopedSerialEigen serial;
+  const ScopedSerialEigen serial;
   // D_t = g_t . o_t = sum_j a_{t,j} da_{t,j}  (M4)
   const Vector<T> D = (dout.array() * sc.out.array()).rowwise().sum();
-  RowMatrix<T> P(Br, Bc), dP(Br, Bc);
+  RowMatrix<T> Pm(Br, Bc), dP(Br, Bc);
   RowMatrix<T> dKb(Bc, d), dVb(Bc, dv);
   dq.setZero();
-  for (long c0 = 0; c0 < n; c0 += Bc) {
-    const long bc = std::min(Bc, n - c0);
-    const auto Kb = k.middleRows(c0, bc);
-    const auto Vb = v.middleRows(c0, bc);
+  for (long c0 = 0; c0 < nk; c0 += Bc) {
+    const long bc = std::min(Bc, nk - c0);
+    const auto Kb = K.middleRows(c0, bc);
+    const auto Vb = V.middleRows(c0, bc);
     auto dK = dKb.topRows(bc);
     auto dV = dVb.topRows(bc);
     dK.setZero();
     dV.setZero();
-    // Query blocks that contain a row t >= c0 (causal: key i contributes to t >= i).
-    for (long r0 = (c0 / Br) * Br; r0 < n; r0 += Br) {
+    // Query blocks that contain a row t with P + t >= c0 (key i contributes to positions >= i).
+    for (long r0 = (std::max(0L, c0 - P) / Br) * Br; r0 < n; r0 += Br) {
       const long br = std::min(Br, n - r0);
       const auto Qb = q.middleRows(r0, br);
       const auto dOb = dout.middleRows(r0, br);
-      auto Pb = P.topLeftCorner(br, bc);
+      auto Pb = Pm.topLeftCorner(br, bc);
       auto dPb = dP.topLeftCorner(br, bc);
       // forward: a_{t,i} = exp(s_{t,i} - lse_t), recomputed from the cache.
       Pb.noalias() = Qb * Kb.transpose();
       for (long i = 0; i < br; ++i) {
-        const long valid = std::min(bc, r0 + i - c0 + 1);
+        const long valid = std::min(bc, P + r0 + i - c0 + 1);
         auto row = Pb.row(i);
         if (valid <= 0) {
           row.setZero();
@@ -198,11 +210,167 @@ void softmax_attention_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstM
       dq.middleRows(r0, br).noalias() += dPb * Kb;
       dK.noalias() += dPb.transpose() * Qb;
     }
-    dk.middleRows(c0, bc) = dK;
-    dv_.middleRows(c0, bc) = dV;
+    dK_all.middleRows(c0, bc) = dK;
+    dV_all.middleRows(c0, bc) = dV;
   }
 }
 
-// Non-template overloads are not needed: T is deduced from the cache.
+}  // namespace detail
+
+// Forward. q, k are (seq_len, d); v, out are (seq_len, dv); one token per row.
+// Fills sc (resized here) with lse and a copy of out for the backward pass.
+template <class T>
+void softmax_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v,
+                               const SoftmaxAttentionOptions& opt, MatrixRef<T> out, SoftmaxCache<T>& sc,
+                               const SoftmaxKVCache<identity_t<T>>* initial = nullptr, SoftmaxKVCache<identity_t<T>>* final = nullptr) {
+  const char* where = "softmax_attention_forward";
+  detail::check_sequence_inputs<T>(where, q, k, v);
+  detail::check_output<T>(where, "out", out, q.rows(), v.cols());
+  detail::check_softmax_options(where, opt);
+  const long d = q.cols(), dv = v.cols();
+  if (initial != nullptr) detail::check_kv_cache(where, "initial", *initial, d, dv);
+  const long P = initial != nullptr ? initial->length() : 0;
+  {
+    const detail::PrefixedRows<T> K(k, P > 0 ? initial->keys().data() : nullptr, P);
+    const detail::PrefixedRows<T> V(v, P > 0 ? initial->values().data() : nullptr, P);
+    detail::softmax_forward_tiled<T>(q, K.view, V.view, P, out, sc, opt);
+  }
+  if (final != nullptr) {
+    if (final != initial) *final = initial != nullptr ? *initial : SoftmaxKVCache<T>(d, dv);
+    final->append(k, v);
+  }
+}
+
+// The form before the op contract: tiles last, no state.
+template <class T>
+void softmax_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v, MatrixRef<T> out,
+                               SoftmaxCache<T>& sc, const SoftmaxAttentionOptions& tiles = {}) {
+  softmax_attention_forward<T>(q, k, v, tiles, out, sc);
+}
+
+// Backward. dout is (seq_len, dv) = dL/dout; sc from softmax_attention_forward
+// on the same q, k, v and initial. Writes (overwrites) dq, dk (seq_len, d) and
+// grad_v (seq_len, dv); grad_final (optional) is the gradient of the final
+// cache (P + seq_len tokens); grad_initial (optional) receives the gradient of
+// the initial cache's P keys and values.
+template <class T>
+void softmax_attention_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v,
+                                const SoftmaxAttentionOptions& opt, ConstMatrixRef<T> dout,
+                                const SoftmaxCache<T>& sc, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> grad_v,
+                                const SoftmaxKVCache<identity_t<T>>* initial = nullptr,
+                                const SoftmaxKVCache<identity_t<T>>* grad_final = nullptr,
+                                SoftmaxKVCache<identity_t<T>>* grad_initial = nullptr) {
+  const char* where = "softmax_attention_backward";
+  detail::check_sequence_inputs<T>(where, q, k, v);
+  const long n = q.rows(), d = q.cols(), dv = v.cols();
+  detail::check_gradient_shapes<T>(where, n, d, dv, dout, dq, dk, grad_v);
+  detail::check_softmax_options(where, opt);
+  if (initial != nullptr) detail::check_kv_cache(where, "initial", *initial, d, dv);
+  const long P = initial != nullptr ? initial->length() : 0;
+  detail::check_softmax_cache<T>(where, sc, n, d, dv, P);
+  if (grad_final != nullptr) {
+    detail::check_kv_cache(where, "grad_final", *grad_final, d, dv);
+    detail::check_size(where, "grad_final.length()", grad_final->length(), P + n,
+                       "the final cache's length (initial length + seq_len)");
+  }
+  const detail::PrefixedRows<T> K(k, P > 0 ? initial->keys().data() : nullptr, P);
+  const detail::PrefixedRows<T> V(v, P > 0 ? initial->values().data() : nullptr, P);
+  if (P == 0) {
+    detail::softmax_backward_tiled<T>(q, K.view, V.view, 0, dout, sc, dq, dk, grad_v, opt);
+  } else {
+    RowMatrix<T> dK_all(P + n, d), dV_all(P + n, dv);
+    detail::softmax_backward_tiled<T>(q, K.view, V.view, P, dout, sc, dq, dK_all, dV_all, opt);
+    dk = dK_all.bottomRows(n);
+    grad_v = dV_all.bottomRows(n);
+    if (grad_initial != nullptr) {
+      *grad_initial = SoftmaxKVCache<T>(d, dv);
+      grad_initial->append(dK_all.topRows(P), dV_all.topRows(P));
+    }
+  }
+  if (grad_final != nullptr) {
+    dk += grad_final->keys().bottomRows(n);
+    grad_v += grad_final->values().bottomRows(n);
+    if (grad_initial != nullptr && P > 0) {
+      grad_initial->keys() += grad_final->keys().topRows(P);
+      grad_initial->values() += grad_final->values().topRows(P);
+    }
+  }
+  if (grad_initial != nullptr && P == 0) *grad_initial = SoftmaxKVCache<T>(d, dv);
+}
+
+// The form before the op contract: tiles last, no state.
+template <class T>
+void softmax_attention_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v,
+                                ConstMatrixRef<T> dout, const SoftmaxCache<T>& sc, MatrixRef<T> dq,
+                                MatrixRef<T> dk, MatrixRef<T> grad_v, const SoftmaxAttentionOptions& tiles = {}) {
+  softmax_attention_backward<T>(q, k, v, tiles, dout, sc, dq, dk, grad_v);
+}
+
+// One decoding step (M19): appends (k, v) to kv_cache, then out = the softmax
+// attention of q over every cached token (the new one included). q, k have d
+// entries, v and out dv; kv_cache is e.g. SoftmaxKVCache<T>(d, dv).
+template <class T>
+void softmax_attention_step(ConstVectorRef<T> q, ConstVectorRef<T> k, ConstVectorRef<T> v,
+                            SoftmaxKVCache<T>& kv_cache, VectorRef<T> out) {
+  const char* where = "softmax_attention_step";
+  const long d = kv_cache.key_dim(), dv = kv_cache.value_dim();
+  detail::check_positive_size(where, "kv_cache.key_dim() (d)", d);
+  detail::check_positive_size(where, "kv_cache.value_dim() (dv)", dv);
+  detail::check_token_inputs(where, q, k, v, out, d, dv);
+  kv_cache.append(k.data(), v.data());
+  const detail::ScopedSerialEigen serial;
+  const T scale = T(1) / std::sqrt(T(d));
+  Vector<T> s = kv_cache.keys() * q;  // raw logits q . k_i over the cache
+  const T m = s.maxCoeff();
+  s = ((s.array() - m) * scale).exp();
+  out.noalias() = kv_cache.values().transpose() * s;
+  out /= s.sum();
+}
+
+// The causal attention probabilities a_{t,i} of M4 for q, k (seq_len, d):
+// (seq_len, seq_len), rows sum to 1, zero above the diagonal. Materialised,
+// max-subtracted, O(seq_len^2) memory: a probe for analysis, not the forward.
+// If lse != nullptr it receives lse_t = log sum_{i<=t} exp(s_{t,i}).
+template <class T>
+RowMatrix<T> softmax_attention_probabilities(ConstMatrixRef<T> q, ConstMatrixRef<T> k, Vector<T>* lse = nullptr) {
+  const char* where = "softmax_attention_probabilities";
+  detail::check_positive_size(where, "seq_len (rows of q)", q.rows());
+  detail::check_positive_size(where, "d (columns of q)", q.cols());
+  detail::check_shape(where, "k", k, q.rows(), q.cols());
+  const long n = q.rows();
+  const T scale = T(1) / std::sqrt(T(q.cols()));
+  RowMatrix<T> a = RowMatrix<T>::Zero(n, n);
+  if (lse != nullptr) lse->resize(n);
+  for (long t = 0; t < n; ++t) {
+    T mx = -std::numeric_limits<T>::infinity();
+    for (long i = 0; i <= t; ++i) {
+      a(t, i) = q.row(t).dot(k.row(i)) * scale;  // s_{t,i}
+      mx = std::max(mx, a(t, i));
+    }
+    T sum = 0;
+    for (long i = 0; i <= t; ++i) {
+      a(t, i) = std::exp(a(t, i) - mx);
+      sum += a(t, i);
+    }
+    for (long i = 0; i <= t; ++i) a(t, i) /= sum;
+    if (lse != nullptr) (*lse)(t) = mx + std::log(sum);
+  }
+  return a;
+}
+
+// Non-template overloads of the step (callers need not name the scalar; the
+// sequence functions deduce T from the cache).
+#define MESAOPT_SOFTMAX_ATTENTION_OVERLOADS(S)                                                       \
+  inline void softmax_attention_step(ConstVectorRef<S> q, ConstVectorRef<S> k, ConstVectorRef<S> v,  \
+                                     SoftmaxKVCache<S>& kv_cache, VectorRef<S> out) {                \
+    softmax_attention_step<S>(q, k, v, kv_cache, out);                                               \
+  }                                                                                                  \
+  inline RowMatrix<S> softmax_attention_probabilities(ConstMatrixRef<S> q, ConstMatrixRef<S> k,      \
+                                                      Vector<S>* lse = nullptr) {                    \
+    return softmax_attention_probabilities<S>(q, k, lse);                                            \
+  }
+MESAOPT_SOFTMAX_ATTENTION_OVERLOADS(float)
+MESAOPT_SOFTMAX_ATTENTION_OVERLOADS(double)
+#undef MESAOPT_SOFTMAX_ATTENTION_OVERLOADS
 
 }  // namespace mesaopt
