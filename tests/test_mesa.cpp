@@ -301,9 +301,9 @@ TEST_CASE("mesa rejects bad input", "[mesa][errors]") {
     mesaopt::mesa_forward(qq, kk, vv, o, oo, cache);
   };
   RowMatrix<double> out5(5, 3), out63(6, 2), empty_out(0, 3);
-  CHECK_THROWS_WITH(fwd(q, k.topRows(5), v, opt, out), Contains("k is 5 x 4 but q is 6 x 4"));
+  CHECK_THROWS_WITH(fwd(q, k.topRows(5), v, opt, out), Contains("k is 5 x 4 but must be 6 x 4"));
   CHECK_THROWS_WITH(fwd(q, k.leftCols(3), v, opt, out), Contains("k is 6 x 3"));
-  CHECK_THROWS_WITH(fwd(q, k, v.topRows(5), opt, out), Contains("rows of v is 5"));
+  CHECK_THROWS_WITH(fwd(q, k, v.topRows(5), opt, out), Contains("v is 5 x 3 but must be 6 x 3"));
   CHECK_THROWS_WITH(fwd(q, k, v, opt, out5), Contains("out is 5 x 3 but must be 6 x 3"));
   CHECK_THROWS_WITH(fwd(q, k, v, opt, out63), Contains("out is 6 x 2"));
   CHECK_THROWS_WITH(fwd(q.topRows(0), k.topRows(0), v.topRows(0), opt, empty_out), Contains("seq_len (rows of q)"));
