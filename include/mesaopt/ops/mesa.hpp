@@ -252,10 +252,10 @@ struct MesaCacheAccess {
     if (initial == nullptr) return;
     const long d = c.d_, dv = c.dv_;
     check_mesa_state(where, "initial", *initial, d, dv);
-    for (long i = 0; i < d; ++i)
-      for (long j = 0; j < d; ++j)
-        if (c.ck_R_[std::size_t(i * d + j)] != (initial->R(i, j) + initial->R(j, i)) / T(2))
-          fail(where, "initial.R differs from the R_0 the forward used (pass the same initial as to mesa_forward)");
+    std::vector<T> R0(std::size_t(d * d));
+    symmetrised_copy(initial->R, R0.data());  // what the forward stored as checkpoint 0
+    if (!std::equal(R0.begin(), R0.end(), c.ck_R_.begin()))
+      fail(where, "initial.R differs from the R_0 the forward used (pass the same initial as to mesa_forward)");
     for (long i = 0; i < d; ++i)
       for (long j = 0; j < dv; ++j)
         if (c.ck_St_[std::size_t(i * dv + j)] != initial->S(j, i))
