@@ -20,7 +20,8 @@ if [ "${1:-}" = "--sanitize" ]; then
 else
   build=build
   exclude=()
-  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+  # MESAOPT_CHECK_HEADERS: every public header also compiles on its own (tests/headers).
+  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DMESAOPT_CHECK_HEADERS=ON >/dev/null
 fi
 cmake --build "$build" -j "$jobs"
 ctest --test-dir "$build" --output-on-failure -j "$jobs" "${exclude[@]}"
