@@ -18,6 +18,20 @@
 // from mesa_backward (M12 and the forgetting terms of docs/mesa.md), summed
 // over the batch in a fixed order.
 //
+// With config.regularizer = MesaRegularizer::constant every head uses the
+// non-decaying ridge I / lambda_h (M20) instead of gamma_h^t I / lambda_h:
+// stable with forgetting when keys do not span all d directions, at O(d^3)
+// per token (docs/mesa.md).
+//
+// Numerical failures (docs/mesa.md, "Numerical safety"): a head whose
+// recursion breaks down throws MesaBreakdownError naming the sequence b, the
+// head h and the position t; lambda_h = softplus(lambda_raw_h) and gamma_h =
+// sigmoid(forget_raw_h) must be normal numbers of the layer's scalar type
+// (softplus underflows below lambda_raw ~ -87 in float, ~ -708 in double):
+// a diverged raw parameter gives std::invalid_argument naming the head, the
+// raw value and the underflow, before any work is done (no silent floor, which
+// would also zero the gradient that could bring lambda_raw back).
+//
 // The residual e + Delta e is the caller's (the model's). No biases. The
 // plumbing (projections, threads, state, step, backward) is the shared
 // skeleton of layers/multi_head_attention.hpp; this file supplies the per-head
@@ -32,6 +46,9 @@
 #include <mesaopt/ops/mesa.hpp>
 
 #include <cmath>
+#include <cstddef>
+#include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -48,6 +65,9 @@ struct MesaLayerConfig {
   double forget_init = 1.0;   // gamma: fixed value in (0, 1] if !learn_forget, initial value in (0, 1) if learn_forget
   long chunk = 0;             // checkpoint interval of the op's backward (MesaOptions::chunk); 0 = automatic
   int num_threads = 0;        // threads for forward/backward; <= 0: default_num_threads()
+  // Ridge term with forgetting (MesaOptions::regularizer, docs/mesa.md): decaying gamma^t I/lambda
+  // (M5, the default) or constant I/lambda (M20, stable with gamma < 1, O(d^3) per token).
+  MesaRegularizer regularizer = MesaRegularizer::decaying;
 };
 
 // What MesaLayer::backward needs from its forward: the skeleton's cache (with
@@ -101,6 +121,22 @@ class MesaLayer
                                       : static_cast<T>(this->config_.forget_init);
   }
 
+  // The skeleton's step (layers/multi_head_attention.hpp), recording the batch so
+  // that a breakdown error can name the sequence b.
+  void step(ConstMatrixRef<T> x_t, typename Skeleton::State& state, MatrixRef<T> y_t) {
+    step_items_ = state.items.data();
+    step_count_ = state.items.size();
+    try {
+      Skeleton::step(x_t, state, y_t);
+    } catch (...) {
+      step_items_ = nullptr;
+      step_count_ = 0;
+      throw;
+    }
+    step_items_ = nullptr;
+    step_count_ = 0;
+  }
+
  private:
   static const Config& checked(const Config& c) {
     const char* where = kName;
@@ -114,6 +150,7 @@ class MesaLayer
       detail::check_half_open(where, "config.forget_init", c.forget_init, 0.0, 1.0);
     }
     if (c.chunk < 0) detail::fail(where, "config.chunk must be >= 0 (0 = automatic), got ", c.chunk);
+    detail::check_mesa_regularizer(where, "config.regularizer", c.regularizer);
     return c;
   }
 
@@ -122,18 +159,37 @@ class MesaLayer
       detail::fail(where, "head h = ", h, " is outside [0, H = ", this->config_.H, ")");
   }
 
-  // Head h's options, checked (a diverged update can drive lambda or gamma out of range).
+  // Head h's options, checked (a diverged update can drive lambda or gamma out of
+  // range). The op rejects subnormal lambda and gamma (docs/mesa.md, "Errors");
+  // here the message names the head and the raw parameter whose map underflowed.
   MesaOptions<T> head_options(const char* where, long h) const {
     MesaOptions<T> opt;
     opt.lambda = lambda(h);
     opt.forget = forget(h);
     opt.chunk = this->config_.chunk;
+    opt.regularizer = this->config_.regularizer;
+    const T tiny = std::numeric_limits<T>::min();
     if (!(std::isfinite(opt.lambda) && opt.lambda > T(0)))
       detail::fail(where, "head ", h, ": lambda = softplus(lambda_raw = ", lambda_raw_(h), ") = ", opt.lambda,
-                   " must be finite and > 0");
+                   " must be finite and > 0 (softplus underflowed: lambda_raw has diverged)");
+    if (opt.lambda < tiny)
+      detail::fail(where, "head ", h, ": lambda = softplus(lambda_raw = ", lambda_raw_(h), ") = ", opt.lambda,
+                   " is subnormal (below the smallest normal ", detail::scalar_name<T>(), ", ", tiny,
+                   "): softplus underflowed, lambda_raw has diverged; the mesa op needs a normal lambda");
     if (!(std::isfinite(opt.forget) && opt.forget > T(0) && opt.forget <= T(1)))
       detail::fail(where, "head ", h, ": forget = ", opt.forget, " must lie in (0, 1]");
+    if (opt.forget < tiny)
+      detail::fail(where, "head ", h, ": forget = sigmoid(forget_raw) = ", opt.forget, " is subnormal (below the ",
+                   "smallest normal ", detail::scalar_name<T>(), ", ", tiny, "): sigmoid underflowed, forget_raw has ",
+                   "diverged");
     return opt;
+  }
+
+  // Adds the sequence b and head h to a breakdown of the op (docs/mesa.md, "Numerical safety").
+  [[noreturn]] static void rethrow_breakdown(const char* where, const MesaBreakdownError& e, long b, long h) {
+    std::string msg = std::string(where) + ": sequence b = " + (b >= 0 ? std::to_string(b) : std::string("?")) +
+                      ", head h = " + std::to_string(h) + ": " + e.what();
+    throw MesaBreakdownError(msg, e.position(), b, h);
   }
 
   // Hooks of the skeleton.
@@ -163,7 +219,11 @@ class MesaLayer
   template <class Q, class K, class V, class O>
   void head_forward(Cache& cache, std::size_t item, long h, const Q& q, const K& k, const V& v, O&& out,
                     const MesaState<T>* initial, MesaState<T>* final) {
-    mesa_forward<T>(q, k, v, cache.options[std::size_t(h)], out, cache.heads[item], initial, final);  // M7-M9, M15
+    try {
+      mesa_forward<T>(q, k, v, cache.options[std::size_t(h)], out, cache.heads[item], initial, final);  // M7-M9, M15, M20
+    } catch (const MesaBreakdownError& e) {
+      rethrow_breakdown("MesaLayer::forward", e, long(item) / this->config_.H, h);
+    }
   }
   void begin_backward(Cache& cache, long items) {
     cache.dlambda.assign(std::size_t(items), T(0));
@@ -194,7 +254,18 @@ class MesaLayer
   }
   template <class Q, class K, class V, class O>
   void head_step(long h, const Q& q, const K& k, const V& v, MesaState<T>& state, O&& out) {
-    mesa_step<T>(q, k, v, step_options_[std::size_t(h)], state, out);  // M15, one token
+    try {
+      mesa_step<T>(q, k, v, step_options_[std::size_t(h)], state, out);  // M15 (M20), one token
+    } catch (const MesaBreakdownError& e) {
+      // The skeleton passes state.items[b*H + h]; recover b from its address when it lies in the
+      // batch that step() recorded.
+      long b = -1;
+      const MesaState<T>* s = &state;
+      if (step_items_ != nullptr && std::less_equal<const MesaState<T>*>()(step_items_, s) &&
+          std::less<const MesaState<T>*>()(s, step_items_ + step_count_))
+        b = long(s - step_items_) / this->config_.H;
+      rethrow_breakdown("MesaLayer::step", e, b, h);
+    }
   }
   // Appends prefix+"lambda_raw" (H) and, if config.learn_forget, "forget_raw" (H).
   void extra_parameters(std::vector<ParameterView<T>>& out, const std::string& prefix) {
@@ -213,6 +284,8 @@ class MesaLayer
   Vector<T> lambda_raw_, lambda_raw_grad_;  // (H): lambda_h = softplus(lambda_raw_h)
   Vector<T> forget_raw_, forget_raw_grad_;  // (H) if learn_forget, else empty: gamma_h = sigmoid(forget_raw_h)
   std::vector<MesaOptions<T>> step_options_;  // per head, for step
+  const MesaState<T>* step_items_ = nullptr;  // the batch of the running step(), to name b in errors
+  std::size_t step_count_ = 0;
 };
 
 }  // namespace mesaopt

@@ -37,6 +37,7 @@
 #include <mesaopt/common/parallel.hpp>
 #include <mesaopt/kernels/state_update.hpp>
 #include <mesaopt/ops/checks.hpp>
+#include <mesaopt/ops/masked_product.hpp>
 #include <mesaopt/ops/state.hpp>
 
 #include <algorithm>
@@ -68,6 +69,7 @@ void check_linear_attention_backward_args(const char* where, const ConstMatrixRe
                                           const LinearAttentionState<identity_t<T>>* grad_final) {
   check_linear_attention_args<T>(where, q, k, v, initial);
   check_gradient_shapes<T>(where, q.rows(), q.cols(), v.cols(), dout, dq, dk, grad_v);
+  check_gradients_distinct<T>(where, q, k, v, dout, dq, dk, grad_v);
   if (grad_final != nullptr) check_linear_attention_state(where, "grad_final", *grad_final, q.cols(), v.cols());
 }
 
@@ -108,6 +110,7 @@ void linear_attention_forward_recurrent(ConstMatrixRef<T> q, ConstMatrixRef<T> k
   const char* where = "linear_attention_forward_recurrent";
   detail::check_linear_attention_args<T>(where, q, k, v, initial);
   detail::check_output<T>(where, "out", out, q.rows(), v.cols());
+  detail::check_output_distinct<T>(where, out, q, k, v);
   const long n = q.rows(), d = q.cols(), dv = v.cols();
   RowMatrix<T> St = detail::initial_transposed_state<T>(initial, d, dv);  // St = S^T (d x dv)
   for (long t = 0; t < n; ++t) {
@@ -167,11 +170,14 @@ void linear_attention_forward_chunked(ConstMatrixRef<T> q, ConstMatrixRef<T> k, 
   const char* where = "linear_attention_forward_chunked";
   detail::check_linear_attention_args<T>(where, q, k, v, initial);
   detail::check_output<T>(where, "out", out, q.rows(), v.cols());
+  detail::check_output_distinct<T>(where, out, q, k, v);
   if (chunk < 0) detail::fail(where, "chunk must be >= 0 (0 = default), got ", chunk);
   const long n = q.rows(), d = q.cols(), dv = v.cols();
   const long C = std::min(n, chunk > 0 ? chunk : linear_attention_default_chunk(d, dv));
   const detail::ScopedSerialEigen serial;
   RowMatrix<T> A(C, C);                                                 // masked Q_c K_c^T
+  const auto first_column = [](long) { return 0L; };
+  const auto through_diagonal = [](long t) { return t + 1; };
   RowMatrix<T> St = detail::initial_transposed_state<T>(initial, d, dv);  // S_0^T + earlier chunks' K^T V
   for (long s = 0; s < n; s += C) {
     const long c = std::min(C, n - s);
@@ -183,7 +189,8 @@ void linear_attention_forward_chunked(ConstMatrixRef<T> q, ConstMatrixRef<T> k, 
     // A_{t,i} = q_t . k_i for i <= t (diagonal included), 0 above.
     Ac.noalias() = Qc * Kc.transpose();
     Ac.template triangularView<Eigen::StrictlyUpper>().setZero();
-    Oc.noalias() = Ac * Vc;
+    // Oc = Ac Vc over i <= t only (masked_product.hpp: no 0 * Inf across the mask).
+    detail::masked_product(Ac, first_column, through_diagonal, Vc, Oc, /*accumulate=*/false);
     if (s > 0 || initial != nullptr) Oc.noalias() += Qc * St;  // earlier tokens: o_t += S_{s-1} q_t
     if (s + c < n || final != nullptr) St.noalias() += Kc.transpose() * Vc;
   }
@@ -208,6 +215,11 @@ void linear_attention_backward_chunked(ConstMatrixRef<T> q, ConstMatrixRef<T> k,
   const long C = std::min(n, chunk > 0 ? chunk : linear_attention_default_chunk(d, dv));
   const detail::ScopedSerialEigen serial;
   RowMatrix<T> A(C, C), B(C, C);
+  // Masks of the tiles (masked_product.hpp): A, B keep the columns i <= t of
+  // row t; their transposes keep the columns t >= i of row i.
+  const auto first_column = [](long) { return 0L; };
+  const auto through_diagonal = [](long t) { return t + 1; };
+  const auto from_diagonal = [](long i) { return i; };
   {
     // forward: o_t = S_t q_t  =>  dq_t = S_t^T g_t = S_0^T g_t + sum_{i<=t} k_i (v_i . g_t)
     RowMatrix<T> St = detail::initial_transposed_state<T>(initial, d, dv);
@@ -220,7 +232,7 @@ void linear_attention_backward_chunked(ConstMatrixRef<T> q, ConstMatrixRef<T> k,
       Bc.noalias() = Gc * Vc.transpose();
       Bc.template triangularView<Eigen::StrictlyUpper>().setZero();
       auto dQc = dq.middleRows(s, c);
-      dQc.noalias() = Bc * Kc;
+      detail::masked_product(Bc, first_column, through_diagonal, Kc, dQc, /*accumulate=*/false);
       if (s > 0 || initial != nullptr) dQc.noalias() += Gc * St.transpose();
       if (s + c < n) St.noalias() += Kc.transpose() * Vc;
     }
@@ -244,8 +256,10 @@ void linear_attention_backward_chunked(ConstMatrixRef<T> q, ConstMatrixRef<T> k,
     Bc.template triangularView<Eigen::StrictlyUpper>().setZero();
     auto dVc = grad_v.middleRows(s, c);
     auto dKc = dk.middleRows(s, c);
-    dVc.noalias() = Ac.transpose() * Gc;
-    dKc.noalias() = Bc.transpose() * Qc;
+    // Row i of A^T, B^T is unmasked on the columns t >= i.
+    const auto to_end = [c](long) { return c; };
+    detail::masked_product(Ac.transpose(), from_diagonal, to_end, Gc, dVc, /*accumulate=*/false);
+    detail::masked_product(Bc.transpose(), from_diagonal, to_end, Qc, dKc, /*accumulate=*/false);
     if (s + c < n || has_grad_final) {
       dVc.noalias() += Kc * Gt;
       dKc.noalias() += Vc * Gt.transpose();
@@ -290,6 +304,7 @@ void linear_attention_step(ConstVectorRef<T> q, ConstVectorRef<T> k, ConstVector
   detail::check_positive_size(where, "state.S columns (d)", d);
   detail::check_positive_size(where, "state.S rows (dv)", dv);
   detail::check_token_inputs(where, q, k, v, out, d, dv);
+  detail::check_token_output_distinct(where, q, k, v, out);
   // S (dv x d) <- S + v k^T, out_r = S_r . q: the transposed use of the state kernel.
   kernels::state_update_dot<T>(std::size_t(dv), std::size_t(d), state.S.data(), std::size_t(d), T(1), v.data(),
                                k.data(), q.data(), out.data());

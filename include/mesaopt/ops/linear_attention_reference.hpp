@@ -18,6 +18,7 @@ void linear_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMat
   const char* where = "reference::linear_attention_forward";
   detail::check_sequence_inputs<T>(where, q, k, v);
   detail::check_output<T>(where, "out", out, q.rows(), v.cols());
+  detail::check_output_distinct<T>(where, out, q, k, v);
   if (initial != nullptr) detail::check_linear_attention_state(where, "initial", *initial, q.cols(), v.cols());
   const long n = q.rows();
   for (long t = 0; t < n; ++t) {
@@ -50,6 +51,7 @@ void linear_attention_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMa
   detail::check_sequence_inputs<T>(where, q, k, v);
   const long n = q.rows(), d = q.cols(), dv = v.cols();
   detail::check_gradient_shapes<T>(where, n, d, dv, dout, dq, dk, grad_v);
+  detail::check_gradients_distinct<T>(where, q, k, v, dout, dq, dk, grad_v);
   if (initial != nullptr) detail::check_linear_attention_state(where, "initial", *initial, d, dv);
   if (grad_final != nullptr) detail::check_linear_attention_state(where, "grad_final", *grad_final, d, dv);
   dq.setZero();

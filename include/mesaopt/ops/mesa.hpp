@@ -40,8 +40,25 @@
 // Thread safety: no global state. One cache per concurrently running sequence.
 // Precision (docs/mesa.md): double matches the direct ridge solve to 1e-10;
 // float32 stays within about 1e-5 relative of double up to 65536 tokens (d = 32).
-// R must stay positive definite: in float with extreme lambda |k|^2 the
-// denominator gamma + k.u can round to <= 0 and produce NaN (docs/mesa.md).
+//
+// Regulariser with forgetting (opt.regularizer, docs/math.md M5 and M20):
+// `decaying` (default) forgets the ridge with the data, gamma^t I / lambda, and
+// runs the exact Sherman-Morrison recursion, O(d^2) per token; `constant` keeps
+// I / lambda at every t (as MesaNet does), P_t = gamma P_{t-1} + k k^T +
+// (1 - gamma)/lambda I, solved by a Cholesky factorisation per token, O(d^3)
+// (ops/mesa_constant.hpp). Both are the same objective at gamma = 1. With
+// gamma < 1 and keys that leave directions unspanned, the decaying R grows like
+// gamma^-t on those directions and the recursion breaks down; the constant
+// one stays bounded (docs/mesa.md, "Numerical safety").
+//
+// Breakdown (docs/mesa.md, "Numerical safety"): the forward and the step watch
+// the quantity each token already computes: the decaying mode's denominator
+// den_t = gamma + k_t.R_{t-1} k_t, which is >= gamma while R is positive
+// definite, must lie in [gamma/2, gamma/epsilon] (below: R lost positive
+// definiteness; above: the update cancelled every significant digit); the
+// constant mode's Cholesky factorisation must succeed with finite pivots.
+// Otherwise they throw MesaBreakdownError (a std::runtime_error: the inputs
+// were valid, the arithmetic failed) naming the position t and lambda |k_t|^2.
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/kernels/gemv.hpp>
@@ -50,6 +67,7 @@
 #include <mesaopt/kernels/state_update.hpp>
 #include <mesaopt/kernels/vector_ops.hpp>
 #include <mesaopt/ops/checks.hpp>
+#include <mesaopt/ops/mesa_constant.hpp>
 #include <mesaopt/ops/state.hpp>
 
 #include <Eigen/Cholesky>
@@ -58,17 +76,129 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace mesaopt {
 
+// Which ridge term the objective carries when it forgets (docs/math.md §3).
+// At gamma = 1 both are the paper's layer (M5) and agree to rounding.
+enum class MesaRegularizer {
+  // gamma^t I / lambda: the ridge is forgotten with the data (M5 with gamma).
+  // Exact Sherman-Morrison recursion (M7), O(d^2) per token. With gamma < 1,
+  // R grows like gamma^-t on directions no key spans, and the recursion
+  // breaks down after about log(epsilon)/log(gamma) tokens (docs/mesa.md).
+  decaying,
+  // I / lambda at every t, as in MesaNet (M20): P_t = gamma P_{t-1} + k k^T
+  // + (1 - gamma)/lambda I stays >= I/lambda; Cholesky per token, O(d^3).
+  constant,
+};
+
 // Options of the mesa op.
 template <class T>
 struct MesaOptions {
-  T lambda = T(1);  // ridge strength lambda > 0 of M5: R_0 = lambda I (larger = weaker regularisation)
-  T forget = T(1);  // forgetting factor gamma in (0, 1]; 1 = no forgetting (docs/math.md §3)
+  T lambda = T(1);  // ridge strength lambda > 0 of M5: R_0 = lambda I (larger = weaker regularisation); a normal number
+  T forget = T(1);  // forgetting factor gamma in (0, 1]; 1 = no forgetting (docs/math.md §3); a normal number
   long chunk = 0;   // checkpoint interval C for the backward pass; 0 = automatic (mesa_auto_chunk)
+  MesaRegularizer regularizer = MesaRegularizer::decaying;  // ridge term with forgetting (M5 or M20)
 };
+
+// The forward recursion lost positive definiteness to rounding (docs/mesa.md,
+// "Numerical safety"). The inputs were valid; the arithmetic failed, so this
+// is a std::runtime_error, not std::invalid_argument. what() names the
+// position, the denominator or factorisation that failed and lambda |k_t|^2;
+// a layer adds the sequence b and head h.
+class MesaBreakdownError : public std::runtime_error {
+ public:
+  MesaBreakdownError(const std::string& message, long position, long batch = -1, long head = -1)
+      : std::runtime_error(message), position_(position), batch_(batch), head_(head) {}
+  long position() const noexcept { return position_; }  // token t (0-based, within the call) that failed
+  long batch() const noexcept { return batch_; }        // sequence b of a layer call; -1 from the op
+  long head() const noexcept { return head_; }          // head h of a layer call; -1 from the op
+
+ private:
+  long position_, batch_, head_;
+};
+
+namespace detail {
+
+template <class T>
+const char* scalar_name() {
+  return sizeof(T) == sizeof(float) ? "float" : sizeof(T) == sizeof(double) ? "double" : "long double";
+}
+
+// lambda and gamma must be normal numbers (docs/mesa.md, "Errors"): a
+// subnormal lambda has already lost relative precision, lambda k_t loses more
+// and 1/lambda overflows; a subnormal gamma makes 1/gamma overflow.
+template <class T>
+void check_normal(const char* where, const char* what, T value, const char* why) {
+  if (value < std::numeric_limits<T>::min())
+    fail(where, what, " = ", value, " is subnormal (below the smallest normal ", scalar_name<T>(), ", ",
+         std::numeric_limits<T>::min(), "): ", why);
+}
+template <class T>
+void check_mesa_lambda(const char* where, const char* what, T lambda) {
+  check_positive_finite(where, what, lambda);
+  check_normal(where, what, lambda, "lambda k and 1/lambda lose all precision or overflow");
+}
+template <class T>
+void check_mesa_forget(const char* where, const char* what, T gamma) {
+  check_half_open(where, what, gamma, T(0), T(1));
+  check_normal(where, what, gamma, "1/gamma overflows");
+}
+inline void check_mesa_regularizer(const char* where, const char* what, MesaRegularizer r) {
+  if (r != MesaRegularizer::decaying && r != MesaRegularizer::constant)
+    fail(where, what, " must be MesaRegularizer::decaying or MesaRegularizer::constant, got ", static_cast<int>(r));
+}
+
+// The breakdown test of the decaying recursion: den_t = gamma + k_t.R_{t-1} k_t
+// lies in [gamma, inf) while R_{t-1} is positive definite. Below gamma/2 (or
+// NaN) rounding has destroyed positive definiteness; above gamma/epsilon the
+// update R_{t-1} - u u^T/den, whose relative rounding error in the direction
+// of k_t is about epsilon den/gamma, has no significant digit left there.
+template <class T>
+bool mesa_denominator_ok(T den, T lo, T hi) {
+  return den >= lo && den <= hi;  // false for NaN and +-inf
+}
+
+// Throws MesaBreakdownError for token t (docs/mesa.md, "Numerical safety").
+// den: the decaying mode's denominator; NaN for the constant mode's Cholesky.
+template <class T>
+[[noreturn]] void throw_mesa_breakdown(const char* where, long t, T den, const T* kt, long d, T gamma, T lambda,
+                                       MesaRegularizer regularizer, bool has_initial) {
+  double k2 = 0;
+  for (long i = 0; i < d; ++i) k2 += double(kt[i]) * double(kt[i]);
+  std::ostringstream os;
+  os.precision(4);
+  os << where << ": numerical breakdown at position t = " << t << " (0-based, within this call): ";
+  if (regularizer == MesaRegularizer::decaying) {
+    const double lo = double(gamma) / 2, hi = double(gamma) / double(std::numeric_limits<T>::epsilon());
+    os << "the Sherman-Morrison denominator gamma + k_t.R_{t-1} k_t = " << double(den) << " is outside [gamma/2, "
+       << "gamma/epsilon] = [" << lo << ", " << hi << "] (";
+    if (std::isfinite(double(den)) && double(den) > hi)
+      os << "the update cancelled every significant digit of R in the direction of k_t";
+    else
+      os << "it is >= gamma while R is positive definite: R lost positive definiteness, or k_t is not finite";
+    os << ")";
+  } else {
+    os << "the Cholesky factorisation of P_t = gamma P_{t-1} + k_t k_t^T + (1 - gamma)/lambda I failed or gave a "
+       << "non-finite pivot (P_t is positive definite in exact arithmetic; P_t lost it to rounding, or k_t is not finite)";
+  }
+  os << "; lambda |k_t|^2 = " << double(lambda) * k2 << " (lambda = " << double(lambda) << ", |k_t|^2 = " << k2
+     << ", gamma = " << double(gamma) << ", " << scalar_name<T>() << ")";
+  if (has_initial) os << ", started from a given initial state";
+  os << ". See docs/mesa.md, \"Numerical safety\", for the safe range of lambda |k|^2: use double, a smaller "
+     << "lambda or normalised keys";
+  if (regularizer == MesaRegularizer::decaying && gamma < T(1))
+    os << ", or MesaRegularizer::constant (with gamma < 1 the decaying ridge lets R grow like gamma^-t in "
+       << "directions no key spans)";
+  os << ".";
+  throw MesaBreakdownError(os.str(), t);
+}
+
+}  // namespace detail
 
 // The automatic checkpoint interval: minimises the cache's size
 //   (ceil(seq_len/C)) (d^2 + d dv + d)  +  3 C d      (checkpoints + per-chunk vectors)
@@ -84,7 +214,7 @@ MesaState<T> mesa_initial_state(long d, long dv, const MesaOptions<T>& opt) {
   const char* where = "mesa_initial_state";
   detail::check_positive_size(where, "d", d);
   detail::check_positive_size(where, "dv", dv);
-  detail::check_positive_finite(where, "opt.lambda", opt.lambda);
+  detail::check_mesa_lambda(where, "opt.lambda", opt.lambda);
   return {opt.lambda * RowMatrix<T>::Identity(d, d), RowMatrix<T>::Zero(dv, d)};
 }
 
@@ -99,25 +229,31 @@ struct MesaCacheAccess;
 // (reused across calls, so repeated calls with the same sizes do not allocate).
 // Holds, per checkpoint c = 0 .. ceil(seq_len/C)-1, the state after c*C tokens:
 // R (d x d), S^T (d x dv) and u = R k_{cC+1} (d); nothing per token.
-// Checkpoint 0 is the initial state.
+// Checkpoint 0 is the initial state. With MesaRegularizer::constant a
+// checkpoint holds P = R^{-1} (d x d) and S^T instead (the per-token Cholesky
+// factors are recomputed chunk by chunk, like R in the decaying mode, rather
+// than stored: T d^2/2 numbers would defeat the checkpointing), and the cache
+// keeps a copy of the initial R_0 to check the backward's `initial` against.
+// A forward that throws leaves the cache unusable (length() = 0).
 template <class T>
 class MesaCache {
  public:
   // Bytes held by the cache (checkpoints and scratch, by capacity).
   std::size_t bytes() const {
-    std::size_t n = 0;
-    for (const auto* b : {&ck_R_, &ck_St_, &ck_u_, &R_, &St_, &u_, &w_, &a_, &tmp_, &ch_a_, &ch_da_, &ch_dq_,
-                          &Gt_, &M_, &Mk_})
+    std::size_t n = solver_.capacity();
+    for (const auto* b : {&ck_R_, &ck_St_, &ck_u_, &init_R_, &R_, &St_, &u_, &w_, &a_, &tmp_, &ch_a_, &ch_da_,
+                          &ch_dq_, &Gt_, &M_, &Mk_})
       n += b->capacity();
     return n * sizeof(T);
   }
-  long length() const { return T_; }         // seq_len of the last forward, 0 before any
+  long length() const { return T_; }         // seq_len of the last complete forward, 0 before any
   long key_dim() const { return d_; }        // d
   long value_dim() const { return dv_; }     // dv
   long chunk() const { return C_; }          // the checkpoint interval C used
   long num_checkpoints() const { return T_ > 0 ? (T_ + C_ - 1) / C_ : 0; }
   T lambda() const { return lambda_; }       // lambda of the last forward
   T forget() const { return forget_; }       // gamma of the last forward
+  MesaRegularizer regularizer() const { return regularizer_; }  // regulariser of the last forward
   bool has_initial_state() const { return has_initial_; }  // the last forward started from a given state
 
  private:
@@ -125,11 +261,14 @@ class MesaCache {
 
   long T_ = 0, d_ = 0, dv_ = 0, C_ = 1;
   T lambda_ = T(0), forget_ = T(0);
+  MesaRegularizer regularizer_ = MesaRegularizer::decaying;
   bool has_initial_ = false;
-  std::vector<T> ck_R_, ck_St_, ck_u_;             // checkpoints
+  std::vector<T> ck_R_, ck_St_, ck_u_;             // checkpoints (ck_R_: P in the constant mode; ck_u_: decaying only)
+  std::vector<T> init_R_;                          // constant mode with an initial state: R_0 as the forward used it
   std::vector<T> R_, St_, u_, w_, a_, tmp_;        // running state
   std::vector<T> ch_a_, ch_da_, ch_dq_;            // a_t, da_t, dq_t of one chunk (C x d each)
   std::vector<T> Gt_, M_, Mk_;                     // reverse accumulators G^T (d x dv), M (d x d), M k
+  detail::MesaPrecisionSolver<T> solver_;          // constant mode: P_t and its Cholesky factor
 };
 
 namespace detail {
@@ -139,9 +278,10 @@ template <class T>
 void check_mesa_args(const char* where, const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
                      const ConstMatrixRef<T>& v, const MesaOptions<T>& opt) {
   check_sequence_inputs<T>(where, q, k, v);
-  check_positive_finite(where, "opt.lambda", opt.lambda);
-  check_half_open(where, "opt.forget", opt.forget, T(0), T(1));
+  check_mesa_lambda(where, "opt.lambda", opt.lambda);
+  check_mesa_forget(where, "opt.forget", opt.forget);
   if (opt.chunk < 0) fail(where, "opt.chunk must be >= 0 (0 = automatic), got ", opt.chunk);
+  check_mesa_regularizer(where, "opt.regularizer", opt.regularizer);
 }
 
 // Throws unless R is d x d, finite and symmetric to rounding (relative
@@ -175,33 +315,58 @@ void symmetrised_copy(const RowMatrix<T>& R, T* dst) {
 }
 
 struct MesaCacheAccess {
-  // The forward (M7-M9, M15), writing checkpoints into c.
+  // The forward (M7-M9, M15; M20 for the constant regulariser), writing checkpoints into c.
   template <class T>
-  static void forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                      const MesaOptions<T>& opt, MatrixRef<T>& out, MesaCache<T>& c, const MesaState<identity_t<T>>* initial,
-                      MesaState<identity_t<T>>* final) {
+  static void forward(const char* where, const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                      const ConstMatrixRef<T>& v, const MesaOptions<T>& opt, MatrixRef<T>& out, MesaCache<T>& c,
+                      const MesaState<identity_t<T>>* initial, MesaState<identity_t<T>>* final) {
     const long n = q.rows(), d = q.cols(), dv = v.cols();
-    const long ldq = q.outerStride(), ldk = k.outerStride(), ldv = v.outerStride(), ldo = out.outerStride();
     const long C = opt.chunk > 0 ? std::min(opt.chunk, n) : mesa_auto_chunk(n, d, dv);
     const long nck = (n + C - 1) / C;
     const std::size_t dd = static_cast<std::size_t>(d), ddv = static_cast<std::size_t>(dv);
-    c.T_ = n;
+    c.T_ = 0;  // unusable until this forward completes: a breakdown throws mid-way
     c.d_ = d;
     c.dv_ = dv;
     c.C_ = C;
     c.lambda_ = opt.lambda;
     c.forget_ = opt.forget;
+    c.regularizer_ = opt.regularizer;
     c.has_initial_ = initial != nullptr;
     c.ck_R_.resize(nck * dd * dd);
     c.ck_St_.resize(nck * dd * ddv);
+    c.St_.assign(dd * ddv, T(0));
+    c.a_.resize(dd);
+    T* St = c.St_.data();
+    if (initial != nullptr) {  // (M15) S_0 given, stored transposed
+      for (std::size_t i = 0; i < dd; ++i)
+        for (std::size_t j = 0; j < ddv; ++j) St[i * ddv + j] = initial->S(long(j), long(i));
+    }
+    if (opt.regularizer == MesaRegularizer::constant)
+      forward_constant<T>(where, q, k, v, opt, out, c, initial, final);
+    else
+      forward_decaying<T>(where, q, k, v, opt, out, c, initial, final);
+    c.T_ = n;
+  }
+
+  // The Sherman-Morrison recursion (M7-M9, M15) with the denominator test.
+  template <class T>
+  static void forward_decaying(const char* where, const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                               const ConstMatrixRef<T>& v, const MesaOptions<T>& opt, MatrixRef<T>& out,
+                               MesaCache<T>& c, const MesaState<identity_t<T>>* initial,
+                               MesaState<identity_t<T>>* final) {
+    const long n = q.rows(), d = q.cols(), dv = v.cols();
+    const long ldq = q.outerStride(), ldk = k.outerStride(), ldv = v.outerStride(), ldo = out.outerStride();
+    const long C = c.C_;
+    const std::size_t dd = static_cast<std::size_t>(d), ddv = static_cast<std::size_t>(dv);
+    const long nck = (n + C - 1) / C;
     c.ck_u_.resize(nck * dd);
     c.R_.assign(dd * dd, T(0));
-    c.St_.assign(dd * ddv, T(0));
     c.u_.resize(dd);
     c.w_.resize(dd);
-    c.a_.resize(dd);
     const T gamma = opt.forget;
     const T inv_gamma = T(1) / gamma;  // exactly 1 without forgetting: the kernels skip the scaling
+    // Breakdown bounds of den_t (docs/mesa.md, "Numerical safety"): one compare pair per token.
+    const T den_lo = gamma / T(2), den_hi = gamma / std::numeric_limits<T>::epsilon();
     T* R = c.R_.data();
     T* St = c.St_.data();
     T* u = c.u_.data();
@@ -211,10 +376,8 @@ struct MesaCacheAccess {
     const T* k0 = k.data();
     const T* v0 = v.data();
     T* o0 = out.data();
-    if (initial != nullptr) {  // (M15) R_0, S_0 given; u_1 = R_0 k_1
+    if (initial != nullptr) {  // (M15) R_0 given; u_1 = R_0 k_1
       symmetrised_copy(initial->R, R);
-      for (std::size_t i = 0; i < dd; ++i)
-        for (std::size_t j = 0; j < ddv; ++j) St[i * ddv + j] = initial->S(long(j), long(i));
       kernels::gemv(dd, dd, R, dd, k0, u);
     } else {  // R_0 = lambda I, S_0 = 0, so u_1 = R_0 k_1 = lambda k_1.
       for (std::size_t i = 0; i < dd; ++i) {
@@ -232,13 +395,62 @@ struct MesaCacheAccess {
       const T* kt = k0 + t * ldk;
       const T* knext = t + 1 < n ? kt + ldk : nullptr;
       // (M7) R_t = (R_{t-1} - u u^T / (gamma + k.u)) / gamma = R_{t-1}/gamma - w w^T; a_t = R_t q_t, u_{t+1} = R_t k_{t+1}
-      kernels::sherman_morrison_gain(dd, kt, u, gamma, w);
+      const T den = kernels::sherman_morrison_gain(dd, kt, u, gamma, w);
+      if (!mesa_denominator_ok(den, den_lo, den_hi))
+        throw_mesa_breakdown<T>(where, t, den, kt, d, gamma, opt.lambda, opt.regularizer, initial != nullptr);
       kernels::sherman_morrison_update(dd, R, dd, w, inv_gamma, q0 + t * ldq, knext, a, u);
       // (M8-M9) S_t = gamma S_{t-1} + v_t k_t^T, o_t = S_t a_t
       kernels::state_update_apply(dd, ddv, St, ddv, gamma, kt, v0 + t * ldv, a, o0 + t * ldo);
     }
     if (final != nullptr) {
       final->R = Eigen::Map<const RowMatrix<T>>(R, d, d);
+      final->S = Eigen::Map<const RowMatrix<T>>(St, d, dv).transpose();
+    }
+  }
+
+  // The constant regulariser (M20): P_t = gamma P_{t-1} + k k^T + (1 - gamma)/lambda I,
+  // refactorised per token (ops/mesa_constant.hpp); checkpoints hold P and S^T.
+  template <class T>
+  static void forward_constant(const char* where, const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                               const ConstMatrixRef<T>& v, const MesaOptions<T>& opt, MatrixRef<T>& out,
+                               MesaCache<T>& c, const MesaState<identity_t<T>>* initial,
+                               MesaState<identity_t<T>>* final) {
+    const long n = q.rows(), d = q.cols(), dv = v.cols();
+    const long ldq = q.outerStride(), ldk = k.outerStride(), ldv = v.outerStride(), ldo = out.outerStride();
+    const long C = c.C_;
+    const std::size_t dd = static_cast<std::size_t>(d), ddv = static_cast<std::size_t>(dv);
+    const T gamma = opt.forget;
+    const T ridge = (T(1) - gamma) / opt.lambda;  // (M20) the ridge added per token; 0 at gamma = 1
+    MesaPrecisionSolver<T>& P = c.solver_;
+    c.ck_u_.clear();
+    if (initial != nullptr) {  // (M15) P_0 = R_0^{-1}
+      c.init_R_.resize(dd * dd);
+      symmetrised_copy(initial->R, c.init_R_.data());
+      if (!P.set_inverse_of(Eigen::Map<const RowMatrix<T>>(c.init_R_.data(), d, d)))
+        fail(where, "initial.R is not positive definite (its Cholesky factorisation failed); ",
+             "MesaRegularizer::constant inverts it to start the recursion");
+    } else {  // P_0 = I / lambda
+      c.init_R_.clear();
+      P.set_identity_over(d, opt.lambda);
+    }
+    T* St = c.St_.data();
+    T* a = c.a_.data();
+    for (long t = 0; t < n; ++t) {
+      if (t % C == 0) {  // checkpoint: P and S after t tokens
+        const long ck = t / C;
+        std::copy(P.data(), P.data() + dd * dd, c.ck_R_.data() + ck * dd * dd);
+        std::copy(St, St + dd * ddv, c.ck_St_.data() + ck * dd * ddv);
+      }
+      const T* kt = k.data() + t * ldk;
+      if (!P.advance(kt, gamma, ridge))  // (M20) P_t and its Cholesky factor
+        throw_mesa_breakdown<T>(where, t, std::numeric_limits<T>::quiet_NaN(), kt, d, gamma, opt.lambda,
+                                opt.regularizer, initial != nullptr);
+      P.solve(q.data() + t * ldq, a);  // a_t = P_t^{-1} q_t = R_t q_t
+      // (M8-M9) S_t = gamma S_{t-1} + v_t k_t^T, o_t = S_t a_t
+      kernels::state_update_apply(dd, ddv, St, ddv, gamma, kt, v.data() + t * ldv, a, out.data() + t * ldo);
+    }
+    if (final != nullptr) {
+      P.inverse(final->R);  // R_T = P_T^{-1}: the state means the same in both modes
       final->S = Eigen::Map<const RowMatrix<T>>(St, d, dv).transpose();
     }
   }
@@ -253,8 +465,9 @@ struct MesaCacheAccess {
     const long d = c.d_, dv = c.dv_;
     check_mesa_state(where, "initial", *initial, d, dv);
     std::vector<T> R0(std::size_t(d * d));
-    symmetrised_copy(initial->R, R0.data());  // what the forward stored as checkpoint 0
-    if (!std::equal(R0.begin(), R0.end(), c.ck_R_.begin()))
+    symmetrised_copy(initial->R, R0.data());  // what the forward stored as checkpoint 0 (constant mode: as init_R_)
+    const T* used = c.regularizer_ == MesaRegularizer::constant ? c.init_R_.data() : c.ck_R_.data();
+    if (!std::equal(R0.begin(), R0.end(), used))
       fail(where, "initial.R differs from the R_0 the forward used (pass the same initial as to mesa_forward)");
     for (long i = 0; i < d; ++i)
       for (long j = 0; j < dv; ++j)
@@ -262,7 +475,7 @@ struct MesaCacheAccess {
           fail(where, "initial.S differs from the S_0 the forward used (pass the same initial as to mesa_forward)");
   }
 
-  // The backward sweep (M10-M12, M16-M18); returns dL/dlambda.
+  // The backward sweep (M10-M12, M16-M18; M21-M22 for the constant regulariser); returns dL/dlambda.
   template <class T>
   static T backward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                     const MesaOptions<T>& opt, const ConstMatrixRef<T>& dout, MesaCache<T>& c, MatrixRef<T>& dq,
@@ -276,6 +489,8 @@ struct MesaCacheAccess {
     const std::size_t dd = static_cast<std::size_t>(d), ddv = static_cast<std::size_t>(dv);
     const T gamma = opt.forget;
     const T inv_gamma = T(1) / gamma;
+    const bool constant = c.regularizer_ == MesaRegularizer::constant;
+    const T ridge = (T(1) - gamma) / opt.lambda;  // constant mode (M20): the forward's per-token ridge
     c.ch_a_.resize(C * dd);
     c.ch_da_.resize(C * dd);
     c.ch_dq_.resize(C * dd);
@@ -283,6 +498,12 @@ struct MesaCacheAccess {
     c.M_.assign(dd * dd, T(0));
     c.Mk_.resize(dd);
     c.tmp_.resize(dd);
+    c.St_.resize(dd * ddv);
+    if (!constant) {
+      c.R_.resize(dd * dd);
+      c.u_.resize(dd);
+      c.w_.resize(dd);
+    }
     T* R = c.R_.data();
     T* St = c.St_.data();
     T* u = c.u_.data();
@@ -291,42 +512,63 @@ struct MesaCacheAccess {
     T* M = c.M_.data();
     T* Mk = c.Mk_.data();
     T* gk = c.tmp_.data();
+    MesaPrecisionSolver<T>& P = c.solver_;
     const T* q0 = q.data();
     const T* k0 = k.data();
     const T* v0 = v.data();
     const T* g0 = dout.data();
     // Scalar sums in double: they add seq_len terms of mixed sign.
-    double dlambda_sum = 0;  // sum_t gamma^t (a_t . dq_t)            (M12)
-    double dgamma_sum = 0;   // sum_t t c_t (+ the final state's term)  (M18)
+    double dlambda_sum = 0;  // decaying: sum_t gamma^t (a_t . dq_t)            (M12)
+    double dgamma_sum = 0;   // sum_t t c_t (+ the final state's term)            (M18, M22)
+    // Constant mode (M21-M22): tau_t = tr(M_t) = 2 a_t.dq_t + gamma tau_{t+1}, and its sums.
+    double tau = 0, tau_sum = 0, t_tau_sum = 0;
     for (long ck = nck - 1; ck >= 0; --ck) {
       const long t0 = ck * C, t1 = std::min(n, t0 + C);
       // Recompute the chunk forward from its checkpoint. The same kernels on the
-      // same state reproduce the forward's R_t, S_t, a_t bitwise.
-      std::copy(c.ck_R_.data() + ck * dd * dd, c.ck_R_.data() + (ck + 1) * dd * dd, R);
+      // same state reproduce the forward's R_t (P_t), S_t, a_t bitwise.
       std::copy(c.ck_St_.data() + ck * dd * ddv, c.ck_St_.data() + (ck + 1) * dd * ddv, St);
-      std::copy(c.ck_u_.data() + ck * dd, c.ck_u_.data() + (ck + 1) * dd, u);
+      if (constant) {
+        P.set(d, c.ck_R_.data() + ck * dd * dd);
+      } else {
+        std::copy(c.ck_R_.data() + ck * dd * dd, c.ck_R_.data() + (ck + 1) * dd * dd, R);
+        std::copy(c.ck_u_.data() + ck * dd, c.ck_u_.data() + (ck + 1) * dd, u);
+      }
       double gamma_pow = std::pow(static_cast<double>(gamma), static_cast<double>(t0 + 1));  // gamma^t, t 1-based
       for (long t = t0; t < t1; ++t) {
         T* a = c.ch_a_.data() + (t - t0) * dd;
         T* da = c.ch_da_.data() + (t - t0) * dd;
         T* dqt = c.ch_dq_.data() + (t - t0) * dd;
         const T* kt = k0 + t * ldk;
-        const T* knext = t + 1 < n ? kt + ldk : nullptr;
-        kernels::sherman_morrison_gain(dd, kt, u, gamma, w);
-        kernels::sherman_morrison_update(dd, R, dd, w, inv_gamma, q0 + t * ldq, knext, a, u);
+        if (constant) {
+          if (!P.advance(kt, gamma, ridge))  // the forward passed on the same data; kept as a safety net
+            throw_mesa_breakdown<T>("mesa_backward", t, std::numeric_limits<T>::quiet_NaN(), kt, d, gamma,
+                                    opt.lambda, opt.regularizer, c.has_initial_);
+          P.solve(q0 + t * ldq, a);
+        } else {
+          const T* knext = t + 1 < n ? kt + ldk : nullptr;
+          kernels::sherman_morrison_gain(dd, kt, u, gamma, w);
+          kernels::sherman_morrison_update(dd, R, dd, w, inv_gamma, q0 + t * ldq, knext, a, u);
+        }
         // forward: o_t = S_t a_t            =>  da_t = S_t^T g_t              (M10)
         kernels::state_update_dot(dd, ddv, St, ddv, gamma, kt, v0 + t * ldv, g0 + t * ldg, da);
         // forward: a_t = R_t q_t            =>  dq_t = R_t da_t               (M10)
-        kernels::gemv(dd, dd, R, dd, da, dqt);
-        // forward: R_0 = lambda I enters R_t^{-1} as gamma^t / lambda I   =>  (M12)
-        dlambda_sum += gamma_pow * static_cast<double>(kernels::dot(a, dqt, dd));
-        gamma_pow *= static_cast<double>(gamma);
+        if (constant) {
+          P.solve(da, dqt);
+        } else {
+          kernels::gemv(dd, dd, R, dd, da, dqt);
+          // forward: R_0 = lambda I enters R_t^{-1} as gamma^t / lambda I   =>  (M12)
+          dlambda_sum += gamma_pow * static_cast<double>(kernels::dot(a, dqt, dd));
+          gamma_pow *= static_cast<double>(gamma);
+        }
         std::copy(dqt, dqt + dd, dq.data() + t * lddq);
       }
       if (ck == nck - 1 && grad_final != nullptr) {
-        // R and St now hold the final state R_T, S_T^T. (M16): G_{T+1} = Sbar / gamma,
-        // M_{T+1} = 2 R_T sym(Rbar) R_T / gamma; their terms of M17 and M18.
-        const Eigen::Map<const RowMatrix<T>> RT(R, d, d), StT(St, d, dv);
+        // R and St now hold the final state R_T, S_T^T (constant mode: R_T = P_T^{-1} from the
+        // last factor). (M16): G_{T+1} = Sbar / gamma, M_{T+1} = 2 R_T sym(Rbar) R_T / gamma;
+        // their terms of M17 and M18 (M21-M22).
+        RowMatrix<T> RT_constant;
+        if (constant) P.inverse(RT_constant);
+        const Eigen::Map<const RowMatrix<T>> RT(constant ? RT_constant.data() : R, d, d), StT(St, d, dv);
         const RowMatrix<T> Rbar = (grad_final->R + grad_final->R.transpose()) / T(2);
         const RowMatrix<T> Minit = (T(2) * inv_gamma) * (RT * Rbar * RT);
         Eigen::Map<RowMatrix<T>>(M, d, d) = (Minit + Minit.transpose()) / T(2);
@@ -334,7 +576,10 @@ struct MesaCacheAccess {
         const double RRbar = (RT.template cast<double>() * RT.template cast<double>())
                                  .cwiseProduct(Rbar.template cast<double>())
                                  .sum();  // tr(R_T Rbar R_T)
-        dlambda_sum += std::pow(static_cast<double>(gamma), static_cast<double>(n)) * RRbar;
+        if (constant)
+          tau = 2.0 * RRbar / static_cast<double>(gamma);  // tau_{T+1} = tr(M_{T+1})
+        else
+          dlambda_sum += std::pow(static_cast<double>(gamma), static_cast<double>(n)) * RRbar;
         const double SbarS = grad_final->S.template cast<double>().cwiseProduct(StT.transpose().template cast<double>()).sum();
         const double RbarR = grad_final->R.template cast<double>().cwiseProduct(RT.template cast<double>()).sum();
         dgamma_sum += static_cast<double>(n) * (SbarS - RbarR);
@@ -356,6 +601,12 @@ struct MesaCacheAccess {
         // forward: R_t^{-1} = sum_i gamma^{t-i} k_i k_i^T + ...   =>  dk_t -= M_t k_t
         kernels::rank2_update_apply(dd, M, dd, gamma, dqt, a, kt, Mk);
         for (std::size_t i = 0; i < dd; ++i) dkt[i] = gk[i] - Mk[i];
+        if (constant) {
+          // (M21) tau_t = tr(M_t): the ridge's adjoint (P_t has the term (1 - gamma)/lambda I for every t)
+          tau = 2.0 * static_cast<double>(kernels::dot(a, dqt, dd)) + static_cast<double>(gamma) * tau;
+          tau_sum += tau;
+          t_tau_sum += static_cast<double>(t + 1) * tau;
+        }
         if (dforget != nullptr) {
           // c_t = g_t.o_t - dq_t.q_t + 1/2 k_t.(M_t k_t) - v_t.dv_t, with g_t.o_t = da_t.a_t   (M18)
           const double ct = static_cast<double>(kernels::dot(da, a, dd)) -
@@ -366,13 +617,21 @@ struct MesaCacheAccess {
         }
       }
     }
-    if (dforget != nullptr) *dforget = static_cast<T>(dgamma_sum / static_cast<double>(gamma));
+    const double lam = static_cast<double>(opt.lambda), gam = static_cast<double>(gamma);
+    if (dforget != nullptr) {
+      if (constant)  // (M22) dL/dgamma = (1/gamma)[sum_t t (c_t + (1-gamma)/(2 lambda) tau_t) + ...] + sum_t tau_t / (2 lambda)
+        *dforget = static_cast<T>((dgamma_sum + 0.5 * ((1.0 - gam) / lam) * t_tau_sum) / gam + tau_sum / (2.0 * lam));
+      else
+        *dforget = static_cast<T>(dgamma_sum / gam);
+    }
     if (grad_initial != nullptr) {
       // (M17) dL/dS_0 = gamma G_1,  dL/dR_0 = gamma/2 R_0^{-1} M_1 R_0^{-1}
       const Eigen::Map<const RowMatrix<T>> M1(M, d, d), G1t(Gt, d, dv), R0(c.ck_R_.data(), d, d);
       grad_initial->S = gamma * G1t.transpose();
       RowMatrix<T> X;
-      if (c.has_initial_) {
+      if (constant) {  // checkpoint 0 holds P_0 = R_0^{-1} (symmetric)
+        X = R0 * M1 * R0;
+      } else if (c.has_initial_) {
         const Eigen::LLT<RowMatrix<T>> llt(R0);
         if (llt.info() != Eigen::Success)
           fail("mesa_backward", "initial.R is not positive definite (its Cholesky factorisation failed)");
@@ -382,19 +641,28 @@ struct MesaCacheAccess {
       }
       grad_initial->R = (gamma / T(4)) * (X + X.transpose());
     }
+    if (constant) {
+      // (M21) dL/dlambda = (1 - gamma)/(2 lambda^2) sum_t tau_t  [+ gamma tau_1 / (2 lambda^2) from P_0 = I/lambda]
+      const double from_ridge = (1.0 - gam) / (2.0 * lam * lam) * tau_sum;
+      const double from_P0 = c.has_initial_ ? 0.0 : gam * tau / (2.0 * lam * lam);
+      return static_cast<T>(from_ridge + from_P0);
+    }
     if (c.has_initial_) return T(0);
-    const double lam = static_cast<double>(opt.lambda);
     return static_cast<T>(dlambda_sum / (lam * lam));
   }
 };
 
 }  // namespace detail
 
-// Forward pass of the mesa op (M5-M9, M15), one head, one sequence.
+// Forward pass of the mesa op (M5-M9, M15; M20 with MesaRegularizer::constant), one head, one sequence.
 //   q, k : (seq_len, d), one token per row;  v : (seq_len, dv);  out : (seq_len, dv), pre-sized, written.
 // Throws std::invalid_argument on mismatched shapes, seq_len, d or dv = 0, lambda not
-// finite and > 0, forget outside (0, 1], chunk < 0, and an initial state of the
-// wrong shape, non-finite or not symmetric. Fills `cache` for mesa_backward.
+// finite, > 0 and normal, forget outside (0, 1] or subnormal, chunk < 0, an unknown
+// regularizer, and an initial state of the wrong shape, non-finite or not
+// symmetric (constant mode: or not positive definite). Throws MesaBreakdownError
+// (std::runtime_error) when rounding destroys the recursion at some token
+// (docs/mesa.md, "Numerical safety"); `out` is then partly written, `final` is
+// not, and the cache is unusable. Fills `cache` for mesa_backward.
 template <class T>
 void mesa_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v, const MesaOptions<T>& opt,
                   MatrixRef<T> out, MesaCache<T>& cache, const MesaState<identity_t<T>>* initial = nullptr,
@@ -402,21 +670,25 @@ void mesa_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v,
   constexpr const char* where = "mesa_forward";
   detail::check_mesa_args<T>(where, q, k, v, opt);
   detail::check_output<T>(where, "out", out, q.rows(), v.cols());
+  detail::check_output_distinct<T>(where, out, q, k, v);
   if (initial != nullptr) detail::check_mesa_initial_state(where, *initial, q.cols(), v.cols());
-  detail::MesaCacheAccess::forward<T>(q, k, v, opt, out, cache, initial, final);
+  detail::MesaCacheAccess::forward<T>(where, q, k, v, opt, out, cache, initial, final);
 }
 
-// Backward pass (M10-M12, M16-M18), given dout = dL/dout (seq_len, dv) and
-// the cache of mesa_forward on the same q, k, v, options and initial state.
+// Backward pass (M10-M12, M16-M18; M21-M22 with MesaRegularizer::constant),
+// given dout = dL/dout (seq_len, dv) and the cache of mesa_forward on the same
+// q, k, v, options and initial state.
 // Writes (does not accumulate) dq, dk : (seq_len, d) and grad_v : (seq_len,
-// dv); returns dL/dlambda (0 when the forward started from an initial state);
+// dv); returns dL/dlambda (decaying mode: 0 when the forward started from an
+// initial state, which replaces lambda; constant mode: lambda also enters every
+// token's ridge, so it is not 0 then unless gamma = 1);
 // if dforget != nullptr writes dL/dgamma there; grad_final (optional) is
 // dL/d(final state); grad_initial (optional) receives dL/d(initial state).
 // The cache is only read (its checkpoints) and used for scratch: backward may
 // be called several times after one forward. The checkpoint interval is the
 // forward's (cache.chunk()); opt.chunk is ignored here. Throws
 // std::invalid_argument on bad shapes, on a cache from a different seq_len, d,
-// dv, lambda or forget, and on an initial state other than the forward's.
+// dv, lambda, forget or regularizer, and on an initial state other than the forward's.
 template <class T>
 T mesa_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v, const MesaOptions<T>& opt,
                 ConstMatrixRef<T> dout, MesaCache<T>& cache, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> grad_v,
@@ -426,6 +698,7 @@ T mesa_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v, c
   detail::check_mesa_args<T>(where, q, k, v, opt);
   const long n = q.rows(), d = q.cols(), dv = v.cols();
   detail::check_gradient_shapes<T>(where, n, d, dv, dout, dq, dk, grad_v);
+  detail::check_gradients_distinct<T>(where, q, k, v, dout, dq, dk, grad_v);
   if (cache.length() != n || cache.key_dim() != d || cache.value_dim() != dv) {
     detail::fail(where, "cache is for seq_len = ", cache.length(), ", d = ", cache.key_dim(), ", dv = ",
                  cache.value_dim(), " but the inputs have seq_len = ", n, ", d = ", d, ", dv = ", dv,
@@ -435,6 +708,11 @@ T mesa_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v, c
     detail::fail(where, "cache was made with lambda = ", cache.lambda(), ", forget = ", cache.forget(),
                  " but opt has lambda = ", opt.lambda, ", forget = ", opt.forget);
   }
+  if (cache.regularizer() != opt.regularizer) {
+    const auto name = [](MesaRegularizer r) { return r == MesaRegularizer::constant ? "constant" : "decaying"; };
+    detail::fail(where, "cache was made with regularizer = ", name(cache.regularizer()), " but opt has regularizer = ",
+                 name(opt.regularizer));
+  }
   detail::MesaCacheAccess::check_same_initial<T>(where, cache, initial);
   if (grad_final != nullptr) detail::check_mesa_state(where, "grad_final", *grad_final, d, dv);
   return detail::MesaCacheAccess::backward<T>(q, k, v, opt, dout, cache, dq, dk, grad_v, dforget, grad_final,
@@ -442,8 +720,13 @@ T mesa_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef<T> v, c
 }
 
 // One decoding step (M15 for one token): u = R k, R <- (R - u u^T/(gamma + k.u))/gamma,
-// S <- gamma S + v k^T, out = S R q. q, k have d entries, v and out dv; the
-// state starts as mesa_initial_state(d, dv, opt) (or any state a forward returned).
+// S <- gamma S + v k^T, out = S R q. With MesaRegularizer::constant (M20):
+// P = R^{-1}, P <- gamma P + k k^T + (1 - gamma)/lambda I, R <- P^{-1}, by
+// Cholesky (O(d^3): two factorisations and an inverse; each step's inversions
+// add a relative error of about epsilon cond(R)). q, k have d entries, v and
+// out dv; the state starts as mesa_initial_state(d, dv, opt) (or any state a
+// forward returned, with the same regulariser). Throws MesaBreakdownError
+// (position 0) when the update breaks down, leaving the state unchanged.
 template <class T>
 void mesa_step(ConstVectorRef<T> q, ConstVectorRef<T> k, ConstVectorRef<T> v, const MesaOptions<T>& opt,
                MesaState<T>& state, VectorRef<T> out) {
@@ -454,15 +737,31 @@ void mesa_step(ConstVectorRef<T> q, ConstVectorRef<T> k, ConstVectorRef<T> v, co
   detail::check_shape(where, "state.R", state.R, d, d);
   detail::check_shape(where, "state.S", state.S, dv, d);
   detail::check_token_inputs(where, q, k, v, out, d, dv);
-  detail::check_positive_finite(where, "opt.lambda", opt.lambda);
-  detail::check_half_open(where, "opt.forget", opt.forget, T(0), T(1));
+  detail::check_token_output_distinct(where, q, k, v, out);
+  detail::check_mesa_lambda(where, "opt.lambda", opt.lambda);
+  detail::check_mesa_forget(where, "opt.forget", opt.forget);
+  detail::check_mesa_regularizer(where, "opt.regularizer", opt.regularizer);
   const std::size_t dd = std::size_t(d), ddv = std::size_t(dv);
   const T gamma = opt.forget;
-  Vector<T> u(d), w(d), a(d);
-  kernels::gemv(dd, dd, state.R.data(), dd, k.data(), u.data());                 // u = R_{t-1} k_t
-  kernels::sherman_morrison_gain(dd, k.data(), u.data(), gamma, w.data());      // (M7)
-  kernels::sherman_morrison_update(dd, state.R.data(), dd, w.data(), T(1) / gamma, q.data(), static_cast<const T*>(nullptr),
-                                   a.data(), static_cast<T*>(nullptr));       // R_t, a_t = R_t q_t
+  Vector<T> a(d);
+  if (opt.regularizer == MesaRegularizer::constant) {
+    detail::MesaPrecisionSolver<T> P;
+    if (!P.set_inverse_of(state.R))
+      detail::fail(where, "state.R is not positive definite (its Cholesky factorisation failed)");
+    if (!P.advance(k.data(), gamma, (T(1) - gamma) / opt.lambda))  // (M20)
+      detail::throw_mesa_breakdown<T>(where, 0, std::numeric_limits<T>::quiet_NaN(), k.data(), d, gamma, opt.lambda,
+                                      opt.regularizer, false);
+    P.solve(q.data(), a.data());  // a_t = P_t^{-1} q_t
+    P.inverse(state.R);           // R_t = P_t^{-1}
+  } else {
+    Vector<T> u(d), w(d);
+    kernels::gemv(dd, dd, state.R.data(), dd, k.data(), u.data());                       // u = R_{t-1} k_t
+    const T den = kernels::sherman_morrison_gain(dd, k.data(), u.data(), gamma, w.data());  // (M7)
+    if (!detail::mesa_denominator_ok(den, gamma / T(2), gamma / std::numeric_limits<T>::epsilon()))
+      detail::throw_mesa_breakdown<T>(where, 0, den, k.data(), d, gamma, opt.lambda, opt.regularizer, false);
+    kernels::sherman_morrison_update(dd, state.R.data(), dd, w.data(), T(1) / gamma, q.data(),
+                                     static_cast<const T*>(nullptr), a.data(), static_cast<T*>(nullptr));  // R_t, a_t = R_t q_t
+  }
   // (M8-M9) S (dv x d) <- gamma S + v k^T, out = S a: the transposed use of the state kernel.
   kernels::state_update_dot(ddv, dd, state.S.data(), dd, gamma, v.data(), k.data(), a.data(), out.data());
 }

@@ -40,6 +40,7 @@
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parallel.hpp>
 #include <mesaopt/ops/checks.hpp>
+#include <mesaopt/ops/masked_product.hpp>
 #include <mesaopt/ops/state.hpp>
 
 #include <algorithm>
@@ -149,7 +150,11 @@ void softmax_forward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& 
         if (alpha != T(1)) acc.row(i) *= alpha;
         m(i) = m_new;
       }
-      acc.topRows(br).noalias() += Sb * V.middleRows(c0, bc);
+      // acc += Sb V over the keys each query may see (masked_product.hpp: a
+      // non-finite value in a later token's v must not reach earlier outputs).
+      detail::masked_product(
+          Sb, [](long) { return 0L; }, [&](long i) { return P + r0 + i - c0 + 1; }, V.middleRows(c0, bc),
+          acc.topRows(br), /*accumulate=*/true);
     }
     for (long i = 0; i < br; ++i) {
       out.row(r0 + i) = acc.row(i) / l(i);
@@ -201,14 +206,25 @@ void softmax_backward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
         row.head(valid) = (row.head(valid).array() * scale - sc.lse(r0 + i)).exp();
         row.tail(bc - valid).setZero();
       }
+      // Query row i sees the keys [0, valid(i)) of this tile; key j is seen by
+      // the query rows [first_query(j), br). Products go through masked_product
+      // so that non-finite values never cross the mask.
+      const auto valid = [&](long i) { return P + r0 + i - c0 + 1; };
+      const auto first_query = [&](long j) { return c0 + j - P - r0; };
+      const auto all_queries = [&](long) { return br; };
       // forward: o_t = sum_i a_{t,i} v_i  =>  dv_i += a_{t,i} g_t,  da_{t,i} = g_t . v_i
-      dV.noalias() += Pb.transpose() * dOb;
+      detail::masked_product(Pb.transpose(), first_query, all_queries, dOb, dV, /*accumulate=*/true);
       dPb.noalias() = dOb * Vb.transpose();
-      // forward: a = softmax(s)  =>  ds_{t,i} = a_{t,i} (da_{t,i} - D_t); s = q.k / sqrt(d)
-      for (long i = 0; i < br; ++i)
-        dPb.row(i).array() = Pb.row(i).array() * (dPb.row(i).array() - D(r0 + i)) * scale;
-      dq.middleRows(r0, br).noalias() += dPb * Kb;
-      dK.noalias() += dPb.transpose() * Qb;
+      // forward: a = softmax(s)  =>  ds_{t,i} = a_{t,i} (da_{t,i} - D_t); s = q.k / sqrt(d).
+      // Masked entries are set to 0, not computed as 0 * (g_t . v_i - D_t).
+      for (long i = 0; i < br; ++i) {
+        const long n_valid = std::clamp(valid(i), 0L, bc);
+        auto row = dPb.row(i);
+        row.head(n_valid).array() = Pb.row(i).head(n_valid).array() * (row.head(n_valid).array() - D(r0 + i)) * scale;
+        row.tail(bc - n_valid).setZero();
+      }
+      detail::masked_product(dPb, [](long) { return 0L; }, valid, Kb, dq.middleRows(r0, br), /*accumulate=*/true);
+      detail::masked_product(dPb.transpose(), first_query, all_queries, Qb, dK, /*accumulate=*/true);
     }
     dK_all.middleRows(c0, bc) = dK;
     dV_all.middleRows(c0, bc) = dV;
@@ -226,6 +242,7 @@ void softmax_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMa
   const char* where = "softmax_attention_forward";
   detail::check_sequence_inputs<T>(where, q, k, v);
   detail::check_output<T>(where, "out", out, q.rows(), v.cols());
+  detail::check_output_distinct<T>(where, out, q, k, v);
   detail::check_softmax_options(where, opt);
   const long d = q.cols(), dv = v.cols();
   if (initial != nullptr) detail::check_kv_cache(where, "initial", *initial, d, dv);
@@ -264,6 +281,7 @@ void softmax_attention_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstM
   detail::check_sequence_inputs<T>(where, q, k, v);
   const long n = q.rows(), d = q.cols(), dv = v.cols();
   detail::check_gradient_shapes<T>(where, n, d, dv, dout, dq, dk, grad_v);
+  detail::check_gradients_distinct<T>(where, q, k, v, dout, dq, dk, grad_v);
   detail::check_softmax_options(where, opt);
   if (initial != nullptr) detail::check_kv_cache(where, "initial", *initial, d, dv);
   const long P = initial != nullptr ? initial->length() : 0;
@@ -317,6 +335,7 @@ void softmax_attention_step(ConstVectorRef<T> q, ConstVectorRef<T> k, ConstVecto
   detail::check_positive_size(where, "kv_cache.key_dim() (d)", d);
   detail::check_positive_size(where, "kv_cache.value_dim() (dv)", dv);
   detail::check_token_inputs(where, q, k, v, out, d, dv);
+  detail::check_token_output_distinct(where, q, k, v, out);
   kv_cache.append(k.data(), v.data());
   const detail::ScopedSerialEigen serial;
   const T scale = T(1) / std::sqrt(T(d));

@@ -60,6 +60,7 @@ void softmax_attention_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMa
   const char* where = "reference::softmax_attention_forward";
   detail::check_sequence_inputs<T>(where, q, k, v);
   detail::check_output<T>(where, "out", out, q.rows(), v.cols());
+  detail::check_output_distinct<T>(where, out, q, k, v);
   if (initial != nullptr) detail::check_kv_cache(where, "initial", *initial, q.cols(), v.cols());
   const long P = initial != nullptr ? initial->length() : 0;
   const RowMatrix<T> K = detail::reference_with_prefix<T>(k, initial, [](const auto& c) { return c.keys(); });
@@ -83,6 +84,7 @@ void softmax_attention_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstM
   detail::check_sequence_inputs<T>(where, q, k, v);
   const long n = q.rows(), d = q.cols(), dv = v.cols();
   detail::check_gradient_shapes<T>(where, n, d, dv, dout, dq, dk, grad_v);
+  detail::check_gradients_distinct<T>(where, q, k, v, dout, dq, dk, grad_v);
   if (initial != nullptr) detail::check_kv_cache(where, "initial", *initial, d, dv);
   const long P = initial != nullptr ? initial->length() : 0;
   if (grad_final != nullptr) {

@@ -1,0 +1,59 @@
+#pragma once
+// Products with a causally masked left factor, selecting the unmasked entries
+// instead of multiplying the masked ones by zero.
+//
+// The tiled softmax and the chunked linear attention build a tile L whose row
+// i is only meaningful on the columns [begin(i), end(i)) (the keys a query may
+// see, or in the backward the queries a key is seen by) and write zeros
+// elsewhere, then multiply L by a block X of keys, values or gradients with a
+// GEMM. Each masked zero meets a row of X that belongs to a position the row
+// of L must not depend on: if that row holds an Inf or NaN, 0 * Inf = NaN and
+// the non-finite value leaks across the mask (a NaN in v at position 9 would
+// turn the outputs of positions 0..8 into NaN).
+//
+// masked_product therefore uses the GEMM only when every row of X that a
+// masked zero can meet is finite (an O(rows of X) check beside the GEMM's
+// O(rows of L x rows of X) work): then each masked term is exactly 0 and the
+// GEMM's result is the sum over the unmasked entries. Otherwise it sums each
+// row over its unmasked columns only. Finite inputs therefore give the same
+// bits as the plain GEMM did.
+#include <mesaopt/common/matrix.hpp>
+
+#include <algorithm>
+
+namespace mesaopt::detail {
+
+// Y = L X (accumulate = false) or Y += L X (accumulate = true), where row i of
+// L is masked outside the columns [begin(i), end(i)) (clamped to [0, L.cols())).
+// Masked entries of L are never read in the row-by-row path; in the GEMM path
+// they must be zero.
+template <class Lhs, class Rhs, class Out, class Begin, class End>
+void masked_product(const Lhs& L, Begin begin, End end, const Rhs& X, Out&& Y, bool accumulate) {
+  const long rows = L.rows(), cols = L.cols();
+  // Columns unmasked in every row: [common_begin, common_end).
+  long common_begin = 0, common_end = cols;
+  for (long i = 0; i < rows; ++i) {
+    common_begin = std::max(common_begin, std::clamp(begin(i), 0L, cols));
+    common_end = std::min(common_end, std::clamp(end(i), 0L, cols));
+  }
+  bool safe;
+  if (common_begin >= common_end) {
+    safe = X.topRows(cols).allFinite();
+  } else {
+    safe = X.topRows(common_begin).allFinite() && X.middleRows(common_end, cols - common_end).allFinite();
+  }
+  if (safe) {
+    if (accumulate)
+      Y.noalias() += L * X.topRows(cols);
+    else
+      Y.noalias() = L * X.topRows(cols);
+    return;
+  }
+  for (long i = 0; i < rows; ++i) {
+    const long b = std::clamp(begin(i), 0L, cols), e = std::clamp(end(i), 0L, cols);
+    if (!accumulate) Y.row(i).setZero();
+    if (e > b) Y.row(i).noalias() += L.row(i).segment(b, e - b) * X.middleRows(b, e - b);
+  }
+}
+
+}  // namespace mesaopt::detail
