@@ -9,6 +9,7 @@
 //   batch, are rejected with std::invalid_argument.
 #include <catch2/catch.hpp>
 #include <mesaopt/layers.hpp>
+#include <mesaopt/nn/model.hpp>
 
 #include "test_util.hpp"
 
@@ -249,4 +250,61 @@ TEST_CASE("layers: a cache from a layer with another head split is rejected, not
   // A cache whose buffers were changed after the forward.
   lcache.o.resize(12, 2);
   CHECK_THROWS_WITH(plain.backward(x, 6, x, lcache, dx), Catch::Contains("do not match"));
+}
+
+TEST_CASE("softmax layer and Model: a cache of another configuration is rejected, not read out of bounds",
+          "[layers][errors][model]") {
+  const RowMatrix<double> x = random_matrix<double>(2 * 6, 12, 8, 1.0);
+  RowMatrix<double> dx(12, 12);
+  mesaopt::SoftmaxAttentionLayerConfig sc;
+  sc.D = 12;
+  sc.H = 2;
+  sc.d = 3;
+  sc.dv = 3;
+  mesaopt::SoftmaxAttentionLayer<double> a(sc);
+  sc.H = 3;
+  sc.d = 2;
+  sc.dv = 2;
+  mesaopt::SoftmaxAttentionLayer<double> b(sc);
+  a.init(1, 0.3);
+  b.init(2, 0.3);
+  mesaopt::SoftmaxAttentionLayerCache<double> cache;
+  a.forward(x, 6, cache);
+  CHECK_THROWS_WITH(b.backward(x, 6, x, cache, dx), Catch::Contains("cache was made by a layer with H = 2, d = 3"));
+  CHECK_NOTHROW(a.backward(x, 6, x, cache, dx));
+
+  // Models with the same width, batch and length whose blocks differ.
+  namespace nn = mesaopt::nn;
+  auto model_config = [](nn::AttentionKind kind, long heads, long key_size, long mlp_hidden) {
+    nn::ModelConfig c;
+    c.input_dim = 5;
+    c.width = 12;
+    c.output_dim = 3;
+    nn::BlockConfig blk;
+    blk.attention = kind;
+    blk.heads = heads;
+    blk.key_size = blk.value_size = key_size;
+    blk.mlp = true;
+    blk.mlp_hidden = mlp_hidden;
+    c.blocks = {blk, blk};
+    return c;
+  };
+  const RowMatrix<double> in = random_matrix<double>(2 * 6, 5, 9, 1.0);
+  const RowMatrix<double> dpred = random_matrix<double>(2 * 6, 3, 10, 1.0);
+  for (auto kind : {nn::AttentionKind::linear, nn::AttentionKind::softmax, nn::AttentionKind::mesa}) {
+    nn::Model<double> made(model_config(kind, 2, 3, 8));
+    made.init(1, 0.3);
+    nn::ModelCache<double> mc;
+    made.forward(in, 6, mc);
+    const auto other_kind = kind == nn::AttentionKind::mesa ? nn::AttentionKind::linear : nn::AttentionKind::mesa;
+    for (const nn::ModelConfig& other :
+         {model_config(kind, 3, 2, 8), model_config(kind, 2, 3, 16), model_config(other_kind, 2, 3, 8)}) {
+      nn::Model<double> m(other);
+      m.init(2, 0.3);
+      INFO("made by " << nn::attention_kind_name(kind) << ", used by " << nn::attention_kind_name(other.blocks[0].attention)
+                      << " heads " << other.blocks[0].heads << " mlp_hidden " << other.blocks[0].mlp_hidden);
+      CHECK_THROWS_AS(m.backward(dpred, mc), std::invalid_argument);
+    }
+    CHECK_NOTHROW(made.backward(dpred, mc));
+  }
 }

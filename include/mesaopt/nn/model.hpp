@@ -323,6 +323,16 @@ class Model {
     if (!std::holds_alternative<C>(c.attn)) c.attn.template emplace<C>();
     return std::get<C>(c.attn);
   }
+  // The same for the backward, which must not replace a cache of another kind
+  // (the cache would be lost to the model that made it): it throws instead.
+  template <class Layer>
+  static typename Layer::Cache& layer_cache_for_backward(BlockCache<T>& c) {
+    using C = typename Layer::Cache;
+    if (!std::holds_alternative<C>(c.attn))
+      detail::fail("Model::backward", "cache holds another kind of attention layer than this model's ",
+                   Layer::kName, " (pass the cache of this model's forward)");
+    return std::get<C>(c.attn);
+  }
 
   static const ModelConfig& checked(const ModelConfig& c) {
     detail::validate_model_config(c);
@@ -421,7 +431,7 @@ class Model {
     std::visit(
         [&](auto& layer) {
           using Layer = std::decay_t<decltype(layer)>;
-          layer.backward(c.attn_in, seq_len, dy, layer_cache<Layer>(c), da);
+          layer.backward(c.attn_in, seq_len, dy, layer_cache_for_backward<Layer>(c), da);
         },
         b.attn);
     if (b.ln1) {
