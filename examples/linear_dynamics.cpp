@@ -305,15 +305,13 @@ int main(int argc, char** argv) {
     const double gd_eta = tuned([](double e) { return ml::GradientDescent{1, e, 0.0}; }, 1e-3, 1.0);
     add("gd-1step-tuned", examples::format_number("eta %.4g", gd_eta),
         ml::GradientDescent{1, gd_eta, 0.0}.predict<double>(x, y, T, opt.threads));
-    add("chebyshev-6", "paper coefs", ml::ChebyshevSolver::paper_six_step().predict<double>(x, y, T, opt.threads));
-    {
-      // Read literally, docs/paper.md §5's recursion with its beta diverges here; the
-      // same alphas without the momentum term give the paper's 0.234
-      // (docs/learners.md discusses the convention).
-      auto alpha_only = ml::ChebyshevSolver::paper_six_step();
-      alpha_only.momentum = ml::Momentum::none;
-      add("chebyshev-6-alpha-only", "beta ignored", alpha_only.predict<double>(x, y, T, opt.threads));
-    }
+    // The paper's own baseline rows, as its code computes them (docs/learners.md,
+    // "The paper's rows"): fixed step 0.032, the lagged ridge and the lagged
+    // 6-step Chebyshev matrix polynomial with the learned coefficients.
+    add("gd-0.032", "paper eta", ml::GradientDescent{1, 0.032, 0.0}.predict<double>(x, y, T, opt.threads));
+    add("lsq-lagged", "reg 1e-3, lag 1", ml::Ridge::from_regularizer(1e-3, 1).predict<double>(x, y, T, opt.threads));
+    add("chebyshev-6", "paper, lag 1",
+        ml::ChebyshevPolynomial::paper_six_step().predict<double>(x, y, T, opt.threads));
     add("noise-floor", "true W*", mt::predict_with_true_dynamics(eval));
 
     const std::vector<long> show = {1, 2, 5, 10, 20, 30, 40, 50};

@@ -49,7 +49,9 @@ TEST_CASE("every learner predicts 0 at t = 1 and is independent of the thread co
       ml::erase<double>(ml::RecursiveLeastSquares{2.0}), ml::erase<double>(ml::GradientDescent{3, 0.05, 0.1}),
       ml::erase<double>(ml::PreconditionedGradientDescent{2, 0.05, M::Identity(3, 3) * 0.5, 0.0}),
       ml::erase<double>(ml::OnlineGradientDescent{0.1}), ml::erase<double>(ml::CompressedAlg{4, 0.5, 2.0, true}),
-      ml::erase<double>(ml::ChebyshevSolver::paper_six_step()), ml::erase<double>(ml::SoftmaxKernelRegression{1.5})};
+      ml::erase<double>(ml::ChebyshevSolver::classical(6, 0.066, 1.0)),
+      ml::erase<double>(ml::ChebyshevPolynomial::paper_six_step()), ml::erase<double>(ml::Ridge::from_regularizer(0.5, 1)),
+      ml::erase<double>(ml::SoftmaxKernelRegression{1.5})};
   for (const auto& l : all) {
     INFO(l.name);
     const M p = l.predict(d.x, d.y, 9);
@@ -276,19 +278,8 @@ TEST_CASE("paper numbers on the linear-dynamics task (docs/paper.md §1, §4)") 
   CHECK(std::abs(gd[0] / 1.676 - 1) < 0.02);
   CHECK(std::abs(ml::mean_of(floor) / 5e-4 - 1) < 0.05);
 
-  // 6-step Chebyshev (docs/paper.md §5). The literal reading (heavy-ball momentum,
-  // h_0 = 0, A / ||A||_F) with the paper's coefficients diverges from the
-  // paper's row; dropping beta (Richardson with the learned alpha) reproduces
-  // the average (docs/learners.md has the measurements).
-  auto cheb = ml::ChebyshevSolver::paper_six_step();
-  const double literal = ml::mean_of(ml::loss_curve(cheb.predict<double>(x, y, 50), y, 50));
-  INFO("chebyshev-6 literal avg " << literal);
-  CHECK(literal > 2.0);  // the documented gap: measured 4.2
-  cheb.momentum = ml::Momentum::none;
-  const auto alpha_only = ml::loss_curve(cheb.predict<double>(x, y, 50), y, 50);
-  INFO("chebyshev-6 alpha-only avg " << ml::mean_of(alpha_only));
-  CHECK(std::abs(ml::mean_of(alpha_only) / 0.234 - 1) < 0.05);
-  CHECK(std::abs(alpha_only[9] / 0.322 - 1) < 0.05);
+  // The paper's 6-step Chebyshev, lagged ridge and GD rows are checked position
+  // by position in tests/test_paper_baselines.cpp.
 }
 
 TEST_CASE("comparison tools: agreement, curves, fitting a learner to a model") {
@@ -351,10 +342,10 @@ TEST_CASE("bad learner inputs throw std::invalid_argument naming the argument an
   CHECK_THROWS_WITH((ml::CompressedAlg{-1, 0.5, 1.0, true}.predict<double>(d.x, d.y, 5)), Contains("order must be >= 0, got -1"));
   CHECK_THROWS_WITH((ml::PreconditionedGradientDescent{1, 0.1, M::Identity(2, 2), 0.0}.predict<double>(d.x, d.y, 5)),
                     Contains("preconditioner is 2 x 2 but must be 3 x 3"));
-  ml::ChebyshevSolver s = ml::ChebyshevSolver::paper_six_step();
+  ml::ChebyshevSolver s = ml::ChebyshevSolver::classical(6, 0.066, 1.0);
   s.beta.pop_back();
   CHECK_THROWS_WITH(s.predict<double>(d.x, d.y, 5), Contains("beta.size() is 5"));
-  s = ml::ChebyshevSolver::paper_six_step();
+  s = ml::ChebyshevSolver::classical(6, 0.066, 1.0);
   s.regularizer = 0;
   CHECK_THROWS_WITH(s.predict<double>(d.x, d.y, 5), Contains("regularizer must be finite and > 0, got 0"));
   CHECK_THROWS_WITH(ml::ChebyshevSolver::classical(3, 0.5, 0.2), Contains("mu_max must be finite and > mu_min"));

@@ -5,5 +5,6 @@
 #include <mesaopt/learners/least_squares.hpp>
 #include <mesaopt/learners/gradient_descent.hpp>
 #include <mesaopt/learners/chebyshev.hpp>
+#include <mesaopt/learners/chebyshev_polynomial.hpp>
 #include <mesaopt/learners/kernel_regression.hpp>
 #include <mesaopt/learners/compare.hpp>

@@ -1,7 +1,8 @@
 #pragma once
-// K-step Chebyshev/Richardson solver with per-step coefficients (docs/paper.md §5,
-// the paper's Prop. 2): approximate h = A_t^{-1} x_t, A_t = H_t + regularizer I,
-// by the two-term recursion on the Frobenius-normalised system
+// K-step Chebyshev/Richardson iteration on a vector iterate, with per-step
+// coefficients (docs/math.md §4): approximate h = A_t^{-1} x_t,
+// A_t = H_t + regularizer I, by the two-term recursion on the
+// Frobenius-normalised system
 //
 //     A' = A_t / c,  b' = x_t / c,  c = ||A_t||_F,   h_{-1} = h_0 = 0,
 //     h_{k+1} = h_k + alpha_k (b' - A' h_k) + beta_k (h_k - h_{k-1}),
@@ -9,12 +10,14 @@
 // then predict y_hat_t = G_t h_K with G_t = sum_{i<t} y_i x_i^T (a GD step on
 // the preconditioned query; as K grows with good coefficients this tends to ridge
 // with regulariser `regularizer`). Normalising both A and b keeps A'^{-1} b' =
-// A_t^{-1} x_t while putting the spectrum of A' in (0, 1].
+// A_t^{-1} x_t while putting the spectrum of A' in (0, 1]. classical() gives the
+// textbook Chebyshev semi-iteration's coefficients.
 //
-// That literal reading of docs/paper.md §5 with the paper's learned coefficients does
-// NOT reproduce the paper's 'Prop. 2' curve (measured: docs/learners.md), so the
-// definitional details are options: the momentum convention, the scaling of A
-// and the start h_0. The defaults are the literal reading.
+// This is NOT the paper's "Chebyshev" baseline: the paper's code builds a
+// matrix polynomial from lagged pairs (learners/chebyshev_polynomial.hpp,
+// ChebyshevPolynomial::paper_six_step()). Its learned coefficients do not suit
+// this iteration (docs/learners.md). The momentum convention, the scaling of A
+// and the start h_0 are options.
 #include <mesaopt/learners/context.hpp>
 
 #include <Eigen/Core>
@@ -39,18 +42,10 @@ struct ChebyshevSolver {
   std::vector<double> alpha;  // alpha_0 .. alpha_{K-1}
   std::vector<double> beta;   // beta_0 .. beta_{K-1} (beta_0 multiplies h_0 - h_{-1} = 0)
   double regularizer = 1e-3;  // additive, as docs/paper.md §5 writes it
-  std::string label = "";     // name override; default "chebyshev-K"
+  std::string label = "";     // name override; default "chebyshev-iteration-K"
   Momentum momentum = Momentum::heavy_ball;
   SystemScaling scaling = SystemScaling::frobenius;
   StartPoint start = StartPoint::zero;
-
-  // The 6-step coefficients learned in the constructed-token setting (docs/paper.md §5).
-  static ChebyshevSolver paper_six_step() {
-    ChebyshevSolver s;
-    s.alpha = {1.026, 3.251, 3.258, 3.212, 2.694, 1.273};
-    s.beta = {0.0, 0.679, 0.308, 0.745, 1.836, 2.344};
-    return s;
-  }
 
   // Classical Chebyshev semi-iteration (Saad, Iterative Methods, Alg. 12.1) for
   // a spectrum of A' inside [mu_min, mu_max]: theta = (mu_max + mu_min)/2,
@@ -80,7 +75,7 @@ struct ChebyshevSolver {
     return s;
   }
 
-  std::string name() const { return label.empty() ? "chebyshev-" + std::to_string(alpha.size()) : label; }
+  std::string name() const { return label.empty() ? "chebyshev-iteration-" + std::to_string(alpha.size()) : label; }
 
   void validate(const char* where) const {
     detail::check_positive_size(where, "alpha.size()", static_cast<long>(alpha.size()));

@@ -14,30 +14,41 @@
 namespace mesaopt::learners {
 
 // Ridge regression solved directly at every t: y_hat_t = G_t (H_t + I/lambda)^{-1} x_t.
+// With lag = L > 0 the sums H_t, G_t run over the pairs i < t - L only: the
+// paper's "least squares" row of Fig. 4 uses lag 1 (docs/paper.md §5: the pairs
+// (s_{t'-1}, s_{t'}) with t' <= t - 1, so positions 1 and 2 both predict 0).
 struct Ridge {
   double lambda = 1e3;  // prior variance; regulariser 1/lambda (docs/math.md M5)
+  long lag = 0;         // pairs i < t - lag form the context; 0: all pairs i < t
 
-  static Ridge from_regularizer(double regularizer) { return Ridge{1.0 / regularizer}; }
-  std::string name() const { return "ridge"; }
+  static Ridge from_regularizer(double regularizer, long lag = 0) { return Ridge{1.0 / regularizer, lag}; }
+  std::string name() const {
+    return lag == 0 ? "ridge" : lag == 1 ? "ridge-lagged" : "ridge-lag" + std::to_string(lag);
+  }
 
   // x is (B*T, dx), y is (B*T, dy); returns (B*T, dy).
   template <class T>
   RowMatrix<T> predict(ConstMatrixRef<T> x, ConstMatrixRef<T> y, long seq_len, int num_threads = 0) const {
     detail::check_positive_finite("Ridge::predict", "lambda", lambda);
+    if (lag < 0) detail::fail("Ridge::predict", "lag must be >= 0, got ", lag);
     const double lam = lambda;
+    const long L = lag;
     return detail::for_each_sequence<T>("Ridge::predict", x, y, seq_len, num_threads,
-                                        [lam](const RowMatrix<double>& X, const RowMatrix<double>& Y,
-                                              RowMatrix<double>& P) {
+                                        [lam, L](const RowMatrix<double>& X, const RowMatrix<double>& Y,
+                                                 RowMatrix<double>& P) {
       const long dx = X.cols();
       Eigen::MatrixXd H = Eigen::MatrixXd::Identity(dx, dx) / lam;
       Eigen::MatrixXd G = Eigen::MatrixXd::Zero(Y.cols(), dx);
+      long used = 0;  // pairs 0 .. used-1 are in H and G
       for (long t = 0; t < X.rows(); ++t) {
-        if (t > 0) {
+        for (; used < t - L; ++used) {
+          H.noalias() += X.row(used).transpose() * X.row(used);
+          G.noalias() += Y.row(used).transpose() * X.row(used);
+        }
+        if (used > 0) {
           const Eigen::VectorXd z = H.ldlt().solve(X.row(t).transpose());
           P.row(t) = (G * z).transpose();
         }
-        H.noalias() += X.row(t).transpose() * X.row(t);
-        G.noalias() += Y.row(t).transpose() * X.row(t);
       }
     });
   }
