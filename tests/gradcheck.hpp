@@ -102,4 +102,34 @@ GradCheckResult check_gradient(Loss&& loss, double& x, double analytic, double h
   return check_gradient(loss, &x, &analytic, 1, h);
 }
 
+// Central differences of loss() w.r.t. every entry of the matrix m, compared
+// with `analytic` (same shape). symmetric: perturb (i, j) and (j, i) together
+// (a state such as mesa's R must stay symmetric) and compare with the
+// symmetric analytic gradient G_ij.
+template <class Loss, class Matrix, class Analytic>
+GradCheckResult fd_matrix(Loss&& loss, Matrix& m, const Analytic& analytic, bool symmetric, double h = 1e-5) {
+  std::vector<double> num(std::size_t(m.size())), ana(std::size_t(m.size()));
+  for (long i = 0; i < m.rows(); ++i)
+    for (long j = 0; j < m.cols(); ++j) {
+      const std::size_t idx = std::size_t(i * m.cols() + j);
+      ana[idx] = analytic(i, j);
+      if (symmetric && j < i) {
+        num[idx] = num[std::size_t(j * m.cols() + i)];
+        continue;
+      }
+      const double a = m(i, j), step = h * std::max(1.0, std::abs(a));
+      auto set = [&](double x) {
+        m(i, j) = x;
+        if (symmetric) m(j, i) = x;
+      };
+      set(a + step);
+      const double up = loss();
+      set(a - step);
+      const double down = loss();
+      set(a);
+      num[idx] = (up - down) / (2 * step) / (symmetric && i != j ? 2.0 : 1.0);
+    }
+  return compare_gradients(ana.data(), num.data(), ana.size());
+}
+
 }  // namespace mesaopt::test

@@ -116,35 +116,6 @@ Grads run_backward(const RowMatrix<double>& q, const RowMatrix<double>& k, const
   return g;
 }
 
-// Central differences w.r.t. every entry of m; symmetric: perturb (i, j) and
-// (j, i) together (R must stay symmetric) and compare with the symmetric
-// analytic gradient G_ij.
-template <class Loss>
-test::GradCheckResult fd_matrix(Loss&& loss, RowMatrix<double>& m, const RowMatrix<double>& analytic, bool symmetric) {
-  const double h = 1e-5;
-  std::vector<double> num(std::size_t(m.size())), ana(std::size_t(m.size()));
-  for (long i = 0; i < m.rows(); ++i)
-    for (long j = 0; j < m.cols(); ++j) {
-      const std::size_t idx = std::size_t(i * m.cols() + j);
-      ana[idx] = analytic(i, j);
-      if (symmetric && j < i) {
-        num[idx] = num[std::size_t(j * m.cols() + i)];
-        continue;
-      }
-      const double a = m(i, j), step = h * std::max(1.0, std::abs(a));
-      auto set = [&](double x) {
-        m(i, j) = x;
-        if (symmetric) m(j, i) = x;
-      };
-      set(a + step);
-      const double up = loss();
-      set(a - step);
-      const double down = loss();
-      set(a);
-      num[idx] = (up - down) / (2 * step) / (symmetric && i != j ? 2.0 : 1.0);
-    }
-  return test::compare_gradients(ana.data(), num.data(), ana.size());
-}
 
 // A symmetric positive definite state: the final state of a warm-up sequence.
 MesaState<double> warm_state(long d, long dv, MesaRegularizer reg, std::uint64_t seed) {
@@ -502,8 +473,8 @@ TEST_CASE("constant regulariser: every gradient matches central finite differenc
         if (with_initial && gamma == 1.0) CHECK(g.dlambda == 0.0);
         if (gamma < 1.0) check(test::check_gradient(loss, opt.forget, g.dforget), "dforget");
         if (with_initial) {
-          check(fd_matrix(loss, init.R, g.ginit.R, true), "grad_initial.R");
-          check(fd_matrix(loss, init.S, g.ginit.S, false), "grad_initial.S");
+          check(mesaopt::test::fd_matrix(loss, init.R, g.ginit.R, true), "grad_initial.R");
+          check(mesaopt::test::fd_matrix(loss, init.S, g.ginit.S, false), "grad_initial.S");
         }
       }
     }

@@ -335,36 +335,6 @@ struct FdSetup {
   }
 };
 
-// Central differences of loss() w.r.t. every entry of m; symmetric = perturb
-// (i, j) and (j, i) together (mesa's R must stay symmetric) and compare with
-// the symmetric analytic gradient G_ij.
-template <class Loss>
-mesaopt::test::GradCheckResult fd_matrix(Loss&& loss, RowMatrix<double>& m, const RowMatrix<double>& analytic,
-                                         bool symmetric) {
-  const double h = 1e-5;
-  std::vector<double> num(std::size_t(m.size())), ana(std::size_t(m.size()));
-  for (long i = 0; i < m.rows(); ++i)
-    for (long j = 0; j < m.cols(); ++j) {
-      const std::size_t idx = std::size_t(i * m.cols() + j);
-      ana[idx] = analytic(i, j);
-      if (symmetric && j < i) {
-        num[idx] = num[std::size_t(j * m.cols() + i)];
-        continue;
-      }
-      const double a = m(i, j), step = h * std::max(1.0, std::abs(a));
-      auto set = [&](double x) {
-        m(i, j) = x;
-        if (symmetric) m(j, i) = x;
-      };
-      set(a + step);
-      const double up = loss();
-      set(a - step);
-      const double down = loss();
-      set(a);
-      num[idx] = (up - down) / (2 * step) / (symmetric && i != j ? 2.0 : 1.0);
-    }
-  return mesaopt::test::compare_gradients(ana.data(), num.data(), ana.size());
-}
 
 template <class Op>
 void check_state_gradients(long n, long d, long dv, long warm) {
@@ -386,14 +356,14 @@ void check_state_gradients(long n, long d, long dv, long warm) {
   if constexpr (std::is_same_v<Op, SoftmaxOp>) {
     RowMatrix<double> keys = s.init.keys(), values = s.init.values();
     auto loss_kv = [&] { return s.loss(SoftmaxKVCache<double>(keys, values)); };
-    check(fd_matrix(loss_kv, keys, RowMatrix<double>(ginit.keys()), false), "softmax grad_initial keys");
-    check(fd_matrix(loss_kv, values, RowMatrix<double>(ginit.values()), false), "softmax grad_initial values");
+    check(mesaopt::test::fd_matrix(loss_kv, keys, RowMatrix<double>(ginit.keys()), false), "softmax grad_initial keys");
+    check(mesaopt::test::fd_matrix(loss_kv, values, RowMatrix<double>(ginit.values()), false), "softmax grad_initial values");
   } else {
     auto ga = Op::template blocks<double>(ginit);
     auto xa = Op::template blocks<double>(s.init);
     for (std::size_t i = 0; i < xa.size(); ++i) {
       const bool is_R = std::is_same_v<Op, MesaOp> && i == 0;
-      check(fd_matrix(loss, *xa[i], *ga[i], is_R), std::string(Op::name) + " grad_initial block " + std::to_string(i));
+      check(mesaopt::test::fd_matrix(loss, *xa[i], *ga[i], is_R), std::string(Op::name) + " grad_initial block " + std::to_string(i));
     }
   }
 }
