@@ -8,6 +8,7 @@
 #include <mesaopt/train.hpp>
 
 #include "gradcheck.hpp"
+#include "scratch_files.hpp"
 #include "test_util.hpp"
 
 #include <cmath>
@@ -25,49 +26,16 @@
 
 using namespace mesaopt;
 using mesaopt::test::random_matrix;
+using mesaopt::test::read_bytes;
+using mesaopt::test::ScratchDir;
 
 namespace {
 
-std::vector<char> read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::vector<char>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
 void write_bytes(const std::string& path, const std::vector<char>& b) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(b.data(), static_cast<std::streamsize>(b.size()));
 }
 
-// A fresh scratch directory per test case.
-struct ScratchDir {
-  std::string path;
-  ScratchDir() {
-    char tmpl[] = "/tmp/mesaopt_test_train_XXXXXX";
-    const char* p = ::mkdtemp(tmpl);
-    REQUIRE(p != nullptr);
-    path = p;
-  }
-  ~ScratchDir() {
-    if (DIR* d = ::opendir(path.c_str())) {
-      while (dirent* e = ::readdir(d)) {
-        const std::string n = e->d_name;
-        if (n != "." && n != "..") ::unlink((path + "/" + n).c_str());
-      }
-      ::closedir(d);
-    }
-    ::rmdir(path.c_str());
-  }
-  std::vector<std::string> files() const {
-    std::vector<std::string> out;
-    if (DIR* d = ::opendir(path.c_str())) {
-      while (dirent* e = ::readdir(d)) {
-        const std::string n = e->d_name;
-        if (n != "." && n != "..") out.push_back(n);
-      }
-      ::closedir(d);
-    }
-    return out;
-  }
-};
 
 // A small "model": a Dense with bias and a LayerNorm (rank-2 and rank-1 tensors).
 template <class T>

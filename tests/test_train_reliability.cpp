@@ -11,6 +11,7 @@
 #include <mesaopt/nn.hpp>
 #include <mesaopt/train.hpp>
 
+#include "scratch_files.hpp"
 #include "test_util.hpp"
 
 #include <cmath>
@@ -29,34 +30,12 @@
 
 using namespace mesaopt;
 using mesaopt::test::random_matrix;
+using mesaopt::test::read_bytes;
+using mesaopt::test::ScratchDir;
 
 namespace {
 
-std::vector<char> read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::vector<char>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
 
-// A fresh scratch directory per test case.
-struct ScratchDir {
-  std::string path;
-  ScratchDir() {
-    char tmpl[] = "/tmp/mesaopt_test_reliability_XXXXXX";
-    const char* p = ::mkdtemp(tmpl);
-    REQUIRE(p != nullptr);
-    path = p;
-  }
-  ~ScratchDir() {
-    if (DIR* d = ::opendir(path.c_str())) {
-      while (dirent* e = ::readdir(d)) {
-        const std::string n = e->d_name;
-        if (n != "." && n != "..") ::unlink((path + "/" + n).c_str());
-      }
-      ::closedir(d);
-    }
-    ::rmdir(path.c_str());
-  }
-};
 
 std::string error_of(const std::function<void()>& f) {
   try {
