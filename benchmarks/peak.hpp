@@ -94,7 +94,7 @@ double fma_burst(std::size_t iterations, T seed) {
 // the sum over threads.
 template <class T>
 double measure_peak(int threads) {
-  const std::size_t iterations = 1'000'000;
+  constexpr std::size_t iterations = 1'000'000;
   const int repetitions = 9;
   threads = std::max(threads, 1);
   double best = 0;
@@ -102,7 +102,7 @@ double measure_peak(int threads) {
     std::vector<double> rate(static_cast<std::size_t>(threads), 0.0);
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&rate, t, iterations] {
+      pool.emplace_back([&rate, t] {
         const double start = thread_seconds();
         const double flops = fma_burst<T>(iterations, T(1e-3) * T(t + 1));
         const double seconds = thread_seconds() - start;

@@ -3,13 +3,17 @@
 # Debian's packages, only when something is missing. Idempotent and quiet when
 # everything is present. Extra package names may be passed as arguments;
 # --fuzz adds what the libFuzzer targets need (scripts/run-fuzz.sh): clang and
-# compiler-rt's development package (libclang_rt.fuzzer, ASan, UBSan).
+# compiler-rt's development package (libclang_rt.fuzzer, ASan, UBSan);
+# --clang adds the same and LLVM's OpenMP runtime (the sanitizer pass of
+# scripts/run-tests.sh builds with clang).
 set -euo pipefail
 
 packages=(cmake g++ make libeigen3-dev libxsimd-dev catch2 libbenchmark-dev)
 for arg in "$@"; do
   if [ "$arg" = --fuzz ]; then
     packages+=(clang libclang-rt-dev)
+  elif [ "$arg" = --clang ]; then
+    packages+=(clang libclang-rt-dev libomp-dev)
   else
     packages+=("$arg")
   fi

@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMESAOPT_SMOKE_BUILD=OFF >/dev/null
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMESAOPT_BUILD_EXAMPLES=ON >/dev/null
 cmake --build build -j "$(nproc)" --target linear_dynamics
 ./build/examples/linear_dynamics "$@"
