@@ -5,7 +5,10 @@
 // T = 50, batch 64. The batch is generated once, outside the timed loop, so
 // the rate is the trainer's alone (the examples' tokens/s also include batch
 // generation). Models: linear-1L (2 heads), linear-2L and linear-6L (4 heads),
-// softmax-1L (4 heads) and mesa-1L (4 heads); 1 and 2 threads.
+// softmax-1L (4 heads) and mesa-1L (4 heads); shards 1 (the whole batch at
+// once, the layers threading each op) and 8 (TrainerConfig::shards: 8 shards
+// of 8 sequences on the threads, one barrier per step); 1 and 2 threads.
+// The peer: benchmarks/peers/train_step_jax.py (the same models in JAX).
 //
 // Counters (wall-clock rates):
 //   tokens/s    B T tokens per step.
@@ -73,7 +76,8 @@ double step_flops(const Spec& s) {
 
 void BM_TrainStep(benchmark::State& state) {
   const Spec& spec = kSpecs[state.range(0)];
-  const int threads = int(state.range(1));
+  const long shards = state.range(1);
+  const int threads = int(state.range(2));
   mesaopt::tasks::DynamicsConfig dc;
   dc.state_dim = kN;
   dc.seq_len = kT;
@@ -91,6 +95,8 @@ void BM_TrainStep(benchmark::State& state) {
   tc.clip_norm = 1.0;
   tc.schedule.peak = 1e-4;  // constant
   tc.progress = false;
+  tc.shards = shards;
+  tc.threads = threads;
   train::Trainer<float> trainer(model, [&batch](long) { return batch; }, tc);
   for (auto _ : state) trainer.run(trainer.step() + 1);
 
@@ -102,9 +108,10 @@ void BM_TrainStep(benchmark::State& state) {
 }
 
 void grid(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"model", "threads"});
+  b->ArgNames({"model", "shards", "threads"});
   for (long m = 0; m < long(sizeof kSpecs / sizeof kSpecs[0]); ++m)
-    for (long threads : {1, 2}) b->Args({m, threads});
+    for (long shards : {1, 8})
+      for (long threads : {1, 2}) b->Args({m, shards, threads});
   b->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 

@@ -271,6 +271,7 @@ int main(int argc, char** argv) {
       tc.adam = train::adamw_config(kWeightDecay);  // AdamW (0.9, 0.999, 1e-8)
       tc.schedule = train::warmup_cosine_schedule(peak_lr, std::min(warmup, total), total, kLrFloor);
       tc.clip_norm = 1.0;
+      tc.threads = opt.threads;  // workers of the sharded steps (automatic shards: min(batch, 8))
       tc.progress = false;
       return tc;
     };

@@ -318,6 +318,7 @@ int main(int argc, char** argv) {
       tc.adam = train::adamw_config(0.1);  // docs/paper.md §3: AdamW (0.9, 0.999, 1e-8), weight decay 0.1
       tc.schedule = train::constant_schedule(lr);
       tc.clip_norm = 1.0;
+      tc.threads = opt.threads;  // workers of the sharded steps (automatic shards: min(batch, 8))
       train::Trainer<float> trainer(model, source, tc);
       const auto r = trainer.run();
       const std::size_t tail = std::min<std::size_t>(50, r.losses.size());

@@ -12,6 +12,7 @@
 #include <mesaopt/train.hpp>
 
 #include "scratch_files.hpp"
+#include "trainer_state.hpp"
 #include "test_util.hpp"
 
 #include <cmath>
@@ -32,6 +33,9 @@ using namespace mesaopt;
 using mesaopt::test::random_matrix;
 using mesaopt::test::read_bytes;
 using mesaopt::test::ScratchDir;
+using mesaopt::test::bytes_of;
+using mesaopt::test::state_of;
+using mesaopt::test::TrainerState;
 
 namespace {
 
@@ -116,40 +120,6 @@ train::TrainerConfig trainer_config(long steps) {
   return tc;
 }
 
-std::vector<char> bytes_of(const void* p, std::size_t n) {
-  const char* c = static_cast<const char*>(p);
-  return std::vector<char>(c, c + n);
-}
-
-// Everything a Trainer carries from step to step, as bytes (NaN compares equal
-// to itself bit for bit).
-struct State {
-  std::vector<std::vector<char>> params, m, v;
-  long adam_step = 0, step = 0;
-  std::vector<char> losses;
-  std::vector<long> skipped;
-  bool operator==(const State& o) const {
-    return params == o.params && m == o.m && v == o.v && adam_step == o.adam_step && step == o.step &&
-           losses == o.losses && skipped == o.skipped;
-  }
-};
-
-template <class T>
-State state_of(const train::Trainer<T>& t) {
-  State s;
-  for (const auto& p : t.parameters()) s.params.push_back(bytes_of(p.value, p.size * sizeof(T)));
-  const auto& opt = t.optimizer();
-  for (std::size_t k = 0; k < opt.params().size(); ++k) {
-    s.m.push_back(bytes_of(opt.first_moment(k).data(), opt.first_moment(k).size() * sizeof(T)));
-    s.v.push_back(bytes_of(opt.second_moment(k).data(), opt.second_moment(k).size() * sizeof(T)));
-  }
-  s.adam_step = opt.step_count();
-  s.step = t.step();
-  s.losses = bytes_of(t.loss_history().data(), t.loss_history().size() * sizeof(double));
-  s.skipped = t.skipped_steps();
-  return s;
-}
-
 template <class T>
 bool all_finite(const train::Trainer<T>& t) {
   for (const auto& p : t.parameters())
@@ -201,7 +171,7 @@ TEST_CASE("Non-finite input, policy stop: throws naming the step; state and last
         ref_model.init(7, 0.3);
         train::Trainer<double> ref(ref_model, clean_source(), trainer_config(N));
         ref.run(bad);
-        const State before_bad = state_of(ref);
+        const TrainerState before_bad = state_of(ref);
 
         nn::Model<double> model(kind.config);
         model.init(7, 0.3);
@@ -254,7 +224,7 @@ TEST_CASE("Non-finite input, policy skip: the run equals one whose stream never 
         // The source also records the trainer's state when it is asked for
         // the bad batch and for the one after it.
         train::Trainer<double>* observed = nullptr;
-        State at_bad, after_bad;
+        TrainerState at_bad, after_bad;
         auto poisoned = poisoned_source({bad}, value);
         train::Trainer<double> trainer(
             model,
@@ -491,7 +461,7 @@ namespace {
 struct Target {
   nn::Model<double> model;
   train::Trainer<double> trainer;
-  State before;
+  TrainerState before;
   explicit Target(const nn::ModelConfig& mc, const train::TrainerConfig& tc = trainer_config(10))
       : model(mc), trainer((model.init(21, 0.3), model), clean_source(), tc) {
     trainer.run(3);

@@ -1,6 +1,6 @@
 #pragma once
 // Module header: train — the next-token MSE loss, Adam/AdamW, gradient
-// clipping by global norm, learning-rate schedules, safetensors checkpoints
+// clipping by global norm, learning-rate schedules, the sharded step, safetensors checkpoints
 // (the format itself is in mesaopt/io.hpp) and a terminal progress line.
 // See docs/training.md.
 #include <mesaopt/io.hpp>
@@ -10,4 +10,5 @@
 #include <mesaopt/train/loss.hpp>
 #include <mesaopt/train/progress.hpp>
 #include <mesaopt/train/schedule.hpp>
+#include <mesaopt/train/sharded_step.hpp>
 #include <mesaopt/train/trainer.hpp>

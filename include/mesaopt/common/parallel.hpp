@@ -35,6 +35,27 @@ void parallel_for(std::ptrdiff_t n, int num_threads, Body&& body) {
   for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
 }
 
+// Calls body(i) for i in [0, n) on up to `num_threads` threads (<= 0:
+// default), handing out items one at a time in index order to whichever
+// thread is free (dynamic schedule). For items of uneven cost or a machine
+// whose cores are shared: a thread that is descheduled holds up only the item
+// it is running, the others take the rest. The caller must make each item's
+// result independent of the thread that runs it.
+template <class Body>
+void parallel_for_dynamic(std::ptrdiff_t n, int num_threads, Body&& body) {
+#if defined(_OPENMP)
+  const int threads = num_threads > 0 ? num_threads : default_num_threads();
+  if (threads > 1 && n > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads < n ? threads : int(n))
+    for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+#else
+  (void)num_threads;
+#endif
+  for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+}
+
 namespace detail {
 
 // Eigen multithreads a large GEMM with OpenMP when it is called

@@ -42,6 +42,7 @@
 #include <mesaopt/train/loss.hpp>
 #include <mesaopt/train/progress.hpp>
 #include <mesaopt/train/schedule.hpp>
+#include <mesaopt/train/sharded_step.hpp>
 
 #include <chrono>
 #include <cmath>
@@ -90,6 +91,18 @@ struct TrainerConfig {
   // steps in a row stops as with `stop` (a run of bad steps means the model or
   // the data is broken, not one batch). 0 = no cap.
   long max_consecutive_skips = 10;
+  // Shards (docs/training.md, "Shards and threads"): with shards > 1 every
+  // step cuts its batch into this many fixed shards of whole sequences, runs
+  // them on `threads` workers (train::ShardedStep) and adds their gradients
+  // in a fixed tree: the trajectory depends on shards (it is recorded in
+  // checkpoints) but never on threads. shards = 1: the whole batch goes
+  // through the model at once, and the model's layers spread each op over
+  // their own threads (ModelConfig::num_threads), the path for a few long
+  // sequences. shards = 0 (default): auto_shard_count(B) of the first batch,
+  // min(B, 8), or 1 for a single sequence. The batch must hold at least
+  // `shards` sequences.
+  long shards = 0;
+  int threads = 0;  // workers of the sharded step; <= 0: the library default (default_num_threads())
 };
 
 struct TrainResult {
@@ -192,12 +205,15 @@ inline void append_adam_config(std::vector<std::pair<std::string, std::string>>&
   out.push_back({"optim.weight_decay", format_double(c.weight_decay)});
 }
 
-// The trainer settings that change the trajectory. Not recorded: steps (a
+// The trainer settings that change the trajectory (shards: the order of the
+// gradient sums; a file without the entry was written with one shard). Not
+// recorded: threads (no result bit changes), steps (a
 // resumed run may go further), checkpoint and progress settings, and the
 // non-finite policy (it changes nothing on a run without non-finite steps).
 inline void append_trainer_config(std::vector<std::pair<std::string, std::string>>& out,
                                   const train::TrainerConfig& c) {
   out.push_back({"trainer.clip_norm", format_double(c.clip_norm)});
+  out.push_back({"trainer.shards", std::to_string(c.shards)});
   out.push_back({"trainer.schedule.kind", schedule_kind_name(c.schedule.kind)});
   out.push_back({"trainer.schedule.peak", format_double(c.schedule.peak)});
   out.push_back({"trainer.schedule.init", format_double(c.schedule.init)});
@@ -228,6 +244,10 @@ class Trainer {
     optimizer_ = std::make_unique<Adam<T>>(params_, config_.adam, default_decay_mask(params_));
   }
 
+  // The shard count of the steps: config.shards, or with 0 (automatic) the
+  // count chosen at the first batch (0 until then).
+  long shards() const { return config_.shards > 0 ? config_.shards : resolved_shards_; }
+
   long step() const { return step_; }
   const std::vector<double>& loss_history() const { return losses_; }
   // Steps skipped for a non-finite loss or gradient norm (policy skip), ascending.
@@ -254,7 +274,6 @@ class Trainer {
       if (!progress && config_.progress && config_.progress_stream != nullptr)
         progress = std::make_unique<ProgressLine>(config_.steps, static_cast<long>(batch.inputs.rows()),
                                                   config_.progress_stream);
-      zero_grad(params_);
       // A mesa layer stops with MesaBreakdownError where its recursion meets a
       // non-finite key or loses positive definiteness (docs/mesa.md): for the
       // trainer that is a bad step like a non-finite loss, named "mesa breakdown".
@@ -265,16 +284,25 @@ class Trainer {
       double bad_value = 0;
       std::string breakdown;
       try {
-        const RowMatrix<T> pred = model_.forward(batch.inputs, batch.seq_len, cache);
-        loss = mse_loss_forward<T>(pred, batch.targets, batch.seq_len);
-        // A non-finite loss makes every gradient non-finite too: no backward then.
+        prepare_shards(batch.inputs.rows() / batch.seq_len);
+        if (sharded_) {
+          // Forward, loss and backward of every shard; the gradients are written.
+          loss = sharded_->compute(batch.inputs, batch.targets, batch.seq_len);
+        } else {
+          zero_grad(params_);
+          const RowMatrix<T> pred = model_.forward(batch.inputs, batch.seq_len, cache);
+          loss = mse_loss_forward<T>(pred, batch.targets, batch.seq_len);
+          // A non-finite loss makes every gradient non-finite too: no backward then.
+          if (std::isfinite(loss.loss)) {
+            RowMatrix<T> dpred(pred.rows(), pred.cols());
+            mse_loss_backward<T>(pred, batch.targets, batch.seq_len, dpred);
+            model_.backward(dpred, cache);
+          }
+        }
         if (!std::isfinite(loss.loss)) {
           bad = "loss";
           bad_value = loss.loss;
         } else {
-          RowMatrix<T> dpred(pred.rows(), pred.cols());
-          mse_loss_backward<T>(pred, batch.targets, batch.seq_len, dpred);
-          model_.backward(dpred, cache);
           // clip_grad_norm leaves the gradients alone when N is not finite.
           norm = config_.clip_norm > 0 ? clip_grad_norm(params_, config_.clip_norm) : global_grad_norm(params_);
           if (!std::isfinite(norm)) {
@@ -403,6 +431,14 @@ class Trainer {
   }
 
  private:
+  // Resolves the shard count at the first batch (automatic mode; a later
+  // batch keeps it) and builds the sharded step when it is > 1.
+  void prepare_shards(long sequences) {
+    const long s = shards() > 0 ? shards() : auto_shard_count(sequences);
+    resolved_shards_ = s;
+    if (s > 1 && !sharded_) sharded_ = std::make_unique<ShardedStep<T>>(model_, s, config_.threads);
+  }
+
   static const TrainerConfig& checked(const TrainerConfig& c) {
     const char* where = "Trainer";
     detail::check_positive_size(where, "config.steps", c.steps);
@@ -412,6 +448,7 @@ class Trainer {
       detail::fail(where, "config.checkpoint_every must be >= 0, got ", c.checkpoint_every);
     if (c.non_finite != NonFinitePolicy::stop && c.non_finite != NonFinitePolicy::skip)
       detail::fail(where, "config.non_finite is not stop or skip (value ", int(c.non_finite), ")");
+    if (c.shards < 0) detail::fail(where, "config.shards must be >= 0 (0 = automatic), got ", c.shards);
     if (c.max_consecutive_skips < 0)
       detail::fail(where, "config.max_consecutive_skips must be >= 0 (0 = no cap), got ", c.max_consecutive_skips);
     return c;
@@ -478,6 +515,8 @@ class Trainer {
                                "can still be read with train::load_checkpoint)");
     for (const auto& [key, value] : expected) {
       const auto it = f.metadata.find(key);
+      // Entries added after files were first written hold their value of then.
+      if (it == f.metadata.end() && key == "trainer.shards" && value == "1") continue;
       if (it == f.metadata.end())
         detail::fail("Trainer::resume", "checkpoint '", path, "' has no \"", key, "\" entry but this trainer has ",
                      key, " = ", value, "; refusing to resume (nothing was changed)");
@@ -522,6 +561,8 @@ class Trainer {
   TrainerConfig config_;
   std::vector<ParameterView<T>> params_;
   std::unique_ptr<Adam<T>> optimizer_;
+  std::unique_ptr<ShardedStep<T>> sharded_;  // when the shard count is > 1
+  long resolved_shards_ = 0;                 // the automatic count, once chosen
   long step_ = 0;
   std::vector<double> losses_;
   std::vector<long> skipped_;   // steps skipped for a non-finite loss or gradient norm, ascending
