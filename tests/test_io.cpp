@@ -89,6 +89,7 @@ void operator delete(void* p, const std::nothrow_t&) noexcept { counted_free(p);
 void operator delete[](void* p, const std::nothrow_t&) noexcept { counted_free(p); }
 
 using namespace mesaopt;
+using mesaopt::test::error_of;
 
 namespace {
 
@@ -104,14 +105,6 @@ std::vector<char> make_file(std::string header, std::size_t data_bytes) {
   return out;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no exception>";
-}
 
 // Header with `count` one-byte U8 tensors "t<i>" tiling a count-byte buffer;
 // `extra` is appended inside the top-level object (starting with ',').

@@ -24,6 +24,7 @@
 #include <vector>
 
 using namespace mesaopt;
+using mesaopt::test::error_of;
 using mesaopt::test::random_matrix;
 using mesaopt::test::ScratchDir;
 using mesaopt::test::state_of;
@@ -86,14 +87,6 @@ std::vector<T> gradients(const std::vector<ParameterView<T>>& params) {
   return out;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no exception>";
-}
 
 }  // namespace
 

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 using namespace mesaopt;
+using mesaopt::test::error_of;
 using mesaopt::test::random_matrix;
 using mesaopt::test::read_bytes;
 using mesaopt::test::ScratchDir;
@@ -79,14 +80,6 @@ std::vector<char> make_file(std::string header, const std::vector<char>& data) {
   return std::vector<char>(out.begin(), out.end());
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no exception>";
-}
 
 }  // namespace
 

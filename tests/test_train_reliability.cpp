@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 using namespace mesaopt;
+using mesaopt::test::error_of;
 using mesaopt::test::random_matrix;
 using mesaopt::test::read_bytes;
 using mesaopt::test::ScratchDir;
@@ -41,14 +42,6 @@ namespace {
 
 
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no exception>";
-}
 
 constexpr long kIn = 3, kWidth = 8, kOut = 2, kSeq = 5, kBatch = 2;
 

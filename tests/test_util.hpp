@@ -4,7 +4,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <exception>
+#include <functional>
 #include <random>
+#include <string>
 
 namespace mesaopt::test {
 
@@ -21,6 +24,16 @@ inline constexpr bool kSanitized = false;
 #else
 inline constexpr bool kSanitized = false;
 #endif
+
+// The message of the std::exception f throws, or "<no exception>".
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "<no exception>";
+}
 
 // rows x cols standard-normal entries times `scale`, from a fixed seed.
 template <class T>

@@ -19,20 +19,39 @@ inline int default_num_threads() {
 #endif
 }
 
-// Calls body(i) for i in [0, n) on up to `num_threads` threads (<= 0: default).
+namespace detail {
+
+// The loop behind parallel_for (static: item i always goes to the same thread
+// of a team) and parallel_for_dynamic (items handed out in order to whichever
+// thread is free). Serial for one thread or item, or without OpenMP.
 template <class Body>
-void parallel_for(std::ptrdiff_t n, int num_threads, Body&& body) {
+void parallel_loop(std::ptrdiff_t n, int num_threads, bool dynamic, Body&& body) {
 #if defined(_OPENMP)
   const int threads = num_threads > 0 ? num_threads : default_num_threads();
   if (threads > 1 && n > 1) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+    const int team = threads < n ? threads : int(n);
+    if (dynamic) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
+      for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(team)
+      for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+    }
     return;
   }
 #else
   (void)num_threads;
+  (void)dynamic;
 #endif
   for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+}
+
+}  // namespace detail
+
+// Calls body(i) for i in [0, n) on up to `num_threads` threads (<= 0: default).
+template <class Body>
+void parallel_for(std::ptrdiff_t n, int num_threads, Body&& body) {
+  detail::parallel_loop(n, num_threads, false, body);
 }
 
 // Calls body(i) for i in [0, n) on up to `num_threads` threads (<= 0:
@@ -43,17 +62,7 @@ void parallel_for(std::ptrdiff_t n, int num_threads, Body&& body) {
 // result independent of the thread that runs it.
 template <class Body>
 void parallel_for_dynamic(std::ptrdiff_t n, int num_threads, Body&& body) {
-#if defined(_OPENMP)
-  const int threads = num_threads > 0 ? num_threads : default_num_threads();
-  if (threads > 1 && n > 1) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads < n ? threads : int(n))
-    for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
-    return;
-  }
-#else
-  (void)num_threads;
-#endif
-  for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+  detail::parallel_loop(n, num_threads, true, body);
 }
 
 namespace detail {
