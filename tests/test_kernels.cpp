@@ -460,6 +460,16 @@ TEMPLATE_TEST_CASE("state_update_apply matches the reference for d x dv with lds
       std::vector<T> St2(St0), o2(dv);
       k::state_update_apply(d, dv, St2.data(), dv, scale, kv.data(), v.data(), a.data(), o2.data());
       CHECK(worst_ratio(o2, o_ref, tol_o) <= 1.0);
+      // The stride padded to the SIMD width, as linear attention keeps its
+      // states (with AVX-512 the one-pass masked ladder; padding guarded).
+      const std::size_t padded = k::padded_stride<T>(dv);
+      auto St3 = guarded_matrix(d, dv, padded, 1, St0);
+      auto go3 = guarded_vector(std::vector<T>(dv, T(0)), 1);
+      k::state_update_apply(d, dv, St3.data(), padded, scale, gk.data(), gv.data(), ga.data(), go3.data());
+      CHECK(worst_ratio(St3.get(), St_ref, tol_S) <= 1.0);
+      CHECK(worst_ratio(go3.get(), o_ref, tol_o) <= 1.0);
+      CHECK(St3.guard_violations() == 0);
+      CHECK(go3.guard_violations() == 0);
     }
   }
 }

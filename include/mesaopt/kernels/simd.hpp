@@ -136,11 +136,45 @@ inline void for_each_column_block(std::size_t n, Block&& block, Tail&& tail) {
   if (j < n) tail(j, n - j);
 }
 
+// The same ladder with the tail folded into the last block as a partial last
+// batch: block(NB, j0, last) covers columns [j0, j0 + (NB - 1) W + last), its
+// last batch `last` in [1, W] columns wide (W: a full one). For instruction
+// sets with single-instruction masked loads and stores (AVX-512), where a
+// partial batch costs no more than a full one: one pass over the rows instead
+// of a block pass and a tail pass (docs/kernels.md, "Head sizes that are not a
+// multiple of the width").
+template <class T, class Block>
+inline void for_each_column_block_masked(std::size_t n, Block&& block) {
+  constexpr std::size_t W = simd_width<T>;
+  if (n == 0) return;
+  const std::size_t batches = (n + W - 1) / W;  // the last one possibly partial
+  std::size_t j = 0, b = 0;
+  for (; batches - b > 4; b += 4, j += 4 * W) block(std::integral_constant<std::size_t, 4>{}, j, W);
+  const std::size_t left = batches - b;     // 1..4 batches
+  const std::size_t last = n - j - (left - 1) * W;  // 1..W columns
+  if (left == 4) block(std::integral_constant<std::size_t, 4>{}, j, last);
+  else if (left == 3) block(std::integral_constant<std::size_t, 3>{}, j, last);
+  else if (left == 2) block(std::integral_constant<std::size_t, 2>{}, j, last);
+  else block(std::integral_constant<std::size_t, 1>{}, j, last);
+}
+
 }  // namespace detail
 #else
 template <class T>
 inline constexpr std::size_t simd_width = 1;
 inline const char* simd_arch_name() { return "scalar"; }
 #endif
+
+// The row stride to give a matrix whose rows the one-pass kernels sweep (a
+// state St, a Sherman-Morrison R): n rounded up to the SIMD width. With the
+// allocation aligned to a batch (Eigen aligns to 64 bytes under AVX-512), every
+// row then starts on a batch boundary and no row's loads and stores straddle
+// two cache lines. At head size 20 in float with AVX-512 the unpadded stride
+// (80 bytes) made the state update 5x slower (docs/kernels.md).
+template <class T>
+constexpr std::size_t padded_stride(std::size_t n) {
+  constexpr std::size_t W = simd_width<T>;
+  return (n + W - 1) / W * W;
+}
 
 }  // namespace mesaopt::kernels

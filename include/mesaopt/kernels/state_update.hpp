@@ -30,15 +30,23 @@ namespace detail {
 // AVX2 registers; faster than reloading v every row, see docs/kernels.md).
 // With NB <= 2 there would be only 1-2 accumulator chains of 4-cycle FMAs, so
 // even and odd rows go to separate accumulators (summed at the end).
-template <class T, std::size_t NB, bool Scaled>
+// Partial: the last batch is only `last` < W columns wide (masked loads and
+// stores; zero-padded lanes stay zero and are never written back).
+template <class T, std::size_t NB, bool Scaled, bool Partial = false>
 void state_update_columns(std::size_t d, T* St, std::size_t lds, T scale, const T* k, const T* v, const T* a,
-                          T* o, std::size_t j0) {
+                          T* o, std::size_t j0, std::size_t last = simd_width<T>) {
   using B = simd_batch<T>;
   constexpr std::size_t W = B::size;
   constexpr std::size_t P = NB <= 2 ? 2 : 1;  // rows in flight, each with its own accumulators
+  auto partial = [](std::size_t n) { return Partial && n == NB - 1; };
+  auto load = [&](const T* p, std::size_t n) { return partial(n) ? load_partial(p, last) : B::load_unaligned(p); };
+  auto store = [&](const B& x, T* p, std::size_t n) {
+    if (partial(n)) store_partial(x, p, last);
+    else x.store_unaligned(p);
+  };
   B acc[P][NB], vj[NB];
   for (std::size_t n = 0; n < NB; ++n) {
-    vj[n] = B::load_unaligned(v + j0 + n * W);
+    vj[n] = load(v + j0 + n * W, n);
     for (std::size_t p = 0; p < P; ++p) acc[p][n] = B(T(0));
   }
   const B s(scale);
@@ -47,10 +55,10 @@ void state_update_columns(std::size_t d, T* St, std::size_t lds, T scale, const 
     const B ar(a[r]);
     T* row = St + r * lds + j0;
     for (std::size_t n = 0; n < NB; ++n) {
-      B x = B::load_unaligned(row + n * W);
+      B x = load(row + n * W, n);
       if (Scaled) x = x * s;
       x = xsimd::fma(kr, vj[n], x);
-      x.store_unaligned(row + n * W);
+      store(x, row + n * W, n);
       acc_row[n] = xsimd::fma(ar, x, acc_row[n]);
     }
   };
@@ -61,7 +69,7 @@ void state_update_columns(std::size_t d, T* St, std::size_t lds, T scale, const 
   for (std::size_t n = 0; n < NB; ++n) {
     B total = acc[0][n];
     for (std::size_t p = 1; p < P; ++p) total = total + acc[p][n];
-    total.store_unaligned(o + j0 + n * W);
+    store(total, o + j0 + n * W, n);
   }
 }
 
@@ -89,6 +97,22 @@ void state_update_tail(std::size_t d, T* St, std::size_t lds, T scale, const T* 
 template <class T, bool Scaled>
 void state_update_all(std::size_t d, std::size_t dv, T* St, std::size_t lds, T scale, const T* k, const T* v,
                       const T* a, T* o) {
+#if defined(__AVX512F__)
+  // Masked loads and stores are single instructions here: the last < W columns
+  // ride along in the last block (one pass over the rows, not two; at the
+  // paper's head size 20 in float, 16 + 4 columns; docs/kernels.md). Only for
+  // a row stride that is a multiple of W (padded_stride): with rows that
+  // straddle cache lines, a row's masked store and the next token's load of
+  // it stall, and the masked pass was slower than the scalar tail.
+  if (sizeof(simd_batch<T>) == 64 && lds % simd_width<T> == 0) {
+    for_each_column_block_masked<T>(dv, [&](auto nb, std::size_t j0, std::size_t last) {
+      constexpr std::size_t NB = decltype(nb)::value;
+      if (last == simd_width<T>) state_update_columns<T, NB, Scaled, false>(d, St, lds, scale, k, v, a, o, j0);
+      else state_update_columns<T, NB, Scaled, true>(d, St, lds, scale, k, v, a, o, j0, last);
+    });
+    return;
+  }
+#endif
   for_each_column_block<T>(
       dv,
       [&](auto nb, std::size_t j0) {

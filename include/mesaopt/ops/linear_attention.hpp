@@ -112,14 +112,16 @@ void linear_attention_forward_recurrent(ConstMatrixRef<T> q, ConstMatrixRef<T> k
   detail::check_output<T>(where, "out", out, q.rows(), v.cols());
   detail::check_output_distinct<T>(where, out, q, k, v);
   const long n = q.rows(), d = q.cols(), dv = v.cols();
-  RowMatrix<T> St = detail::initial_transposed_state<T>(initial, d, dv);  // St = S^T (d x dv)
+  // St = S^T (d x dv), rows padded to the SIMD width (kernels::padded_stride).
+  const auto lds = kernels::padded_stride<T>(std::size_t(dv));
+  RowMatrix<T> St = RowMatrix<T>::Zero(d, long(lds));
+  St.leftCols(dv) = detail::initial_transposed_state<T>(initial, d, dv);
   for (long t = 0; t < n; ++t) {
     // M1: St += k_t v_t^T;  M2: o_t = S_t q_t = St^T q_t.
-    kernels::state_update_apply<T>(std::size_t(d), std::size_t(dv), St.data(), std::size_t(dv), T(1),
-                                   detail::row_ptr(k, t), detail::row_ptr(v, t), detail::row_ptr(q, t),
-                                   detail::row_ptr(out, t));
+    kernels::state_update_apply<T>(std::size_t(d), std::size_t(dv), St.data(), lds, T(1), detail::row_ptr(k, t),
+                                   detail::row_ptr(v, t), detail::row_ptr(q, t), detail::row_ptr(out, t));
   }
-  if (final != nullptr) final->S = St.transpose();
+  if (final != nullptr) final->S = St.leftCols(dv).transpose();
 }
 
 // Three sweeps of the same fused kernel, 12 d dv flops per token:
@@ -137,24 +139,31 @@ void linear_attention_backward_recurrent(ConstMatrixRef<T> q, ConstMatrixRef<T> 
   detail::check_linear_attention_backward_args<T>(where, q, k, v, dout, dq, dk, grad_v, initial, grad_final);
   const long n = q.rows(), d = q.cols(), dv = v.cols();
   const auto ud = std::size_t(d), udv = std::size_t(dv);
+  // The states' rows are padded to the SIMD width (kernels::padded_stride).
+  const auto pd = kernels::padded_stride<T>(ud), pdv = kernels::padded_stride<T>(udv);
   {
     // forward: o_t = S_t q_t   =>   dq_t = S_t^T g_t   (M3)
-    RowMatrix<T> S = initial != nullptr ? RowMatrix<T>(initial->S) : RowMatrix<T>::Zero(dv, d);
+    RowMatrix<T> S = RowMatrix<T>::Zero(dv, long(pd));
+    if (initial != nullptr) S.leftCols(d) = initial->S;
     for (long t = 0; t < n; ++t)
-      kernels::state_update_apply<T>(udv, ud, S.data(), ud, T(1), detail::row_ptr(v, t), detail::row_ptr(k, t),
+      kernels::state_update_apply<T>(udv, ud, S.data(), pd, T(1), detail::row_ptr(v, t), detail::row_ptr(k, t),
                                      detail::row_ptr(dout, t), detail::row_ptr(dq, t));
   }
   // forward: S_t = S_0 + sum_{i<=t} v_i k_i^T  =>  G_t = dL/dS_T + sum_{tau>=t} g_tau q_tau^T,
   //          dv_t = G_t k_t, dk_t = G_t^T v_t, dL/dS_0 = G_1   (M3, M14; G kept in both layouts)
-  RowMatrix<T> Gt = grad_final != nullptr ? RowMatrix<T>(grad_final->S.transpose()) : RowMatrix<T>::Zero(d, dv);
-  RowMatrix<T> G = grad_final != nullptr ? RowMatrix<T>(grad_final->S) : RowMatrix<T>::Zero(dv, d);
+  RowMatrix<T> Gt = RowMatrix<T>::Zero(d, long(pdv));
+  RowMatrix<T> G = RowMatrix<T>::Zero(dv, long(pd));
+  if (grad_final != nullptr) {
+    Gt.leftCols(dv) = grad_final->S.transpose();
+    G.leftCols(d) = grad_final->S;
+  }
   for (long t = n - 1; t >= 0; --t) {
-    kernels::state_update_apply<T>(ud, udv, Gt.data(), udv, T(1), detail::row_ptr(q, t), detail::row_ptr(dout, t),
+    kernels::state_update_apply<T>(ud, udv, Gt.data(), pdv, T(1), detail::row_ptr(q, t), detail::row_ptr(dout, t),
                                    detail::row_ptr(k, t), detail::row_ptr(grad_v, t));
-    kernels::state_update_apply<T>(udv, ud, G.data(), ud, T(1), detail::row_ptr(dout, t), detail::row_ptr(q, t),
+    kernels::state_update_apply<T>(udv, ud, G.data(), pd, T(1), detail::row_ptr(dout, t), detail::row_ptr(q, t),
                                    detail::row_ptr(v, t), detail::row_ptr(dk, t));
   }
-  if (grad_initial != nullptr) grad_initial->S = std::move(G);
+  if (grad_initial != nullptr) grad_initial->S = G.leftCols(d);
 }
 
 // ---------------------------------------------------------------------------
