@@ -169,8 +169,9 @@ inline const char* simd_arch_name() { return "scalar"; }
 // state St, a Sherman-Morrison R): n rounded up to the SIMD width. With the
 // allocation aligned to a batch (Eigen aligns to 64 bytes under AVX-512), every
 // row then starts on a batch boundary and no row's loads and stores straddle
-// two cache lines. At head size 20 in float with AVX-512 the unpadded stride
-// (80 bytes) made the state update 5x slower (docs/kernels.md).
+// two cache lines (at head size 20 in float with AVX-512 that decides the
+// state update's speed; docs/kernels.md, "Head sizes that are not a multiple
+// of the width").
 template <class T>
 constexpr std::size_t padded_stride(std::size_t n) {
   constexpr std::size_t W = simd_width<T>;

@@ -93,7 +93,6 @@ void mse_loss_backward(ConstMatrixRef<T> pred, ConstMatrixRef<T> target, long se
   dpred = (pred - target) * factor;
 }
 
-
 // The gradient of the whole batch's loss with respect to the predictions of a
 // part of it (a shard of whole sequences): dpred = (pred - target) /
 // batch_rows, where batch_rows = B*T of the whole batch (>= pred.rows()). With

@@ -19,10 +19,10 @@
 // only by the order of the sums over sequences, i.e. by rounding.
 //
 // Why: the per-op threading of the layers (one fork/join per op, dozens per
-// step) costs 7-20 % of a step of the paper's small models in the OpenMP
-// runtime and collapses when another process takes a core (threads wait at
-// every barrier for the one that is descheduled); here a descheduled thread
-// holds up only the shard it is running.
+// step) spends a share of a small model's step in the OpenMP runtime and
+// collapses when another process takes a core (threads wait at every barrier
+// for the one that is descheduled); here a descheduled thread holds up only
+// the shard it is running. Measurements: docs/training.md.
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parallel.hpp>
@@ -45,9 +45,8 @@ inline long shard_begin(long s, long shards, long sequences) { return s * sequen
 // B sequences: min(B, 8) when B >= 2, else 1 (one sequence: the layers'
 // per-op threads are the only parallelism there is). A function of B alone,
 // never of the thread count, so a run's numbers do not depend on the machine.
-// Measured on the paper's models (batch 64, T = 50; docs/training.md): 8
-// shards were the fastest or within noise of it (2-64 tried), on 1 thread too
-// (smaller working sets), and 1.2-1.4x the unsharded step on 2 threads.
+// Why 8: on the paper's models it was the fastest count or within noise of it
+// (docs/training.md, "Shards and threads").
 inline long auto_shard_count(long sequences) { return sequences >= 2 ? (sequences < 8 ? sequences : 8) : 1; }
 
 template <class T>

@@ -222,6 +222,18 @@ inline void append_trainer_config(std::vector<std::pair<std::string, std::string
   out.push_back({"trainer.schedule.total_steps", std::to_string(c.schedule.total_steps)});
 }
 
+// For a configuration entry that checkpoints started recording later: the
+// value every file written before then was trained with, so that such a file
+// still resumes into a trainer with that value; "" for the other entries.
+inline std::string value_before_recorded(const std::string& key) {
+  static const std::pair<const char*, const char*> kAddedLater[] = {
+      {"trainer.shards", "1"},  // before sharded steps, every step was one shard
+  };
+  for (const auto& [k, v] : kAddedLater)
+    if (key == k) return v;
+  return "";
+}
+
 // Index of the first non-finite entry of p[0..n), or n.
 template <class T>
 std::size_t first_non_finite(const T* p, std::size_t n) {
@@ -515,8 +527,7 @@ class Trainer {
                                "can still be read with train::load_checkpoint)");
     for (const auto& [key, value] : expected) {
       const auto it = f.metadata.find(key);
-      // Entries added after files were first written hold their value of then.
-      if (it == f.metadata.end() && key == "trainer.shards" && value == "1") continue;
+      if (it == f.metadata.end() && value == detail::value_before_recorded(key)) continue;
       if (it == f.metadata.end())
         detail::fail("Trainer::resume", "checkpoint '", path, "' has no \"", key, "\" entry but this trainer has ",
                      key, " = ", value, "; refusing to resume (nothing was changed)");
