@@ -1,22 +1,28 @@
 // One training step of the paper's small models (train::Trainer: forward,
-// next-token MSE, backward, global-norm clipping, AdamW), float, on the
-// constructed tokens of the linear-dynamics task (docs/paper.md §2): n = 10,
-// width 4n = 40, key and value size 20, no embedding, read-out slice, clip 4,
-// T = 50, batch 64. The batch is generated once, outside the timed loop, so
-// the rate is the trainer's alone (the examples' tokens/s also include batch
-// generation). Models: linear-1L (2 heads), linear-2L and linear-6L (4 heads),
-// softmax-1L (4 heads) and mesa-1L (4 heads); shards 1 (the whole batch at
-// once, the layers threading each op) and 8 (TrainerConfig::shards: 8 shards
-// of 8 sequences on the threads, one barrier per step); 1 and 2 threads.
-// The peer: benchmarks/peers/train_step_jax.py (the same models in JAX).
+// next-token MSE, backward, global-norm clipping, AdamW), float, on the linear
+// dynamics task (docs/paper.md §2), n = 10, T = 50, key and value size 20.
+// Constructed tokens (width 4n = 40, no embedding, read-out slice, clip 4):
+// linear-1L (2 heads), linear-2L, -4L, -6L, softmax-1L and mesa-1L (4 heads).
+// Raw tokens: the hybrid softmax + mesa (Dense 10 -> 40 embedding, pre-LN,
+// a 20-dimensional positional code on block 0, Dense read-out; as
+// examples/raw_tokens.cpp). The batch is generated once, outside the timed
+// loop, so the rate is the trainer's alone (the examples' tokens/s also
+// include batch generation). Arguments: batch 64 or 256; shards 1 (the whole
+// batch at once, the layers threading each op) or 0 (TrainerConfig::shards
+// automatic: fixed shards on the threads, one barrier per step); 1 or 2
+// threads. The peer: benchmarks/peers/train_step_jax.py.
 //
 // Counters (wall-clock rates):
 //   tokens/s    B T tokens per step.
-//   GFLOPS      model flops of forward + backward per step (one FMA = 2 flops):
-//               per layer, projections 3 (2 N D H (2d + dv) + 2 N H dv D), and per
-//               head and sequence linear 16 d dv T, softmax T^2 (4 d + 3 dv),
-//               mesa (20 d^2 + 14 d dv) T (the op benchmarks' counts); the
-//               loss, clipping and optimiser are not counted.
+//   GFLOPS      flops of forward + backward + optimiser per step (one FMA = 2
+//               flops): per layer, projections 3 (2 N D_in H (2d + dv) + 2 N H
+//               dv D), and per head and sequence linear 16 d dv T, softmax T^2
+//               (4 d + 3 dv), mesa (20 d^2 + 14 d dv) T (the op benchmarks'
+//               counts); embedding and Dense read-out 3 x 2 N D_in D_out; the
+//               optimiser 12 flops per parameter (clip: square-sum and scale;
+//               AdamW: moments, bias-corrected update, weight decay). LayerNorm,
+//               softmax exponentials, the loss and clipping of the stream are
+//               not counted (a few flops per stream entry).
 //   peak_frac   GFLOPS over the measured FP32 FMA peak of as many cores as
 //               threads (mesaopt::bench::peak_flops<float>(threads)).
 //
@@ -34,61 +40,84 @@ namespace {
 
 namespace nn = mesaopt::nn;
 namespace train = mesaopt::train;
-constexpr long kN = 10, kT = 50, kBatch = 64, kKey = 20;
+constexpr long kN = 10, kT = 50, kKey = 20, kWidth = 40, kPositional = 20;
 
 struct Spec {
   nn::AttentionKind kind;
   long layers, heads;
+  bool hybrid;  // raw tokens: softmax block then mesa block
 };
-constexpr Spec kSpecs[] = {{nn::AttentionKind::linear, 1, 2},
-                           {nn::AttentionKind::linear, 2, 4},
-                           {nn::AttentionKind::linear, 6, 4},
-                           {nn::AttentionKind::softmax, 1, 4},
-                           {nn::AttentionKind::mesa, 1, 4}};
+constexpr Spec kSpecs[] = {{nn::AttentionKind::linear, 1, 2, false},  {nn::AttentionKind::linear, 2, 4, false},
+                           {nn::AttentionKind::linear, 4, 4, false},  {nn::AttentionKind::linear, 6, 4, false},
+                           {nn::AttentionKind::softmax, 1, 4, false}, {nn::AttentionKind::mesa, 1, 4, false},
+                           {nn::AttentionKind::softmax, 2, 4, true}};
 
 nn::ModelConfig model_config(const Spec& s, int threads) {
   nn::ModelConfig mc;
-  mc.input_dim = mc.width = 4 * kN;
   mc.output_dim = kN;
-  mc.embed = false;
-  mc.readout_slice = true;
-  mc.clip = 4.0;
   mc.num_threads = threads;
   nn::BlockConfig b;
   b.attention = s.kind;
   b.heads = s.heads;
   b.key_size = b.value_size = kKey;
-  mc.blocks.assign(std::size_t(s.layers), b);
+  if (s.hybrid) {
+    mc.input_dim = kN;
+    mc.width = kWidth;
+    mc.embed = true;
+    b.layer_norm = true;
+    b.positional_dim = kPositional;
+    mc.blocks.push_back(b);
+    b.attention = nn::AttentionKind::mesa;
+    b.positional_dim = 0;
+    mc.blocks.push_back(b);
+  } else {
+    mc.input_dim = mc.width = 4 * kN;
+    mc.embed = false;
+    mc.readout_slice = true;
+    mc.clip = 4.0;
+    mc.blocks.assign(std::size_t(s.layers), b);
+  }
   return mc;
 }
 
-double step_flops(const Spec& s) {
-  const double N = double(kBatch * kT), D = double(4 * kN), H = double(s.heads), d = double(kKey), dv = d, T = double(kT);
-  const double projections = 3 * (2 * N * D * H * (2 * d + dv) + 2 * N * H * dv * D);
-  double heads = 0;
-  switch (s.kind) {
-    case nn::AttentionKind::linear: heads = 16 * d * dv * T; break;
-    case nn::AttentionKind::softmax: heads = T * T * (4 * d + 3 * dv); break;
-    case nn::AttentionKind::mesa: heads = (20 * d * d + 14 * d * dv) * T; break;
+double step_flops(const nn::ModelConfig& mc, long batch, long parameters) {
+  const double N = double(batch * kT), D = double(mc.width), T = double(kT);
+  double flops = 12.0 * double(parameters);
+  if (mc.embed) flops += 3 * 2 * N * double(mc.input_dim) * D;
+  if (!mc.readout_slice) flops += 3 * 2 * N * D * double(mc.output_dim);
+  for (const nn::BlockConfig& b : mc.blocks) {
+    const double H = double(b.heads), d = double(b.key_size), dv = double(b.value_size);
+    const double Din = D + double(b.positional_dim);
+    flops += 3 * (2 * N * Din * H * (2 * d + dv) + 2 * N * H * dv * D);
+    double head = 0;
+    switch (b.attention) {
+      case nn::AttentionKind::linear: head = 16 * d * dv * T; break;
+      case nn::AttentionKind::softmax: head = T * T * (4 * d + 3 * dv); break;
+      case nn::AttentionKind::mesa: head = (20 * d * d + 14 * d * dv) * T; break;
+    }
+    flops += double(batch) * H * head;
   }
-  return double(s.layers) * (projections + double(kBatch) * H * heads);
+  return flops;
 }
 
 void BM_TrainStep(benchmark::State& state) {
   const Spec& spec = kSpecs[state.range(0)];
-  const long shards = state.range(1);
-  const int threads = int(state.range(2));
+  const long batch_size = state.range(1), shards = state.range(2);
+  const int threads = int(state.range(3));
   mesaopt::tasks::DynamicsConfig dc;
   dc.state_dim = kN;
   dc.seq_len = kT;
-  const auto db = mesaopt::tasks::make_dynamics_batch<float>(dc, kBatch, 1);
+  const auto db = mesaopt::tasks::make_dynamics_batch<float>(dc, batch_size, 1);
   train::TrainBatch<float> batch;
-  batch.inputs = mesaopt::tasks::constructed_tokens<float>(db);
+  batch.inputs = spec.hybrid ? db.inputs : mesaopt::tasks::constructed_tokens<float>(db);
   batch.targets = db.targets;
   batch.seq_len = db.seq_len;
 
-  nn::Model<float> model(model_config(spec, threads));
+  const nn::ModelConfig mc = model_config(spec, threads);
+  nn::Model<float> model(mc);
   model.init(1, 0.05);
+  long parameters = 0;
+  for (const auto& p : model.parameters()) parameters += long(p.size);
   train::TrainerConfig tc;
   tc.steps = 1L << 40;
   tc.adam.weight_decay = 1e-4;
@@ -100,23 +129,25 @@ void BM_TrainStep(benchmark::State& state) {
   train::Trainer<float> trainer(model, [&batch](long) { return batch; }, tc);
   for (auto _ : state) trainer.run(trainer.step() + 1);
 
-  const double flops = step_flops(spec);
-  state.counters["tokens/s"] = benchmark::Counter(double(kBatch * kT), benchmark::Counter::kIsIterationInvariantRate);
+  const double flops = step_flops(mc, batch_size, parameters);
+  state.counters["tokens/s"] = benchmark::Counter(double(batch_size * kT), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["peak_frac"] = benchmark::Counter(flops / mesaopt::bench::peak_flops<float>(threads),
                                                    benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["shards"] = double(trainer.shards());
 }
 
 void grid(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"model", "shards", "threads"});
+  b->ArgNames({"model", "batch", "shards", "threads"});
   for (long m = 0; m < long(sizeof kSpecs / sizeof kSpecs[0]); ++m)
-    for (long shards : {1, 8})
-      for (long threads : {1, 2}) b->Args({m, shards, threads});
+    for (long batch : {64, 256})
+      for (long shards : {1, 0})
+        for (long threads : {1, 2}) b->Args({m, batch, shards, threads});
   b->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 
 }  // namespace
 
-// model: 0 linear-1L, 1 linear-2L, 2 linear-6L, 3 softmax-1L, 4 mesa-1L
+// model: 0 linear-1L, 1 linear-2L, 2 linear-4L, 3 linear-6L, 4 softmax-1L, 5 mesa-1L, 6 hybrid (raw tokens)
 BENCHMARK(BM_TrainStep)->Name("train_step")->Apply(grid);
 BENCHMARK_MAIN();

@@ -170,13 +170,72 @@ TEST_CASE("A sharded run is bit-identical for 1, 2 and 3 threads, and differs fr
   }
 }
 
-TEST_CASE("Automatic shards: min(B, 8) sequences' worth, 1 for a single sequence, as if given explicitly",
+TEST_CASE("Parallel loops hand each item to one worker of the team, named by an index below the team size",
+          "[train][shards]") {
+  for (int threads : {1, 2, 3})
+    for (long n : {0L, 1L, 2L, 7L}) {
+      INFO("threads = " << threads << ", n = " << n);
+      const int team = mesaopt::parallel_team_size(n, threads);
+#if defined(_OPENMP)
+      const long expected = n == 0 ? 0 : (threads > 1 && n > 1 ? std::min<long>(n, threads) : 1);
+#else
+      const long expected = n == 0 ? 0 : 1;
+#endif
+      CHECK(team == expected);
+      std::vector<int> calls(std::size_t(n), 0), worker_of(std::size_t(n), -1);
+      mesaopt::parallel_for_dynamic(n, threads, [&](std::ptrdiff_t i, int worker) {
+        ++calls[std::size_t(i)];
+        worker_of[std::size_t(i)] = worker;
+      });
+      for (long i = 0; i < n; ++i) {
+        CHECK(calls[std::size_t(i)] == 1);
+        CHECK(worker_of[std::size_t(i)] >= 0);
+        CHECK(worker_of[std::size_t(i)] < team);
+      }
+    }
+#if defined(_OPENMP)
+  // A serial loop inside someone else's parallel region: worker 0, not the
+  // enclosing thread's number.
+  std::vector<int> seen(2, -1);
+#pragma omp parallel num_threads(2)
+  mesaopt::parallel_for_dynamic(1, 1, [&](std::ptrdiff_t, int worker) { seen[std::size_t(omp_get_thread_num())] = worker; });
+  CHECK(seen[0] == 0);
+  for (int w : seen) CHECK(w <= 0);
+#endif
+}
+
+TEST_CASE("Automatic shards: at most 8 sequences each, fewer for large activations, as if given explicitly",
           "[train][shards]") {
   CHECK(train::auto_shard_count(1) == 1);
   CHECK(train::auto_shard_count(2) == 2);
   CHECK(train::auto_shard_count(7) == 7);
   CHECK(train::auto_shard_count(8) == 8);
   CHECK(train::auto_shard_count(64) == 8);
+  // The paper's constructed-token models (width 40, 4 heads of size 20, T = 50):
+  // 400 scalars per token and block, 40 more for the input.
+  nn::ModelConfig paper;
+  paper.input_dim = paper.width = 40;
+  paper.output_dim = 10;
+  paper.embed = false;
+  nn::BlockConfig block;
+  block.heads = 4;
+  block.key_size = block.value_size = 20;
+  for (long layers : {1L, 4L, 6L}) {
+    paper.blocks.assign(std::size_t(layers), block);
+    CHECK(train::activation_scalars_per_token(paper) == 40 + 400 * layers);
+  }
+  // linear-6L: 8 sequences of float are 3.9 MB > 3 MiB, 4 are not; in double 2.
+  CHECK(train::auto_shard_count(64, 50, paper, 4) == 16);
+  CHECK(train::auto_shard_count(64, 50, paper, 8) == 32);
+  CHECK(train::auto_shard_count(256, 50, paper, 4) == 64);
+  CHECK(train::auto_shard_count(5, 50, paper, 4) == 5);  // never fewer than min(B, 8), never more than B
+  CHECK(train::auto_shard_count(1, 50, paper, 4) == 1);
+  paper.blocks.assign(4, block);  // linear-4L: 8 sequences fit
+  CHECK(train::auto_shard_count(64, 50, paper, 4) == 8);
+  CHECK(train::auto_shard_count(256, 50, paper, 4) == 32);
+  CHECK(train::auto_shard_count(3, 50, paper, 4) == 3);
+  // A sequence over the budget on its own: one per shard.
+  CHECK(train::auto_shard_count(20, 5000, paper, 4) == 20);
   const nn::ModelConfig mc = model_config(nn::AttentionKind::softmax);
   for (long sequences : {1L, 3L, 10L}) {
     INFO("B = " << sequences);

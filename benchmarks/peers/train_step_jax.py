@@ -5,7 +5,7 @@ and optimiser, timed the same way (a fixed batch, steps back to back).
 Models (docs/paper.md §2, constructed tokens): width 40 = 4n with n = 10, key and
 value size 20, no embedding, the prediction read from the first n columns of
 the residual stream, the stream clipped to +-4 after each block, T = 50, batch
-64. linear-1L (2 heads), linear-2L and linear-6L (4 heads), softmax-1L (4 heads)
+64 (--batch). linear-1L (2 heads), linear-2L, -4L and -6L (4 heads), softmax-1L (4 heads)
 and mesa-1L (4 heads; the Sherman-Morrison recursion of docs/math.md M7-M9 as a
 lax.scan over tokens, lambda = softplus(lambda_raw), gamma = 1). Loss: 1/(B T)
 sum 1/2 ||pred - target||^2; optax.clip_by_global_norm(1.0) then
@@ -29,7 +29,8 @@ def parse():
     p.add_argument("--threads", type=int, default=1, help="XLA CPU threads (1 or the machine's cores)")
     p.add_argument("--steps", type=int, default=20, help="steps per timing")
     p.add_argument("--repeats", type=int, default=5, help="timings per model (the median is printed)")
-    p.add_argument("--models", default="linear-1L,linear-2L,linear-6L,softmax-1L,mesa-1L")
+    p.add_argument("--models", default="linear-1L,linear-2L,linear-4L,linear-6L,softmax-1L,mesa-1L")
+    p.add_argument("--batch", type=int, default=64, help="sequences per step (bench_train: 64 and 256)")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     return p.parse_args()
 
@@ -45,9 +46,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-N_STATE, T, BATCH, KEY = 10, 50, 64, 20
+N_STATE, T, BATCH, KEY = 10, 50, ARGS.batch, 20
 WIDTH = 4 * N_STATE
-SPECS = {"linear-1L": ("linear", 1, 2), "linear-2L": ("linear", 2, 4), "linear-6L": ("linear", 6, 4),
+SPECS = {"linear-1L": ("linear", 1, 2), "linear-2L": ("linear", 2, 4), "linear-4L": ("linear", 4, 4), "linear-6L": ("linear", 6, 4),
          "softmax-1L": ("softmax", 1, 4), "mesa-1L": ("mesa", 1, 4)}
 
 

@@ -4,6 +4,7 @@
 // Each item writes only its own outputs, so results are bit-identical for any
 // thread count; reductions across items are done by the caller in a fixed order.
 #include <cstddef>
+#include <type_traits>
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -19,23 +20,47 @@ inline int default_num_threads() {
 #endif
 }
 
+// Threads a parallel loop over n items with `num_threads` (<= 0: default)
+// runs on (the team size): the bound of the worker index a loop body may take.
+inline int parallel_team_size(std::ptrdiff_t n, int num_threads) {
+#if defined(_OPENMP)
+  const int threads = num_threads > 0 ? num_threads : default_num_threads();
+  if (threads > 1 && n > 1) return threads < n ? threads : int(n);
+#else
+  (void)num_threads;
+#endif
+  return n > 0 ? 1 : 0;
+}
+
 namespace detail {
 
 // The loop behind parallel_for (static: item i always goes to the same thread
 // of a team) and parallel_for_dynamic (items handed out in order to whichever
-// thread is free). Serial for one thread or item, or without OpenMP.
+// thread is free). Serial for one thread or item, or without OpenMP. The body
+// is called as body(i), or as body(i, worker) when it takes two arguments:
+// worker in [0, parallel_team_size(n, num_threads)) names the thread of this
+// loop's team running item i (0 in the serial case, even inside an enclosing
+// parallel region), for per-worker scratch.
+template <class Body>
+void call_item(Body& body, std::ptrdiff_t i, int worker) {
+  if constexpr (std::is_invocable_v<Body&, std::ptrdiff_t, int>) body(i, worker);
+  else {
+    (void)worker;
+    body(i);
+  }
+}
+
 template <class Body>
 void parallel_loop(std::ptrdiff_t n, int num_threads, bool dynamic, Body&& body) {
 #if defined(_OPENMP)
-  const int threads = num_threads > 0 ? num_threads : default_num_threads();
-  if (threads > 1 && n > 1) {
-    const int team = threads < n ? threads : int(n);
+  const int team = parallel_team_size(n, num_threads);
+  if (team > 1) {
     if (dynamic) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team)
-      for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+      for (std::ptrdiff_t i = 0; i < n; ++i) call_item(body, i, omp_get_thread_num());
     } else {
 #pragma omp parallel for schedule(static) num_threads(team)
-      for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+      for (std::ptrdiff_t i = 0; i < n; ++i) call_item(body, i, omp_get_thread_num());
     }
     return;
   }
@@ -43,7 +68,7 @@ void parallel_loop(std::ptrdiff_t n, int num_threads, bool dynamic, Body&& body)
   (void)num_threads;
   (void)dynamic;
 #endif
-  for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+  for (std::ptrdiff_t i = 0; i < n; ++i) call_item(body, i, 0);
 }
 
 }  // namespace detail
@@ -59,7 +84,8 @@ void parallel_for(std::ptrdiff_t n, int num_threads, Body&& body) {
 // thread is free (dynamic schedule). For items of uneven cost or a machine
 // whose cores are shared: a thread that is descheduled holds up only the item
 // it is running, the others take the rest. The caller must make each item's
-// result independent of the thread that runs it.
+// result independent of the thread that runs it. body(i) or body(i, worker)
+// (detail::parallel_loop).
 template <class Body>
 void parallel_for_dynamic(std::ptrdiff_t n, int num_threads, Body&& body) {
   detail::parallel_loop(n, num_threads, true, body);

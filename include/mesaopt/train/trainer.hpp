@@ -98,9 +98,10 @@ struct TrainerConfig {
   // checkpoints) but never on threads. shards = 1: the whole batch goes
   // through the model at once, and the model's layers spread each op over
   // their own threads (ModelConfig::num_threads), the path for a few long
-  // sequences. shards = 0 (default): auto_shard_count(B) of the first batch,
-  // min(B, 8), or 1 for a single sequence. The batch must hold at least
-  // `shards` sequences.
+  // sequences. shards = 0 (default): auto_shard_count(B, T, model config,
+  // sizeof(T)) of the first batch: shards of at most 8 sequences, fewer for
+  // a model with many activations per token, or 1 for a single sequence. The
+  // batch must hold at least `shards` sequences.
   long shards = 0;
   int threads = 0;  // workers of the sharded step; <= 0: the library default (default_num_threads())
 };
@@ -296,7 +297,7 @@ class Trainer {
       double bad_value = 0;
       std::string breakdown;
       try {
-        prepare_shards(batch.inputs.rows() / batch.seq_len);
+        prepare_shards(batch.inputs.rows() / batch.seq_len, batch.seq_len);
         if (sharded_) {
           // Forward, loss and backward of every shard; the gradients are written.
           loss = sharded_->compute(batch.inputs, batch.targets, batch.seq_len);
@@ -445,8 +446,8 @@ class Trainer {
  private:
   // Resolves the shard count at the first batch (automatic mode; a later
   // batch keeps it) and builds the sharded step when it is > 1.
-  void prepare_shards(long sequences) {
-    const long s = shards() > 0 ? shards() : auto_shard_count(sequences);
+  void prepare_shards(long sequences, long seq_len) {
+    const long s = shards() > 0 ? shards() : auto_shard_count(sequences, seq_len, model_.config(), long(sizeof(T)));
     resolved_shards_ = s;
     if (s > 1 && !sharded_) sharded_ = std::make_unique<ShardedStep<T>>(model_, s, config_.threads);
   }
