@@ -10,7 +10,9 @@
 // include batch generation). Arguments: batch 64 or 256; shards 1 (the whole
 // batch at once, the layers threading each op) or 0 (TrainerConfig::shards
 // automatic: fixed shards on the threads, one barrier per step); 1 or 2
-// threads. The peer: benchmarks/peers/train_step_jax.py.
+// threads. train_step_busy_core: the same with a thread of this program
+// spinning on one core throughout (a shared machine; 2 threads should not be
+// slower than 1). The peer: benchmarks/peers/train_step_jax.py.
 //
 // Counters (wall-clock rates):
 //   tokens/s    B T tokens per step.
@@ -34,7 +36,10 @@
 
 #include "peak.hpp"
 
+#include <atomic>
 #include <cstddef>
+#include <memory>
+#include <thread>
 
 namespace {
 
@@ -100,10 +105,29 @@ double step_flops(const nn::ModelConfig& mc, long batch, long parameters) {
   return flops;
 }
 
+// A thread that keeps one core busy for its lifetime (the "shared machine"
+// rows: another program's busy loop on one of the cores).
+class BusyCore {
+ public:
+  BusyCore() : worker_([this] {
+    volatile unsigned long spin = 0;
+    while (!stop_.load(std::memory_order_relaxed)) spin = spin + 1;
+  }) {}
+  ~BusyCore() {
+    stop_ = true;
+    worker_.join();
+  }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::thread worker_;
+};
+
 void BM_TrainStep(benchmark::State& state) {
   const Spec& spec = kSpecs[state.range(0)];
   const long batch_size = state.range(1), shards = state.range(2);
   const int threads = int(state.range(3));
+  const bool contended = state.range(4) != 0;
   mesaopt::tasks::DynamicsConfig dc;
   dc.state_dim = kN;
   dc.seq_len = kT;
@@ -127,7 +151,11 @@ void BM_TrainStep(benchmark::State& state) {
   tc.shards = shards;
   tc.threads = threads;
   train::Trainer<float> trainer(model, [&batch](long) { return batch; }, tc);
+  trainer.run(1);  // the first step resolves the shards and sizes the buffers
+  std::unique_ptr<BusyCore> busy;
+  if (contended) busy = std::make_unique<BusyCore>();
   for (auto _ : state) trainer.run(trainer.step() + 1);
+  busy.reset();
 
   const double flops = step_flops(mc, batch_size, parameters);
   state.counters["tokens/s"] = benchmark::Counter(double(batch_size * kT), benchmark::Counter::kIsIterationInvariantRate);
@@ -138,11 +166,21 @@ void BM_TrainStep(benchmark::State& state) {
 }
 
 void grid(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"model", "batch", "shards", "threads"});
+  b->ArgNames({"model", "batch", "shards", "threads", "busy"});
   for (long m = 0; m < long(sizeof kSpecs / sizeof kSpecs[0]); ++m)
     for (long batch : {64, 256})
       for (long shards : {1, 0})
-        for (long threads : {1, 2}) b->Args({m, batch, shards, threads});
+        for (long threads : {1, 2}) b->Args({m, batch, shards, threads, 0});
+  b->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
+// With a busy core: linear-2L and softmax-1L at batch 64, unsharded and
+// automatic shards, 1 and 2 threads.
+void busy_grid(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"model", "batch", "shards", "threads", "busy"});
+  for (long m : {1, 4})
+    for (long shards : {1, 0})
+      for (long threads : {1, 2}) b->Args({m, 64, shards, threads, 1});
   b->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 
@@ -150,4 +188,5 @@ void grid(benchmark::internal::Benchmark* b) {
 
 // model: 0 linear-1L, 1 linear-2L, 2 linear-4L, 3 linear-6L, 4 softmax-1L, 5 mesa-1L, 6 hybrid (raw tokens)
 BENCHMARK(BM_TrainStep)->Name("train_step")->Apply(grid);
+BENCHMARK(BM_TrainStep)->Name("train_step_busy_core")->Apply(busy_grid);
 BENCHMARK_MAIN();
