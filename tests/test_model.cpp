@@ -317,6 +317,45 @@ TEST_CASE("Trainer: 1 vs 2 threads give identical parameters", "[model][train]")
   }());
 }
 
+TEST_CASE("Trainer: element-wise clipping is the hand-written loop with clip_grad_value", "[model][train]") {
+  const long n = 2, T = 6, B = 4, N = 3;
+  auto source = dynamics_source<double>(n, T, B, 5);
+  nn::ModelConfig mc = hybrid_config();
+  mc.input_dim = 4 * n;
+  mc.output_dim = n;
+  nn::Model<double> trained(mc), by_hand(mc), unclipped(mc);
+  for (auto* m : {&trained, &by_hand, &unclipped}) m->init(4, 0.2);
+  auto tc = trainer_config(N, 1e-2);
+  tc.clip_norm = 0;
+  tc.clip_value = 1e-3;  // below most entries of these gradients: the clip acts
+  tc.shards = 1;
+  train::Trainer<double>(trained, source, tc).run();
+  tc.clip_value = 0;
+  train::Trainer<double>(unclipped, source, tc).run();
+
+  const auto params = by_hand.parameters();
+  train::Adam<double> adam(params, tc.adam, train::default_decay_mask(params));
+  nn::Model<double>::Cache cache;
+  for (long s = 0; s < N; ++s) {
+    const auto batch = source(s);
+    zero_grad(params);
+    const RowMatrix<double> pred = by_hand.forward(batch.inputs, batch.seq_len, cache);
+    RowMatrix<double> dpred(pred.rows(), pred.cols());
+    train::mse_loss_backward<double>(pred, batch.targets, batch.seq_len, dpred);
+    by_hand.backward(dpred, cache);
+    long clipped = 0;
+    for (const auto& p : params)
+      for (std::size_t i = 0; i < p.size; ++i) clipped += std::abs(p.grad[i]) > 1e-3;
+    CHECK(clipped > 0);
+    train::clip_grad_value(params, 1e-3);
+    adam.step(tc.schedule(s));
+  }
+  const auto a = flatten(trained.parameters()), b = flatten(params);
+  REQUIRE(a.size() == b.size());
+  CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0);
+  CHECK(flatten(unclipped.parameters()) != a);
+}
+
 TEST_CASE("Model and Trainer: bad configs throw naming the field", "[model][errors]") {
   auto throws_with = [](auto&& make, const char* field) {
     CHECK_THROWS_AS(make(), std::invalid_argument);
@@ -356,6 +395,8 @@ TEST_CASE("Model and Trainer: bad configs throw naming the field", "[model][erro
   throws_with([&] { train::Trainer<double> t(model, source, trainer_config(0, 1e-2)); }, "config.steps");
   { auto tc = trainer_config(5, 1e-2); tc.clip_norm = -1;
     throws_with([&] { train::Trainer<double> t(model, source, tc); }, "config.clip_norm"); }
+  { auto tc = trainer_config(5, 1e-2); tc.clip_value = -1;
+    throws_with([&] { train::Trainer<double> t(model, source, tc); }, "config.clip_value"); }
   { auto tc = trainer_config(5, 1e-2); tc.checkpoint_every = -1;
     throws_with([&] { train::Trainer<double> t(model, source, tc); }, "config.checkpoint_every"); }
   throws_with([&] { train::Trainer<double> t(model, train::BatchSource<double>{}, trainer_config(5, 1e-2)); },

@@ -186,6 +186,14 @@ TEST_CASE("constructed tokens are [0, s_t, s_t, s_{t-1}] with s_0 = 0") {
       }
     }
   CHECK_THROWS_WITH(mt::constructed_tokens<double>(bt.inputs, 3), Contains("seq_len 3"));
+  // The 1-layer variant of the paper's code: slot 1 empty, the rest the same.
+  M masked = mt::constructed_tokens(bt, mt::TokenSlots::last_only);
+  REQUIRE(masked.rows() == e.rows());
+  REQUIRE(masked.cols() == e.cols());
+  CHECK(masked.middleCols(3, 3).isZero(0));
+  M expected = e;
+  expected.middleCols(3, 3).setZero();
+  CHECK(masked == expected);
 }
 
 TEST_CASE("regression: statistics and both token layouts") {

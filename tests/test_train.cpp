@@ -219,6 +219,25 @@ TEST_CASE("Gradient clipping by global norm") {
   CHECK_THROWS_AS(train::clip_grad_norm(params, 0.0), std::invalid_argument);
 }
 
+TEST_CASE("Gradient clipping element-wise") {
+  std::vector<double> a = {0, 0, 0}, ag(3), b = {0}, bg(1);
+  std::vector<ParameterView<double>> params = {{"a", a.data(), ag.data(), 3, {3}}, {"b", b.data(), bg.data(), 1, {1}}};
+  ag = {-3.0, 0.25, 1.0};
+  bg = {2.5};
+  train::clip_grad_value(params, 1.0);
+  CHECK(ag == std::vector<double>{-1.0, 0.25, 1.0});  // inside the range: unchanged, bit for bit
+  CHECK(bg[0] == 1.0);
+  train::clip_grad_value(params, 0.5);
+  CHECK(ag == std::vector<double>{-0.5, 0.25, 0.5});
+  ag = {std::nan(""), -INFINITY, INFINITY};
+  train::clip_grad_value(params, 1.0);
+  CHECK(std::isnan(ag[0]));  // NaN stays NaN for the trainer's check
+  CHECK(ag[1] == -1.0);
+  CHECK(ag[2] == 1.0);
+  CHECK_THROWS_AS(train::clip_grad_value(params, 0.0), std::invalid_argument);
+  CHECK_THROWS_AS(train::clip_grad_value(params, std::nan("")), std::invalid_argument);
+}
+
 TEST_CASE("Learning-rate schedules at chosen steps") {
   const auto c = train::constant_schedule(1e-4);
   CHECK(c(0) == 1e-4);

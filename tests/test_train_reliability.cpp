@@ -498,6 +498,7 @@ TEST_CASE("Resume refuses a checkpoint of another configuration and changes noth
        "0.01"},
       {"optim.type", linear_config(), tc([](auto& c) { c.adam.decoupled_weight_decay = false; }), "adam", "adamw"},
       {"trainer.clip_norm", linear_config(), tc([](auto& c) { c.clip_norm = 0.0; }), "0", "1"},
+      {"trainer.clip_value", linear_config(), tc([](auto& c) { c.clip_value = 1.0; }), "1", "0"},
       {"trainer.schedule.peak", linear_config(), tc([](auto& c) { c.schedule = train::constant_schedule(2e-2); }),
        "0.02", "0.01"},
       {"trainer.schedule.kind", linear_config(),

@@ -160,11 +160,21 @@ DynamicsBatch<T> make_dynamics_batch(const DynamicsConfig& config, long batch, s
   return out;
 }
 
+// Which slots of a constructed token carry s_t.
+enum class TokenSlots {
+  both,       // [0, s_t, s_t, s_{t-1}]: the paper's token
+  last_only,  // [0, 0, s_t, s_{t-1}]: what the paper's code lets a 1-layer model's
+              // attention see (docs/paper.md §3; it masks slots 0-1 inside the
+              // block). For one block with the read-out from slot 0 the two are
+              // the same model: slot 1 reaches the prediction only through the
+              // attention's input, and slot 0 is zero in both.
+};
+
 // The paper's constructed tokens (docs/paper.md §2): e_t = [0, s_t, s_t, s_{t-1}]
 // with s_0 = 0, 4n dims; the first n slots are where a model writes its
 // prediction. inputs is (B*T, n), sequence-major; returns (B*T, 4n).
 template <class T>
-RowMatrix<T> constructed_tokens(ConstMatrixRef<T> inputs, long seq_len) {
+RowMatrix<T> constructed_tokens(ConstMatrixRef<T> inputs, long seq_len, TokenSlots slots = TokenSlots::both) {
   const char* where = "constructed_tokens";
   detail::check_positive_size(where, "seq_len", seq_len);
   detail::check_positive_size(where, "inputs.cols()", inputs.cols());
@@ -174,7 +184,7 @@ RowMatrix<T> constructed_tokens(ConstMatrixRef<T> inputs, long seq_len) {
   const long n = inputs.cols(), rows = inputs.rows();
   RowMatrix<T> e = RowMatrix<T>::Zero(rows, 4 * n);
   for (long r = 0; r < rows; ++r) {
-    e.row(r).segment(n, n) = inputs.row(r);
+    if (slots == TokenSlots::both) e.row(r).segment(n, n) = inputs.row(r);
     e.row(r).segment(2 * n, n) = inputs.row(r);
     if (r % seq_len != 0) e.row(r).segment(3 * n, n) = inputs.row(r - 1);
   }
@@ -182,8 +192,8 @@ RowMatrix<T> constructed_tokens(ConstMatrixRef<T> inputs, long seq_len) {
 }
 
 template <class T>
-RowMatrix<T> constructed_tokens(const DynamicsBatch<T>& batch) {
-  return constructed_tokens<T>(batch.inputs, batch.seq_len);
+RowMatrix<T> constructed_tokens(const DynamicsBatch<T>& batch, TokenSlots slots = TokenSlots::both) {
+  return constructed_tokens<T>(batch.inputs, batch.seq_len, slots);
 }
 
 // The best achievable predictor ("noise-floor"): W* s_t, or tanh(W* s_t) for the

@@ -1,11 +1,14 @@
 #pragma once
-// Gradient clipping by global norm (docs/paper.md §3: the paper's code clips
-// element-wise to [-1, 1] instead; this is the global-norm option), as optax's
-// clip_by_global_norm: with N = sqrt(sum over all parameters of ||grad||^2),
-//   if N > max_norm:  grad <- grad * (max_norm / N)       (otherwise unchanged)
-// Returns N (before clipping; accumulated in double). A non-finite N leaves
-// the gradients untouched: the caller sees it in the return value and decides
-// (skip the step, stop).
+// Gradient clipping, two kinds (docs/paper.md §3):
+// - by global norm, as optax's clip_by_global_norm: with
+//   N = sqrt(sum over all parameters of ||grad||^2),
+//     if N > max_norm:  grad <- grad * (max_norm / N)       (otherwise unchanged)
+//   clip_grad_norm returns N (before clipping; accumulated in double). A
+//   non-finite N leaves the gradients untouched: the caller sees it in the
+//   return value and decides (skip the step, stop).
+// - element-wise, as optax's clip (what the paper's code uses, to [-1, 1]):
+//     grad_i <- min(max(grad_i, -max_value), max_value)
+//   clip_grad_value; a NaN entry stays NaN (the caller's norm check sees it).
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/parameters.hpp>
 
@@ -32,6 +35,17 @@ double clip_grad_norm(const std::vector<ParameterView<T>>& params, double max_no
       for (std::size_t i = 0; i < p.size; ++i) p.grad[i] *= scale;
   }
   return norm;
+}
+
+template <class T>
+void clip_grad_value(const std::vector<ParameterView<T>>& params, double max_value) {
+  detail::check_positive_finite("clip_grad_value", "max_value", max_value);
+  const T hi = static_cast<T>(max_value), lo = -hi;
+  for (const auto& p : params)
+    for (std::size_t i = 0; i < p.size; ++i) {
+      const T g = p.grad[i];
+      p.grad[i] = g > hi ? hi : (g < lo ? lo : g);  // NaN fails both tests and stays
+    }
 }
 
 }  // namespace mesaopt::train

@@ -82,6 +82,10 @@ struct TrainerConfig {
   AdamConfig adam;                  // AdamW by default (decoupled weight decay)
   LrSchedule schedule;              // lr of step s = schedule(s)
   double clip_norm = 0.0;           // global gradient-norm clip; 0 = off
+  // Element-wise gradient clip to [-clip_value, clip_value] (the paper's
+  // code: 1); 0 = off. Applied before the global-norm clip when both are on;
+  // the gradient norm the trainer reports and checks is taken before either.
+  double clip_value = 0.0;
   std::string checkpoint_path;      // empty: no checkpoints
   long checkpoint_every = 0;        // save every this many steps (and at the end of run()); 0: only at the end
   bool progress = true;             // ProgressLine on progress_stream (only drawn on a terminal)
@@ -214,6 +218,7 @@ inline void append_adam_config(std::vector<std::pair<std::string, std::string>>&
 inline void append_trainer_config(std::vector<std::pair<std::string, std::string>>& out,
                                   const train::TrainerConfig& c) {
   out.push_back({"trainer.clip_norm", format_double(c.clip_norm)});
+  out.push_back({"trainer.clip_value", format_double(c.clip_value)});
   out.push_back({"trainer.shards", std::to_string(c.shards)});
   out.push_back({"trainer.schedule.kind", schedule_kind_name(c.schedule.kind)});
   out.push_back({"trainer.schedule.peak", format_double(c.schedule.peak)});
@@ -228,7 +233,8 @@ inline void append_trainer_config(std::vector<std::pair<std::string, std::string
 // still resumes into a trainer with that value; "" for the other entries.
 inline std::string value_before_recorded(const std::string& key) {
   static const std::pair<const char*, const char*> kAddedLater[] = {
-      {"trainer.shards", "1"},  // before sharded steps, every step was one shard
+      {"trainer.shards", "1"},      // before sharded steps, every step was one shard
+      {"trainer.clip_value", "0"},  // before element-wise clipping, none was done
   };
   for (const auto& [k, v] : kAddedLater)
     if (key == k) return v;
@@ -316,8 +322,15 @@ class Trainer {
           bad = "loss";
           bad_value = loss.loss;
         } else {
-          // clip_grad_norm leaves the gradients alone when N is not finite.
-          norm = config_.clip_norm > 0 ? clip_grad_norm(params_, config_.clip_norm) : global_grad_norm(params_);
+          // The norm before any clipping; clip_grad_norm leaves the gradients
+          // alone when it is not finite.
+          if (config_.clip_value > 0) {
+            norm = global_grad_norm(params_);
+            if (std::isfinite(norm)) clip_grad_value(params_, config_.clip_value);
+            if (std::isfinite(norm) && config_.clip_norm > 0) clip_grad_norm(params_, config_.clip_norm);
+          } else {
+            norm = config_.clip_norm > 0 ? clip_grad_norm(params_, config_.clip_norm) : global_grad_norm(params_);
+          }
           if (!std::isfinite(norm)) {
             bad = "gradient norm";
             bad_value = norm;
@@ -457,6 +470,8 @@ class Trainer {
     detail::check_positive_size(where, "config.steps", c.steps);
     if (!(std::isfinite(c.clip_norm) && c.clip_norm >= 0))
       detail::fail(where, "config.clip_norm must be finite and >= 0 (0 = off), got ", c.clip_norm);
+    if (!(std::isfinite(c.clip_value) && c.clip_value >= 0))
+      detail::fail(where, "config.clip_value must be finite and >= 0 (0 = off), got ", c.clip_value);
     if (c.checkpoint_every < 0)
       detail::fail(where, "config.checkpoint_every must be >= 0, got ", c.checkpoint_every);
     if (c.non_finite != NonFinitePolicy::stop && c.non_finite != NonFinitePolicy::skip)
