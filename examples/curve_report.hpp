@@ -1,9 +1,11 @@
 #pragma once
 // What the example programs share for reporting in-context loss curves: one row
-// per method, the table they print, and the tidy CSV files (`method,position,loss`
-// for examples/plot.py, `model,step,loss` for training histories).
+// per method, means over seeds, the table they print, and the tidy CSV files
+// (`method,position,loss,stderr,seeds` for examples/plot.py, `model,step,loss,seed`
+// for training histories).
 #include <mesaopt/learners/compare.hpp>
 
+#include <cmath>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -13,10 +15,51 @@
 namespace mesaopt::examples {
 
 // One method's per-position loss curve: curve[t - 1] is the loss at position t.
+// Over several seeds (mean_over_seeds): curve is the mean over seeds and
+// standard_error[t - 1] its standard error, s / sqrt(seeds) with s the
+// sample standard deviation; empty for one seed.
 struct CurveRow {
   std::string method, setting;
   std::vector<double> curve;
+  std::vector<double> standard_error = {};
+  long seeds = 1;
+  double average_standard_error = 0;  // of the mean over positions, across seeds (0 for one seed)
 };
+
+// Rows averaged position by position over seeds: per_seed[k] holds seed k's
+// rows, the same methods in the same order (the setting is seed 0's).
+inline std::vector<CurveRow> mean_over_seeds(const std::vector<std::vector<CurveRow>>& per_seed) {
+  if (per_seed.empty()) throw std::invalid_argument("mean_over_seeds: no seeds");
+  const std::size_t k = per_seed.size();
+  std::vector<CurveRow> out = per_seed[0];
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    CurveRow& r = out[i];
+    r.seeds = long(k);
+    r.standard_error.clear();
+    for (std::size_t s = 1; s < k; ++s)
+      if (per_seed[s].size() != out.size() || per_seed[s][i].method != r.method ||
+          per_seed[s][i].curve.size() != r.curve.size())
+        throw std::invalid_argument("mean_over_seeds: seed " + std::to_string(s) + " has other rows than seed 0");
+    if (k == 1) continue;
+    std::vector<double> averages(k);
+    for (std::size_t s = 0; s < k; ++s) averages[s] = learners::mean_of(per_seed[s][i].curve);
+    const double average = learners::mean_of(averages);
+    double average_squares = 0;
+    for (double a : averages) average_squares += (a - average) * (a - average);
+    r.average_standard_error = std::sqrt(average_squares / double(k - 1) / double(k));
+    r.standard_error.assign(r.curve.size(), 0.0);
+    for (std::size_t t = 0; t < r.curve.size(); ++t) {
+      double mean = 0;
+      for (std::size_t s = 0; s < k; ++s) mean += per_seed[s][i].curve[t];
+      mean /= double(k);
+      double squares = 0;
+      for (std::size_t s = 0; s < k; ++s) squares += (per_seed[s][i].curve[t] - mean) * (per_seed[s][i].curve[t] - mean);
+      r.curve[t] = mean;
+      r.standard_error[t] = std::sqrt(squares / double(k - 1) / double(k));
+    }
+  }
+  return out;
+}
 
 // printf-formats one number, e.g. format_number("eta %.4g", 0.032).
 inline std::string format_number(const char* format, double value) {
@@ -26,17 +69,21 @@ inline std::string format_number(const char* format, double value) {
 }
 
 // Prints "method setting t=.. ... avg", then one line per row: the loss at the
-// positions in `show` (1-based) and the mean over all positions. The column
+// positions in `show` (1-based) and the mean over all positions (with its
+// standard error across seeds when the rows are means over seeds). The column
 // widths are given so that each program keeps its own layout.
 inline void print_curve_table(const std::vector<CurveRow>& rows, const std::vector<long>& show, int method_width,
                               int setting_width) {
   std::printf("%-*s %-*s", method_width, "method", setting_width, "setting");
   for (long t : show) std::printf(" %8s", ("t=" + std::to_string(t)).c_str());
-  std::printf(" %8s\n", "avg");
+  const bool seeds = !rows.empty() && rows.front().seeds > 1;
+  std::printf(" %8s%s\n", "avg", seeds ? "   +- s.e." : "");
   for (const CurveRow& r : rows) {
     std::printf("%-*s %-*s", method_width, r.method.c_str(), setting_width, r.setting.c_str());
     for (long t : show) std::printf(" %8.4f", r.curve[std::size_t(t - 1)]);
-    std::printf(" %8.4f\n", learners::mean_of(r.curve));
+    std::printf(" %8.4f", learners::mean_of(r.curve));
+    if (seeds) std::printf("   %.4f", r.average_standard_error);
+    std::printf("\n");
   }
 }
 
@@ -56,24 +103,37 @@ inline void close_written(std::FILE* f, const std::string& path, const char* opt
 
 }  // namespace detail
 
-// Tidy CSV `method,position,loss`, positions 1..T, for examples/plot.py.
+// Tidy CSV `method,position,loss,stderr,seeds`, positions 1..T, for
+// examples/plot.py: loss is the mean over `seeds` seeds and stderr its
+// standard error (nan for a single seed, where it is not defined).
 inline void write_curve_csv(const std::string& path, const std::vector<CurveRow>& rows, long T,
                             const char* option = "--csv") {
   std::FILE* f = detail::open_for_writing(path, option);
-  std::fprintf(f, "method,position,loss\n");
+  std::fprintf(f, "method,position,loss,stderr,seeds\n");
   for (const CurveRow& r : rows)
-    for (long t = 1; t <= T; ++t) std::fprintf(f, "%s,%ld,%.9g\n", r.method.c_str(), t, r.curve[std::size_t(t - 1)]);
+    for (long t = 1; t <= T; ++t) {
+      const auto i = std::size_t(t - 1);
+      const double se = r.standard_error.empty() ? std::nan("") : r.standard_error[i];
+      std::fprintf(f, "%s,%ld,%.9g,%.9g,%ld\n", r.method.c_str(), t, r.curve[i], se, r.seeds);
+    }
   detail::close_written(f, path, option);
 }
 
-// Training histories as CSV `model,step,loss` (step 0 = the first step).
-inline void write_history_csv(const std::string& path,
-                              const std::vector<std::pair<std::string, std::vector<double>>>& histories,
+// One training run's loss per step.
+struct TrainingHistory {
+  std::string model;
+  unsigned long long seed = 0;
+  std::vector<double> losses;
+};
+
+// Training histories as CSV `model,step,loss,seed` (step 0 = the first step).
+inline void write_history_csv(const std::string& path, const std::vector<TrainingHistory>& histories,
                               const char* option = "--history") {
   std::FILE* f = detail::open_for_writing(path, option);
-  std::fprintf(f, "model,step,loss\n");
-  for (const auto& [name, losses] : histories)
-    for (std::size_t i = 0; i < losses.size(); ++i) std::fprintf(f, "%s,%zu,%.9g\n", name.c_str(), i, losses[i]);
+  std::fprintf(f, "model,step,loss,seed\n");
+  for (const TrainingHistory& h : histories)
+    for (std::size_t i = 0; i < h.losses.size(); ++i)
+      std::fprintf(f, "%s,%zu,%.9g,%llu\n", h.model.c_str(), i, h.losses[i], h.seed);
   detail::close_written(f, path, option);
 }
 

@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <map>
 #include <sstream>
 #include <string>
@@ -57,6 +58,10 @@ const std::vector<ModelSpec> kSpecs = {
     {"mesa-1L", nn::AttentionKind::mesa, 1, 4, 5000, 4e-4, 600, 4e-3},
 };
 constexpr long kDefaultBatch = 64, kFullBatch = 256;
+// Held-out sequences per seed: the paper's code tests on 5 batches of 256.
+constexpr long kDefaultEval = 1000, kFullEval = 5 * 256;
+// The paper averages 5 seeds; --full runs these unless --seeds says otherwise.
+const std::vector<unsigned long long> kPaperSeeds = {1, 2, 3, 4, 5};
 
 struct Options {
   bool full = false;
@@ -64,10 +69,13 @@ struct Options {
   long steps = 0;          // 0: per model from kSpecs
   double steps_scale = 1;  // multiplies the per-model step counts
   double lr = 0;           // 0: per model from kSpecs
-  long eval_sequences = 1000;
-  unsigned long long seed = 1;
+  long eval_sequences = 0;  // 0: kDefaultEval or kFullEval
+  std::vector<unsigned long long> seeds;  // empty: {1}, or kPaperSeeds with --full
   int threads = 0;
   double init_std = 0.0002;  // docs/paper.md §2: N(0, 0.0002^2) for constructed tokens
+  // The paper's code's training details (docs/paper.md §3); "" = by --full:
+  std::string clip;     // "norm" (global norm 1; default run) or "element" (to [-1, 1]; --full)
+  std::string mask_1l;  // "on" (1-layer models see [0, 0, s_t, s_{t-1}]; --full) or "off" (default run)
   std::vector<std::string> models;
   std::string csv, history;
 };
@@ -79,18 +87,27 @@ void usage() {
       "  of 1, 2, 4, 6 layers and a 1-layer mesa model on linear dynamics (n = 10, T = 50),\n"
       "  then prints held-out loss vs context length beside tuned ridge, tuned 1-step GD,\n"
       "  6-step Chebyshev and the noise floor, and fits GD's step size to linear-1L.\n"
-      "  --full             the paper's settings: batch 256, lr 1e-4 (mesa 4e-4), 5000-15000 steps\n"
-      "                     (default: batch 64, lr 1e-3 (mesa 4e-3), 600-1200 steps)\n"
+      "  --full             the paper's settings: batch 256, lr 1e-4 (mesa 4e-4), 5000-15000 steps,\n"
+      "                     5 x 256 held-out sequences, seeds 1,2,3,4,5\n"
+      "                     (default: batch 64, lr 1e-3 (mesa 4e-3), 600-1200 steps, 1000 held-out\n"
+      "                     sequences, seed 1)\n"
       "  --models LIST      comma-separated subset of linear-1L,linear-2L,linear-4L,linear-6L,mesa-1L\n"
       "  --steps N          train every model for N steps\n"
       "  --steps-scale X    multiply every model's step count by X\n"
       "  --batch B          sequences per step\n"
       "  --lr X             constant learning rate for every model\n"
-      "  --eval N           held-out evaluation sequences (default 1000)\n"
+      "  --eval N           held-out evaluation sequences per seed (default 1000; --full 1280)\n"
       "  --seed N           seed of training data, initialisation and evaluation (default 1)\n"
+      "  --seeds LIST       comma-separated seeds, run one after another; the table and the CSV\n"
+      "                     give the mean over seeds and its standard error\n"
+      "  --clip MODE        gradient clipping: norm (global norm 1; default) or element (each\n"
+      "                     entry to [-1, 1], as the paper's code; --full)\n"
+      "  --mask-1l on|off   1-layer models get tokens [0, 0, s_t, s_{t-1}] as the paper's code\n"
+      "                     masks them (--full: on; default: off)\n"
       "  --threads N        threads (default: OpenMP default)\n"
-      "  --csv FILE         write method,position,loss rows (positions 1..50)\n"
-      "  --history FILE     write model,step,loss rows of the training loss\n"
+      "  --csv FILE         write method,position,loss,stderr,seeds rows (positions 1..50; loss is\n"
+      "                     the mean over seeds, stderr its standard error, nan for one seed)\n"
+      "  --history FILE     write model,step,loss,seed rows of the training loss\n"
       "  --help             this text\n");
 }
 
@@ -124,9 +141,30 @@ Options parse(int argc, char** argv) {
     else if (a == "--steps-scale") o.steps_scale = number(1e-6);
     else if (a == "--lr") o.lr = number(1e-12);
     else if (a == "--eval") o.eval_sequences = static_cast<long>(number(1));
-    else if (a == "--seed") o.seed = static_cast<unsigned long long>(number(0));
+    else if (a == "--seed" || a == "--seeds") {
+      if (!o.seeds.empty()) bad_option("give the seeds once (--seed N or --seeds LIST)");
+      std::stringstream ss(value());
+      for (std::string item; std::getline(ss, item, ',');) {
+        char* end = nullptr;
+        const unsigned long long v = std::strtoull(item.c_str(), &end, 10);
+        if (item.empty() || item[0] == '-' || end == item.c_str() || *end != '\0' || v > (1ULL << 62))
+          bad_option(a + " needs non-negative integers, got '" + item + "'");
+        if (std::find(o.seeds.begin(), o.seeds.end(), v) != o.seeds.end())
+          bad_option(a + " lists seed " + item + " twice");
+        o.seeds.push_back(v);
+      }
+      if (o.seeds.empty()) bad_option(a + " needs at least one seed");
+      if (a == "--seed" && o.seeds.size() != 1) bad_option("--seed takes one seed (--seeds takes a list)");
+    }
     else if (a == "--threads") o.threads = static_cast<int>(number(0));
     else if (a == "--csv") o.csv = value();
+    else if (a == "--clip") {
+      o.clip = value();
+      if (o.clip != "norm" && o.clip != "element") bad_option("--clip needs norm or element, got '" + o.clip + "'");
+    } else if (a == "--mask-1l") {
+      o.mask_1l = value();
+      if (o.mask_1l != "on" && o.mask_1l != "off") bad_option("--mask-1l needs on or off, got '" + o.mask_1l + "'");
+    }
     else if (a == "--history") o.history = value();
     else if (a == "--models") {
       std::stringstream ss(value());
@@ -188,153 +226,212 @@ double step_size_from_weights(nn::Model<float>& model, long n, long heads, long 
 
 // Step s trains on sequences [s B, (s + 1) B) of the training seed: fresh
 // sequences every step, and the same ones for every model.
-train::BatchSource<float> make_source(const mt::DynamicsConfig& dc, long batch, std::uint64_t seed, int threads) {
-  return [dc, batch, seed, threads](long step) {
+train::BatchSource<float> make_source(const mt::DynamicsConfig& dc, long batch, std::uint64_t seed, int threads,
+                                      mt::TokenSlots slots = mt::TokenSlots::both) {
+  return [dc, batch, seed, threads, slots](long step) {
     const auto db = mt::make_dynamics_batch<float>(dc, batch, seed, std::uint64_t(step) * std::uint64_t(batch), threads);
     train::TrainBatch<float> tb;
-    tb.inputs = mt::constructed_tokens<float>(db);
+    tb.inputs = mt::constructed_tokens<float>(db, slots);
     tb.targets = db.targets;
     tb.seq_len = db.seq_len;
     return tb;
   };
 }
 
+// What one seed's run produces: the trained models' and the learners' loss
+// curves on that seed's held-out set, the training histories, and the
+// linear-1L vs GD comparison (empty without linear-1L).
+struct SeedRun {
+  std::vector<examples::CurveRow> rows;
+  std::vector<examples::TrainingHistory> histories;
+  std::string gd_comparison;
+  double train_seconds = 0;
+};
+
+// opt: with its defaults filled in (with_defaults).
+SeedRun run_seed(const Options& opt, unsigned long long seed, const std::vector<ModelSpec>& specs,
+                 const mt::DynamicsConfig& dc,
+                 const std::function<long(const ModelSpec&)>& steps_of,
+                 const std::function<double(const ModelSpec&)>& lr_of) {
+  const long n = dc.state_dim, T = dc.seq_len;
+  SeedRun run;
+  // Held-out data: a different seed from training; learners' hyperparameters
+  // are tuned on a third set (as in icl_baselines).
+  const long batch = opt.batch;
+  const auto eval = mt::make_dynamics_batch<double>(dc, opt.eval_sequences, seed + 1000003, 0, opt.threads);
+  const auto tune = mt::make_dynamics_batch<double>(dc, 250, seed + 2000003, 0, opt.threads);
+  const bool element_clip = opt.clip == "element", mask_1l = opt.mask_1l == "on";
+  const RowMatrix<double>&x = eval.inputs, &y = eval.targets;
+
+  RowMatrix<double> linear1_pred;
+  double linear1_weight_eta = std::nan("");
+  const auto started = std::chrono::steady_clock::now();
+  for (const ModelSpec& s : specs) {
+    const long steps = steps_of(s);
+    const double lr = lr_of(s);
+    const mt::TokenSlots slots = mask_1l && s.layers == 1 ? mt::TokenSlots::last_only : mt::TokenSlots::both;
+    nn::Model<float> model(model_config(s, n, opt.threads));
+    model.init(seed, opt.init_std);
+    const train::BatchSource<float> source = make_source(dc, batch, seed, opt.threads, slots);
+    train::TrainerConfig tc;
+    tc.steps = steps;
+    tc.adam = train::adamw_config(0.1);  // docs/paper.md §3: AdamW (0.9, 0.999, 1e-8), weight decay 0.1
+    tc.schedule = train::constant_schedule(lr);
+    (element_clip ? tc.clip_value : tc.clip_norm) = 1.0;  // docs/paper.md §3
+    tc.threads = opt.threads;  // workers of the sharded steps (automatic shards, docs/training.md)
+    train::Trainer<float> trainer(model, source, tc);
+    const auto r = trainer.run();
+    const std::size_t tail = std::min<std::size_t>(50, r.losses.size());
+    double last = 0;
+    for (std::size_t i = r.losses.size() - tail; i < r.losses.size(); ++i) last += r.losses[i] / double(tail);
+    std::printf("  trained %-9s %6ld steps, lr %.0e: train loss %.4f -> %.4f (mean of last %zu), %6.1f s, %.0f tokens/s\n",
+                s.name.c_str(), steps, lr, r.losses.front(), last, tail, r.seconds, r.tokens_per_second);
+    std::fflush(stdout);
+
+    typename nn::Model<float>::Cache cache;
+    const RowMatrix<float> eval_tokens = mt::constructed_tokens<double>(eval, slots).cast<float>();
+    const RowMatrix<double> pred = model.forward(eval_tokens, T, cache).cast<double>();
+    run.rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
+    run.histories.push_back({s.name, seed, r.losses});
+    if (s.name == "linear-1L") {
+      linear1_pred = pred;
+      linear1_weight_eta = step_size_from_weights(model, n, s.heads, 20);
+    }
+  }
+  run.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+
+  // Reference learners on the same held-out sequences.
+  auto tuned = [&](auto make, double lo, double hi) {
+    return ml::tune_for_loss<double>(make, tune.inputs, tune.targets, T, lo, hi, true, opt.threads).argmin;
+  };
+  auto add = [&](const std::string& name, const std::string& setting, const RowMatrix<double>& pred) {
+    run.rows.push_back({name, setting, ml::loss_curve(pred, y, T)});
+  };
+  {
+    const double reg = tuned([](double r) { return ml::Ridge::from_regularizer(r); }, 1e-6, 10.0);
+    add("ridge-tuned", examples::format_number("reg %.3g", reg),
+        ml::Ridge::from_regularizer(reg).predict<double>(x, y, T, opt.threads));
+    add("ridge", "reg 1e-3", ml::Ridge::from_regularizer(1e-3).predict<double>(x, y, T, opt.threads));
+  }
+  const double gd_eta = tuned([](double e) { return ml::GradientDescent{1, e, 0.0}; }, 1e-3, 1.0);
+  add("gd-1step-tuned", examples::format_number("eta %.4g", gd_eta),
+      ml::GradientDescent{1, gd_eta, 0.0}.predict<double>(x, y, T, opt.threads));
+  // The paper's own baseline rows, as its code computes them (docs/learners.md,
+  // "The paper's rows"): fixed step 0.032, the lagged ridge and the lagged
+  // 6-step Chebyshev matrix polynomial with the learned coefficients.
+  add("gd-0.032", "paper eta", ml::GradientDescent{1, 0.032, 0.0}.predict<double>(x, y, T, opt.threads));
+  add("lsq-lagged", "reg 1e-3, lag 1", ml::Ridge::from_regularizer(1e-3, 1).predict<double>(x, y, T, opt.threads));
+  add("chebyshev-6", "paper, lag 1", ml::ChebyshevPolynomial::paper_six_step().predict<double>(x, y, T, opt.threads));
+  add("noise-floor", "true W*", mt::predict_with_true_dynamics(eval));
+
+  if (linear1_pred.size() > 0) {
+    // Which GD step does linear-1L implement? Fit eta to its predictions.
+    const auto fit = ml::fit_to_model<double>([](double e) { return ml::GradientDescent{1, e, 0.0}; }, linear1_pred,
+                                              x, y, T, 1e-3, 1.0, true, opt.threads);
+    const auto gd_fit_curve =
+        ml::loss_curve(ml::GradientDescent{1, fit.value, 0.0}.predict<double>(x, y, T, opt.threads), y, T);
+    const double model_avg = ml::mean_of(run.rows.front().curve), gd_avg = ml::mean_of(gd_fit_curve);
+    char line[512];
+    std::snprintf(line, sizeof line,
+                  "linear-1L vs 1-step GD: best-fitting eta %.4f (paper: about 0.032); from the weights (sum over heads)"
+                  " %.4f\n  agreement at that eta: mean squared prediction difference %.3g, mean cosine %.4f;"
+                  " avg loss %.4f (model) vs %.4f (GD), %+.2f%%\n",
+                  fit.value, linear1_weight_eta, fit.residual, fit.cosine, model_avg, gd_avg,
+                  100.0 * (model_avg - gd_avg) / gd_avg);
+    run.gd_comparison = line;
+  }
+  return run;
+}
+
+// The options with what was left to --full or the default run filled in.
+Options with_defaults(Options o) {
+  if (o.batch == 0) o.batch = o.full ? kFullBatch : kDefaultBatch;
+  if (o.eval_sequences == 0) o.eval_sequences = o.full ? kFullEval : kDefaultEval;
+  if (o.seeds.empty()) o.seeds = o.full ? kPaperSeeds : std::vector<unsigned long long>{1};
+  if (o.clip.empty()) o.clip = o.full ? "element" : "norm";
+  if (o.mask_1l.empty()) o.mask_1l = o.full ? "on" : "off";
+  return o;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Options opt = parse(argc, argv);
+  const Options opt = with_defaults(parse(argc, argv));
   try {
     const mt::DynamicsConfig dc;  // docs/paper.md §1: n = 10, T = 50, noise 0.01
     const long n = dc.state_dim, T = dc.seq_len;
-    const long batch = opt.batch > 0 ? opt.batch : (opt.full ? kFullBatch : kDefaultBatch);
+    const long batch = opt.batch, eval_sequences = opt.eval_sequences;
+    const std::vector<unsigned long long>& seeds = opt.seeds;
 
     std::vector<ModelSpec> specs;
     for (const ModelSpec& s : kSpecs)
       if (opt.models.empty() || std::find(opt.models.begin(), opt.models.end(), s.name) != opt.models.end())
         specs.push_back(s);
-    auto steps_of = [&](const ModelSpec& s) {
+    const std::function<long(const ModelSpec&)> steps_of = [&](const ModelSpec& s) {
       const long base = opt.steps > 0 ? opt.steps : (opt.full ? s.full_steps : s.default_steps);
       return std::max(1L, static_cast<long>(std::lround(double(base) * opt.steps_scale)));
     };
-    auto lr_of = [&](const ModelSpec& s) { return opt.lr > 0 ? opt.lr : (opt.full ? s.full_lr : s.default_lr); };
+    const std::function<double(const ModelSpec&)> lr_of = [&](const ModelSpec& s) {
+      return opt.lr > 0 ? opt.lr : (opt.full ? s.full_lr : s.default_lr);
+    };
 
-    std::printf("linear dynamics, constructed tokens (docs/paper.md §1-3): n = %ld, T = %ld, batch %ld, %s settings\n", n,
-                T, batch, opt.full ? "paper (--full)" : "reduced default");
-
-    // Held-out data: a different seed from training; learners' hyperparameters
-    // are tuned on a third set (as in icl_baselines).
-    const auto eval = mt::make_dynamics_batch<double>(dc, opt.eval_sequences, opt.seed + 1000003, 0, opt.threads);
-    const auto tune = mt::make_dynamics_batch<double>(dc, 250, opt.seed + 2000003, 0, opt.threads);
-    const RowMatrix<float> eval_tokens = mt::constructed_tokens<double>(eval).cast<float>();
-    const RowMatrix<double>&x = eval.inputs, &y = eval.targets;
+    std::printf("linear dynamics, constructed tokens (docs/paper.md §1-3): n = %ld, T = %ld, batch %ld, %s settings, "
+                "%zu seed%s\n  gradient clip %s, 1-layer input mask %s, %ld held-out sequences per seed\n",
+                n, T, batch, opt.full ? "paper (--full)" : "reduced default", seeds.size(), seeds.size() > 1 ? "s" : "",
+                opt.clip == "element" ? "element-wise to [-1, 1]" : "global norm 1", opt.mask_1l.c_str(), eval_sequences);
 
     // A few timed steps per model say how long the whole run will take.
     {
       double estimate = 0;
       for (const ModelSpec& s : specs) {
         nn::Model<float> probe(model_config(s, n, opt.threads));
-        probe.init(opt.seed, opt.init_std);
+        probe.init(seeds.front(), opt.init_std);
         train::TrainerConfig tc;
         tc.steps = 1;
         tc.schedule = train::constant_schedule(lr_of(s));
         tc.threads = opt.threads;
         tc.progress = false;
-        train::Trainer<float>(probe, make_source(dc, batch, opt.seed, opt.threads), tc).run();  // warms up
+        train::Trainer<float>(probe, make_source(dc, batch, seeds.front(), opt.threads), tc).run();  // warms up
         tc.steps = 3;
-        const auto r = train::Trainer<float>(probe, make_source(dc, batch, opt.seed, opt.threads), tc).run();
+        const auto r = train::Trainer<float>(probe, make_source(dc, batch, seeds.front(), opt.threads), tc).run();
         estimate += r.seconds / 3.0 * double(steps_of(s));
       }
+      estimate *= double(seeds.size());
       if (estimate < 120)
-        std::printf("estimated training time: %.0f s (%zu models)\n", estimate, specs.size());
+        std::printf("estimated training time: %.0f s (%zu models x %zu seeds)\n", estimate, specs.size(), seeds.size());
       else
-        std::printf("estimated training time: %.1f min = %.2f h (%zu models)\n", estimate / 60.0, estimate / 3600.0,
-                    specs.size());
+        std::printf("estimated training time: %.1f min = %.2f h (%zu models x %zu seeds)\n", estimate / 60.0,
+                    estimate / 3600.0, specs.size(), seeds.size());
       std::fflush(stdout);
     }
 
-    std::vector<examples::CurveRow> rows;
-    std::vector<std::pair<std::string, std::vector<double>>> histories;
-    RowMatrix<double> linear1_pred;
-    double linear1_weight_eta = std::nan("");
-    const auto started = std::chrono::steady_clock::now();
-
-    for (const ModelSpec& s : specs) {
-      const long steps = steps_of(s);
-      const double lr = lr_of(s);
-      nn::Model<float> model(model_config(s, n, opt.threads));
-      model.init(opt.seed, opt.init_std);
-      const train::BatchSource<float> source = make_source(dc, batch, opt.seed, opt.threads);
-      train::TrainerConfig tc;
-      tc.steps = steps;
-      tc.adam = train::adamw_config(0.1);  // docs/paper.md §3: AdamW (0.9, 0.999, 1e-8), weight decay 0.1
-      tc.schedule = train::constant_schedule(lr);
-      tc.clip_norm = 1.0;
-      tc.threads = opt.threads;  // workers of the sharded steps (automatic shards: min(batch, 8))
-      train::Trainer<float> trainer(model, source, tc);
-      const auto r = trainer.run();
-      const std::size_t tail = std::min<std::size_t>(50, r.losses.size());
-      double last = 0;
-      for (std::size_t i = r.losses.size() - tail; i < r.losses.size(); ++i) last += r.losses[i] / double(tail);
-      std::printf("  trained %-9s %6ld steps, lr %.0e: train loss %.4f -> %.4f (mean of last %zu), %6.1f s, %.0f tokens/s\n",
-                  s.name.c_str(), steps, lr, r.losses.front(), last, tail, r.seconds, r.tokens_per_second);
-      std::fflush(stdout);
-
-      typename nn::Model<float>::Cache cache;
-      const RowMatrix<double> pred = model.forward(eval_tokens, T, cache).cast<double>();
-      rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
-      histories.emplace_back(s.name, r.losses);
-      if (s.name == "linear-1L") {
-        linear1_pred = pred;
-        linear1_weight_eta = step_size_from_weights(model, n, s.heads, 20);
-      }
+    std::vector<std::vector<examples::CurveRow>> per_seed;
+    std::vector<examples::TrainingHistory> histories;
+    std::vector<std::string> gd_comparisons;
+    double train_seconds = 0;
+    for (unsigned long long seed : seeds) {
+      if (seeds.size() > 1) std::printf("seed %llu\n", seed);
+      SeedRun run = run_seed(opt, seed, specs, dc, steps_of, lr_of);
+      per_seed.push_back(std::move(run.rows));
+      histories.insert(histories.end(), run.histories.begin(), run.histories.end());
+      if (!run.gd_comparison.empty())
+        gd_comparisons.push_back((seeds.size() > 1 ? "seed " + std::to_string(seed) + ": " : std::string()) +
+                                 run.gd_comparison);
+      train_seconds += run.train_seconds;
     }
-    const double train_seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-
-    // Reference learners on the same held-out sequences.
-    auto tuned = [&](auto make, double lo, double hi) {
-      return ml::tune_for_loss<double>(make, tune.inputs, tune.targets, T, lo, hi, true, opt.threads).argmin;
-    };
-    auto add = [&](const std::string& name, const std::string& setting, const RowMatrix<double>& pred) {
-      rows.push_back({name, setting, ml::loss_curve(pred, y, T)});
-    };
-    {
-      const double reg = tuned([](double r) { return ml::Ridge::from_regularizer(r); }, 1e-6, 10.0);
-      add("ridge-tuned", examples::format_number("reg %.3g", reg),
-          ml::Ridge::from_regularizer(reg).predict<double>(x, y, T, opt.threads));
-      add("ridge", "reg 1e-3", ml::Ridge::from_regularizer(1e-3).predict<double>(x, y, T, opt.threads));
-    }
-    const double gd_eta = tuned([](double e) { return ml::GradientDescent{1, e, 0.0}; }, 1e-3, 1.0);
-    add("gd-1step-tuned", examples::format_number("eta %.4g", gd_eta),
-        ml::GradientDescent{1, gd_eta, 0.0}.predict<double>(x, y, T, opt.threads));
-    // The paper's own baseline rows, as its code computes them (docs/learners.md,
-    // "The paper's rows"): fixed step 0.032, the lagged ridge and the lagged
-    // 6-step Chebyshev matrix polynomial with the learned coefficients.
-    add("gd-0.032", "paper eta", ml::GradientDescent{1, 0.032, 0.0}.predict<double>(x, y, T, opt.threads));
-    add("lsq-lagged", "reg 1e-3, lag 1", ml::Ridge::from_regularizer(1e-3, 1).predict<double>(x, y, T, opt.threads));
-    add("chebyshev-6", "paper, lag 1",
-        ml::ChebyshevPolynomial::paper_six_step().predict<double>(x, y, T, opt.threads));
-    add("noise-floor", "true W*", mt::predict_with_true_dynamics(eval));
+    const std::vector<examples::CurveRow> rows = examples::mean_over_seeds(per_seed);
 
     const std::vector<long> show = {1, 2, 5, 10, 20, 30, 40, 50};
-    std::printf("\nheld-out loss per position (sum of squared errors / 2, mean over %ld sequences)\n",
-                opt.eval_sequences);
+    if (seeds.size() > 1)
+      std::printf("\nheld-out loss per position (sum of squared errors / 2), mean over %zu seeds of %ld sequences "
+                  "each; settings of seed %llu\n",
+                  seeds.size(), eval_sequences, seeds.front());
+    else
+      std::printf("\nheld-out loss per position (sum of squared errors / 2, mean over %ld sequences)\n", eval_sequences);
     examples::print_curve_table(rows, show, 22, 13);
 
-    if (linear1_pred.size() > 0) {
-      // Which GD step does linear-1L implement? Fit eta to its predictions.
-      const auto fit = ml::fit_to_model<double>([](double e) { return ml::GradientDescent{1, e, 0.0}; }, linear1_pred,
-                                                x, y, T, 1e-3, 1.0, true, opt.threads);
-      const auto gd_fit_curve =
-          ml::loss_curve(ml::GradientDescent{1, fit.value, 0.0}.predict<double>(x, y, T, opt.threads), y, T);
-      const double model_avg = ml::mean_of(rows.front().curve), gd_avg = ml::mean_of(gd_fit_curve);
-      std::printf(
-          "\nlinear-1L vs 1-step GD: best-fitting eta %.4f (paper: about 0.032); from the weights (sum over heads)"
-          " %.4f\n  agreement at that eta: mean squared prediction difference %.3g, mean cosine %.4f;"
-          " avg loss %.4f (model) vs %.4f (GD), %+.2f%%\n",
-          fit.value, linear1_weight_eta, fit.residual, fit.cosine, model_avg, gd_avg,
-          100.0 * (model_avg - gd_avg) / gd_avg);
-    }
+    if (!gd_comparisons.empty()) std::printf("\n");
+    for (const std::string& line : gd_comparisons) std::printf("%s", line.c_str());
     std::printf("\ntraining took %.0f s in all\n", train_seconds);
 
     if (!opt.csv.empty()) examples::write_curve_csv(opt.csv, rows, T);

@@ -1,6 +1,8 @@
 #!/usr/bin/python3
-"""Turn mesaopt's tidy loss CSVs (header `method,position,loss`) into PNG
-figures like the paper's loss-vs-context-length plots.
+"""Turn mesaopt's tidy loss CSVs (header `method,position,loss`, optionally
+followed by `stderr,seeds`) into PNG figures like the paper's
+loss-vs-context-length plots; where a curve is a mean over several seeds, a
+band of +-1 standard error is drawn around it.
 
     /usr/bin/python3 examples/plot.py results.csv -o docs/figures/linear_dynamics.png
     /usr/bin/python3 examples/plot.py a.csv b.csv --methods ridge,mesa-1L --logy
@@ -21,7 +23,8 @@ import numpy as np  # noqa: E402
 
 
 def read_curves(paths):
-    """Returns {method: (positions, losses)} in file order; later files may add methods."""
+    """Returns {method: (positions, losses, stderrs)} in file order (stderr nan
+    where the file has none); later files may add methods."""
     curves = OrderedDict()
     for path in paths:
         with open(path, newline="") as f:
@@ -31,14 +34,29 @@ def read_curves(paths):
                 sys.exit(f"{path}: missing column(s) {sorted(missing)}; expected header method,position,loss")
             for row in reader:
                 pos, loss = int(row["position"]), float(row["loss"])
-                curves.setdefault(row["method"], ([], []))
+                se = float(row.get("stderr") or "nan")
+                curves.setdefault(row["method"], ([], [], []))
                 curves[row["method"]][0].append(pos)
                 curves[row["method"]][1].append(loss)
+                curves[row["method"]][2].append(se)
     out = OrderedDict()
-    for name, (pos, loss) in curves.items():
+    for name, (pos, loss, se) in curves.items():
         order = np.argsort(pos)
-        out[name] = (np.asarray(pos)[order], np.asarray(loss)[order])
+        out[name] = (np.asarray(pos)[order], np.asarray(loss)[order], np.asarray(se)[order])
     return out
+
+
+def finish(fig, ax, title, logy, out, legend_size):
+    """Axis labels, scale, title, grid and legend of a loss-vs-context figure; saves it to out."""
+    ax.set_xlabel("context length t")
+    ax.set_ylabel("loss  1/2 ||s_{t+1} - prediction||^2")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out)
 
 
 def main():
@@ -60,19 +78,13 @@ def main():
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name in names:
-        pos, loss = curves[name]
+        pos, loss, se = curves[name]
         # Learners dashed, trained models solid, the noise floor dotted.
         style = ":" if "floor" in name else ("-" if name.endswith("L") else "--")
-        ax.plot(pos, loss, style, label=name, linewidth=1.6)
-    ax.set_xlabel("context length t")
-    ax.set_ylabel("loss  1/2 ||s_{t+1} - prediction||^2")
-    if args.logy:
-        ax.set_yscale("log")
-    ax.set_title(args.title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(args.out)
+        (line,) = ax.plot(pos, loss, style, label=name, linewidth=1.6)
+        if np.all(np.isfinite(se)):
+            ax.fill_between(pos, loss - se, loss + se, color=line.get_color(), alpha=0.2, linewidth=0)
+    finish(fig, ax, args.title, args.logy, args.out, legend_size=8)
     print(f"wrote {args.out} ({len(names)} curves)")
 
 

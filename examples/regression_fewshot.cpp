@@ -294,7 +294,7 @@ int main(int argc, char** argv) {
     const RowMatrix<double>&x = eval.x, &y = eval.y;
 
     std::vector<examples::CurveRow> rows;
-    std::vector<std::pair<std::string, std::vector<double>>> histories;
+    std::vector<examples::TrainingHistory> histories;
     RowMatrix<double> linear1_pred;
     double linear1_weight_eta = std::nan("");
 
@@ -332,7 +332,7 @@ int main(int argc, char** argv) {
       typename nn::Model<float>::Cache cache;
       const RowMatrix<double> pred = model.forward(eval_tokens, T, cache).cast<double>();
       rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
-      histories.emplace_back(s.name, r.losses);
+      histories.push_back({s.name, opt.seed, r.losses});
       if (s.name == "linear-1L") {
         linear1_pred = pred;
         linear1_weight_eta = step_size_from_weights(model, dx, dy, s.heads, mc.blocks[0].key_size);
