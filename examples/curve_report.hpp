@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -26,6 +27,19 @@ struct CurveRow {
   double average_standard_error = 0;  // of the mean over positions, across seeds (0 for one seed)
 };
 
+namespace detail {
+
+// The mean of `values` and its standard error s / sqrt(k), s the sample
+// standard deviation of the k >= 2 values.
+inline std::pair<double, double> mean_and_standard_error(const std::vector<double>& values) {
+  const double k = double(values.size()), mean = learners::mean_of(values);
+  double squares = 0;
+  for (double v : values) squares += (v - mean) * (v - mean);
+  return {mean, std::sqrt(squares / (k - 1) / k)};
+}
+
+}  // namespace detail
+
 // Rows averaged position by position over seeds: per_seed[k] holds seed k's
 // rows, the same methods in the same order (the setting is seed 0's).
 inline std::vector<CurveRow> mean_over_seeds(const std::vector<std::vector<CurveRow>>& per_seed) {
@@ -41,21 +55,13 @@ inline std::vector<CurveRow> mean_over_seeds(const std::vector<std::vector<Curve
           per_seed[s][i].curve.size() != r.curve.size())
         throw std::invalid_argument("mean_over_seeds: seed " + std::to_string(s) + " has other rows than seed 0");
     if (k == 1) continue;
-    std::vector<double> averages(k);
-    for (std::size_t s = 0; s < k; ++s) averages[s] = learners::mean_of(per_seed[s][i].curve);
-    const double average = learners::mean_of(averages);
-    double average_squares = 0;
-    for (double a : averages) average_squares += (a - average) * (a - average);
-    r.average_standard_error = std::sqrt(average_squares / double(k - 1) / double(k));
+    std::vector<double> values(k);
+    for (std::size_t s = 0; s < k; ++s) values[s] = learners::mean_of(per_seed[s][i].curve);
+    r.average_standard_error = detail::mean_and_standard_error(values).second;
     r.standard_error.assign(r.curve.size(), 0.0);
     for (std::size_t t = 0; t < r.curve.size(); ++t) {
-      double mean = 0;
-      for (std::size_t s = 0; s < k; ++s) mean += per_seed[s][i].curve[t];
-      mean /= double(k);
-      double squares = 0;
-      for (std::size_t s = 0; s < k; ++s) squares += (per_seed[s][i].curve[t] - mean) * (per_seed[s][i].curve[t] - mean);
-      r.curve[t] = mean;
-      r.standard_error[t] = std::sqrt(squares / double(k - 1) / double(k));
+      for (std::size_t s = 0; s < k; ++s) values[s] = per_seed[s][i].curve[t];
+      std::tie(r.curve[t], r.standard_error[t]) = detail::mean_and_standard_error(values);
     }
   }
   return out;

@@ -23,7 +23,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
-#include <functional>
 #include <map>
 #include <sstream>
 #include <string>
@@ -238,6 +237,14 @@ train::BatchSource<float> make_source(const mt::DynamicsConfig& dc, long batch, 
   };
 }
 
+// A model's step count and learning rate under the options: --steps / --lr
+// when given, else the paper's (--full) or the reduced run's, times --steps-scale.
+long steps_of(const Options& opt, const ModelSpec& s) {
+  const long base = opt.steps > 0 ? opt.steps : (opt.full ? s.full_steps : s.default_steps);
+  return std::max(1L, static_cast<long>(std::lround(double(base) * opt.steps_scale)));
+}
+double lr_of(const Options& opt, const ModelSpec& s) { return opt.lr > 0 ? opt.lr : (opt.full ? s.full_lr : s.default_lr); }
+
 // What one seed's run produces: the trained models' and the learners' loss
 // curves on that seed's held-out set, the training histories, and the
 // linear-1L vs GD comparison (empty without linear-1L).
@@ -250,9 +257,7 @@ struct SeedRun {
 
 // opt: with its defaults filled in (with_defaults).
 SeedRun run_seed(const Options& opt, unsigned long long seed, const std::vector<ModelSpec>& specs,
-                 const mt::DynamicsConfig& dc,
-                 const std::function<long(const ModelSpec&)>& steps_of,
-                 const std::function<double(const ModelSpec&)>& lr_of) {
+                 const mt::DynamicsConfig& dc) {
   const long n = dc.state_dim, T = dc.seq_len;
   SeedRun run;
   // Held-out data: a different seed from training; learners' hyperparameters
@@ -267,8 +272,8 @@ SeedRun run_seed(const Options& opt, unsigned long long seed, const std::vector<
   double linear1_weight_eta = std::nan("");
   const auto started = std::chrono::steady_clock::now();
   for (const ModelSpec& s : specs) {
-    const long steps = steps_of(s);
-    const double lr = lr_of(s);
+    const long steps = steps_of(opt, s);
+    const double lr = lr_of(opt, s);
     const mt::TokenSlots slots = mask_1l && s.layers == 1 ? mt::TokenSlots::last_only : mt::TokenSlots::both;
     nn::Model<float> model(model_config(s, n, opt.threads));
     model.init(seed, opt.init_std);
@@ -367,13 +372,6 @@ int main(int argc, char** argv) {
     for (const ModelSpec& s : kSpecs)
       if (opt.models.empty() || std::find(opt.models.begin(), opt.models.end(), s.name) != opt.models.end())
         specs.push_back(s);
-    const std::function<long(const ModelSpec&)> steps_of = [&](const ModelSpec& s) {
-      const long base = opt.steps > 0 ? opt.steps : (opt.full ? s.full_steps : s.default_steps);
-      return std::max(1L, static_cast<long>(std::lround(double(base) * opt.steps_scale)));
-    };
-    const std::function<double(const ModelSpec&)> lr_of = [&](const ModelSpec& s) {
-      return opt.lr > 0 ? opt.lr : (opt.full ? s.full_lr : s.default_lr);
-    };
 
     std::printf("linear dynamics, constructed tokens (docs/paper.md §1-3): n = %ld, T = %ld, batch %ld, %s settings, "
                 "%zu seed%s\n  gradient clip %s, 1-layer input mask %s, %ld held-out sequences per seed\n",
@@ -388,13 +386,13 @@ int main(int argc, char** argv) {
         probe.init(seeds.front(), opt.init_std);
         train::TrainerConfig tc;
         tc.steps = 1;
-        tc.schedule = train::constant_schedule(lr_of(s));
+        tc.schedule = train::constant_schedule(lr_of(opt, s));
         tc.threads = opt.threads;
         tc.progress = false;
         train::Trainer<float>(probe, make_source(dc, batch, seeds.front(), opt.threads), tc).run();  // warms up
         tc.steps = 3;
         const auto r = train::Trainer<float>(probe, make_source(dc, batch, seeds.front(), opt.threads), tc).run();
-        estimate += r.seconds / 3.0 * double(steps_of(s));
+        estimate += r.seconds / 3.0 * double(steps_of(opt, s));
       }
       estimate *= double(seeds.size());
       if (estimate < 120)
@@ -411,7 +409,7 @@ int main(int argc, char** argv) {
     double train_seconds = 0;
     for (unsigned long long seed : seeds) {
       if (seeds.size() > 1) std::printf("seed %llu\n", seed);
-      SeedRun run = run_seed(opt, seed, specs, dc, steps_of, lr_of);
+      SeedRun run = run_seed(opt, seed, specs, dc);
       per_seed.push_back(std::move(run.rows));
       histories.insert(histories.end(), run.histories.begin(), run.histories.end());
       if (!run.gd_comparison.empty())
