@@ -75,6 +75,8 @@ struct Options {
   // The paper's code's training details (docs/paper.md §3); "" = by --full:
   std::string clip;     // "norm" (global norm 1; default run) or "element" (to [-1, 1]; --full)
   std::string mask_1l;  // "on" (1-layer models see [0, 0, s_t, s_{t-1}]; --full) or "off" (default run)
+  std::string lambda;   // mesa lambda: "softplus" (of lambda_raw; default run) or "raw" (R_0 = lambda_raw I; --full)
+  std::string decay;    // weight decay on "matrices" (default run) or "all" parameters (--full)
   std::vector<std::string> models;
   std::string csv, history;
 };
@@ -103,6 +105,10 @@ void usage() {
       "                     entry to [-1, 1], as the paper's code; --full)\n"
       "  --mask-1l on|off   1-layer models get tokens [0, 0, s_t, s_{t-1}] as the paper's code\n"
       "                     masks them (--full: on; default: off)\n"
+      "  --lambda MAP       the mesa lambda: softplus (lambda = softplus(lambda_raw); default) or\n"
+      "                     raw (R_0 = lambda_raw I, unconstrained, as the paper's code; --full)\n"
+      "  --decay SCOPE      weight decay 0.1 on matrices (default) or on all parameters, biases\n"
+      "                     and the mesa lambda included, as the paper's code (--full)\n"
       "  --threads N        threads (default: OpenMP default)\n"
       "  --csv FILE         write method,position,loss,stderr,seeds rows (positions 1..50; loss is\n"
       "                     the mean over seeds, stderr its standard error, nan for one seed)\n"
@@ -163,6 +169,13 @@ Options parse(int argc, char** argv) {
     } else if (a == "--mask-1l") {
       o.mask_1l = value();
       if (o.mask_1l != "on" && o.mask_1l != "off") bad_option("--mask-1l needs on or off, got '" + o.mask_1l + "'");
+    } else if (a == "--lambda") {
+      o.lambda = value();
+      if (o.lambda != "softplus" && o.lambda != "raw")
+        bad_option("--lambda needs softplus or raw, got '" + o.lambda + "'");
+    } else if (a == "--decay") {
+      o.decay = value();
+      if (o.decay != "matrices" && o.decay != "all") bad_option("--decay needs matrices or all, got '" + o.decay + "'");
     }
     else if (a == "--history") o.history = value();
     else if (a == "--models") {
@@ -180,7 +193,8 @@ Options parse(int argc, char** argv) {
 // docs/paper.md §2: no embedding, read-out = the first n entries of the stream (the
 // slot the constructed token leaves zero), activations clipped to ±4 after each
 // block, no LayerNorm, no MLP, key size 20 (value size = key size).
-nn::ModelConfig model_config(const ModelSpec& s, long n, int threads) {
+nn::ModelConfig model_config(const ModelSpec& s, long n, int threads,
+                             LambdaParametrization lambda = LambdaParametrization::softplus) {
   nn::ModelConfig mc;
   mc.input_dim = mc.width = 4 * n;
   mc.output_dim = n;
@@ -192,6 +206,7 @@ nn::ModelConfig model_config(const ModelSpec& s, long n, int threads) {
   b.attention = s.kind;
   b.heads = s.heads;
   b.key_size = b.value_size = 20;
+  b.lambda_parametrization = lambda;  // used by mesa blocks only
   mc.blocks.assign(static_cast<std::size_t>(s.layers), b);
   return mc;
 }
@@ -266,6 +281,8 @@ SeedRun run_seed(const Options& opt, unsigned long long seed, const std::vector<
   const auto eval = mt::make_dynamics_batch<double>(dc, opt.eval_sequences, seed + 1000003, 0, opt.threads);
   const auto tune = mt::make_dynamics_batch<double>(dc, 250, seed + 2000003, 0, opt.threads);
   const bool element_clip = opt.clip == "element", mask_1l = opt.mask_1l == "on";
+  const LambdaParametrization lambda =
+      opt.lambda == "raw" ? LambdaParametrization::raw : LambdaParametrization::softplus;
   const RowMatrix<double>&x = eval.inputs, &y = eval.targets;
 
   RowMatrix<double> linear1_pred;
@@ -275,7 +292,7 @@ SeedRun run_seed(const Options& opt, unsigned long long seed, const std::vector<
     const long steps = steps_of(opt, s);
     const double lr = lr_of(opt, s);
     const mt::TokenSlots slots = mask_1l && s.layers == 1 ? mt::TokenSlots::last_only : mt::TokenSlots::both;
-    nn::Model<float> model(model_config(s, n, opt.threads));
+    nn::Model<float> model(model_config(s, n, opt.threads, lambda));
     model.init(seed, opt.init_std);
     const train::BatchSource<float> source = make_source(dc, batch, seed, opt.threads, slots);
     train::TrainerConfig tc;
@@ -283,6 +300,7 @@ SeedRun run_seed(const Options& opt, unsigned long long seed, const std::vector<
     tc.adam = train::adamw_config(0.1);  // docs/paper.md §3: AdamW (0.9, 0.999, 1e-8), weight decay 0.1
     tc.schedule = train::constant_schedule(lr);
     (element_clip ? tc.clip_value : tc.clip_norm) = 1.0;  // docs/paper.md §3
+    tc.decay = opt.decay == "all" ? train::DecayScope::all : train::DecayScope::matrices;
     tc.threads = opt.threads;  // workers of the sharded steps (automatic shards, docs/training.md)
     train::Trainer<float> trainer(model, source, tc);
     const auto r = trainer.run();
@@ -355,6 +373,8 @@ Options with_defaults(Options o) {
   if (o.seeds.empty()) o.seeds = o.full ? kPaperSeeds : std::vector<unsigned long long>{1};
   if (o.clip.empty()) o.clip = o.full ? "element" : "norm";
   if (o.mask_1l.empty()) o.mask_1l = o.full ? "on" : "off";
+  if (o.lambda.empty()) o.lambda = o.full ? "raw" : "softplus";
+  if (o.decay.empty()) o.decay = o.full ? "all" : "matrices";
   return o;
 }
 
@@ -374,9 +394,11 @@ int main(int argc, char** argv) {
         specs.push_back(s);
 
     std::printf("linear dynamics, constructed tokens (docs/paper.md §1-3): n = %ld, T = %ld, batch %ld, %s settings, "
-                "%zu seed%s\n  gradient clip %s, 1-layer input mask %s, %ld held-out sequences per seed\n",
+                "%zu seed%s\n  gradient clip %s, 1-layer input mask %s, mesa lambda %s, weight decay on %s, "
+                "%ld held-out sequences per seed\n",
                 n, T, batch, opt.full ? "paper (--full)" : "reduced default", seeds.size(), seeds.size() > 1 ? "s" : "",
-                opt.clip == "element" ? "element-wise to [-1, 1]" : "global norm 1", opt.mask_1l.c_str(), eval_sequences);
+                opt.clip == "element" ? "element-wise to [-1, 1]" : "global norm 1", opt.mask_1l.c_str(),
+                opt.lambda.c_str(), opt.decay.c_str(), eval_sequences);
 
     // A few timed steps per model say how long the whole run will take.
     {

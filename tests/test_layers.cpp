@@ -426,6 +426,14 @@ TEST_CASE("MesaLayer: backward matches finite differences", "[layers][mesa]") {
       }
     }
   }
+  SECTION("lambda used raw (R_0 = lambda_raw I, the paper's code), with a learnable forget factor") {
+    auto c = mesa_config(kD, kH, kd, kdv, false, true, 0.8);
+    c.lambda_parametrization = mesaopt::LambdaParametrization::raw;
+    mesaopt::MesaLayer<double> layer(c);
+    layer.init(15, 0.3);
+    layer.lambda_raw()(1) = 0.3;  // lambda of head 1 is 0.3 itself
+    check_layer_gradients(layer, kB, kT, 500);
+  }
   SECTION("fixed forget factor 0.9 (not learnable), checkpoint interval 4") {
     auto c = mesa_config(kD, kH, kd, kdv, false, false, 0.9);
     c.chunk = 4;
@@ -461,6 +469,43 @@ TEST_CASE("MesaLayer: forward equals projections + a direct ridge solve per posi
       }
     }
   }
+}
+
+TEST_CASE("MesaLayer: the raw lambda parametrisation is lambda_raw itself", "[layers][mesa]") {
+  const long B = 2, T = 30, D = 9, H = 2, d = 5, dv = 4;
+  auto c = mesa_config(D, H, d, dv, false, false);
+  c.lambda_parametrization = mesaopt::LambdaParametrization::raw;
+  c.lambda_init = 1.5;
+  mesaopt::MesaLayer<double> raw(c);
+  raw.init(21, 0.4);
+  CHECK(raw.lambda_raw()(0) == 1.5);
+  CHECK(raw.lambda(1) == 1.5);
+  raw.lambda_raw() << 0.7, 2.5;
+  // The same layer with softplus(lambda_raw) set to the same lambdas computes the same output.
+  c.lambda_parametrization = mesaopt::LambdaParametrization::softplus;
+  mesaopt::MesaLayer<double> soft(c);
+  soft.init(21, 0.4);
+  soft.lambda_raw() << mesaopt::detail::softplus_inverse(0.7), mesaopt::detail::softplus_inverse(2.5);
+  CHECK(soft.lambda(0) == Approx(0.7).epsilon(1e-14));
+  const RowMatrix<double> x = random_matrix<double>(B * T, D, 22, 1.0);
+  mesaopt::MesaLayerCache<double> c1, c2;
+  const RowMatrix<double> y_raw = raw.forward(x, T, c1);
+  const RowMatrix<double> y_soft = soft.forward(x, T, c2);
+  CHECK(relative_rms(y_raw, y_soft) < 1e-13);
+  // And against the direct ridge solve with lambda = lambda_raw.
+  const RowMatrix<double> ref = plain_layer(
+      x, T, H, d, dv, raw.W_q(), raw.W_k(), raw.W_v(), raw.W_o(), false,
+      [&](const auto& q, const auto& k, const auto& v, long h) { return naive_mesa(q, k, v, raw.lambda_raw()(h), 1.0); });
+  CHECK(relative_rms(y_raw, ref) < 1e-11);
+  // A lambda driven to <= 0 (nothing keeps it positive) stops the forward with a named error.
+  raw.lambda_raw()(1) = -0.25;
+  CHECK_THROWS_WITH(raw.forward(x, T, c1), Catch::Contains("head 1: lambda = lambda_raw = -0.25") &&
+                                               Catch::Contains("raw parametrisation"));
+  raw.lambda_raw()(1) = 0.0;
+  CHECK_THROWS_AS(raw.forward(x, T, c1), std::invalid_argument);
+  auto bad = c;
+  bad.lambda_parametrization = static_cast<mesaopt::LambdaParametrization>(7);
+  CHECK_THROWS_WITH(mesaopt::MesaLayer<double>(bad), Catch::Contains("config.lambda_parametrization"));
 }
 
 TEST_CASE("MesaLayer: parametrisation, parameters, thread-count invariance, bad input", "[layers][mesa]") {

@@ -356,6 +356,48 @@ TEST_CASE("Trainer: element-wise clipping is the hand-written loop with clip_gra
   CHECK(flatten(unclipped.parameters()) != a);
 }
 
+TEST_CASE("Trainer: DecayScope::all decays every parameter (vectors and the mesa lambda too)", "[model][train]") {
+  const long n = 2, T = 6, B = 4, N = 3;
+  auto source = dynamics_source<double>(n, T, B, 5);
+  nn::ModelConfig mc = hybrid_config();
+  mc.input_dim = 4 * n;
+  mc.output_dim = n;
+  for (auto& b : mc.blocks)
+    if (b.attention == nn::AttentionKind::mesa) b.lambda_parametrization = LambdaParametrization::raw;
+  nn::Model<double> trained(mc), by_hand(mc), matrices_only(mc);
+  for (auto* m : {&trained, &by_hand, &matrices_only}) m->init(4, 0.2);
+  auto tc = trainer_config(N, 1e-2);
+  tc.adam.weight_decay = 0.5;  // large, so that the decay of the vectors shows
+  tc.clip_norm = 0;
+  tc.shards = 1;
+  tc.decay = train::DecayScope::all;
+  train::Trainer<double> t(trained, source, tc);
+  t.run();
+  tc.decay = train::DecayScope::matrices;
+  train::Trainer<double>(matrices_only, source, tc).run();
+
+  const auto params = by_hand.parameters();
+  bool has_vector = false;
+  for (const auto& p : params) has_vector |= p.shape.size() < 2;
+  CHECK(has_vector);  // there is something the scope changes
+  train::Adam<double> adam(params, tc.adam, std::vector<bool>(params.size(), true));
+  nn::Model<double>::Cache cache;
+  for (long s = 0; s < N; ++s) {
+    const auto batch = source(s);
+    zero_grad(params);
+    const RowMatrix<double> pred = by_hand.forward(batch.inputs, batch.seq_len, cache);
+    RowMatrix<double> dpred(pred.rows(), pred.cols());
+    train::mse_loss_backward<double>(pred, batch.targets, batch.seq_len, dpred);
+    by_hand.backward(dpred, cache);
+    adam.step(tc.schedule(s));
+  }
+  const auto a = flatten(trained.parameters()), b = flatten(params);
+  REQUIRE(a.size() == b.size());
+  CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0);
+  CHECK(flatten(matrices_only.parameters()) != a);
+  for (std::size_t k = 0; k < params.size(); ++k) CHECK(t.optimizer().decay_mask()[k]);
+}
+
 TEST_CASE("Model and Trainer: bad configs throw naming the field", "[model][errors]") {
   auto throws_with = [](auto&& make, const char* field) {
     CHECK_THROWS_AS(make(), std::invalid_argument);
@@ -377,6 +419,9 @@ TEST_CASE("Model and Trainer: bad configs throw naming the field", "[model][erro
   { auto b = c; b.blocks[1].positional_dim = -2; throws_with(build(b), "config.blocks[1].positional_dim"); }
   { auto b = c; b.blocks[0].attention = nn::AttentionKind::mesa; b.blocks[0].lambda_init = 0;
     throws_with(build(b), "config.blocks[0].lambda_init"); }
+  { auto b = c; b.blocks[0].attention = nn::AttentionKind::mesa;
+    b.blocks[0].lambda_parametrization = static_cast<LambdaParametrization>(5);
+    throws_with(build(b), "config.blocks[0].lambda_parametrization"); }
   { auto b = c; b.blocks[0].attention = nn::AttentionKind::mesa; b.blocks[0].learn_forget = true;
     throws_with(build(b), "config.blocks[0].forget_init"); }
   { auto b = c; b.blocks[0].attention = nn::AttentionKind::softmax; b.blocks[0].normalize_qk = true;
@@ -397,6 +442,8 @@ TEST_CASE("Model and Trainer: bad configs throw naming the field", "[model][erro
     throws_with([&] { train::Trainer<double> t(model, source, tc); }, "config.clip_norm"); }
   { auto tc = trainer_config(5, 1e-2); tc.clip_value = -1;
     throws_with([&] { train::Trainer<double> t(model, source, tc); }, "config.clip_value"); }
+  { auto tc = trainer_config(5, 1e-2); tc.decay = static_cast<train::DecayScope>(3);
+    throws_with([&] { train::Trainer<double> t(model, source, tc); }, "config.decay"); }
   { auto tc = trainer_config(5, 1e-2); tc.checkpoint_every = -1;
     throws_with([&] { train::Trainer<double> t(model, source, tc); }, "config.checkpoint_every"); }
   throws_with([&] { train::Trainer<double> t(model, train::BatchSource<double>{}, trainer_config(5, 1e-2)); },

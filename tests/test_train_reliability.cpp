@@ -499,6 +499,7 @@ TEST_CASE("Resume refuses a checkpoint of another configuration and changes noth
       {"optim.type", linear_config(), tc([](auto& c) { c.adam.decoupled_weight_decay = false; }), "adam", "adamw"},
       {"trainer.clip_norm", linear_config(), tc([](auto& c) { c.clip_norm = 0.0; }), "0", "1"},
       {"trainer.clip_value", linear_config(), tc([](auto& c) { c.clip_value = 1.0; }), "1", "0"},
+      {"trainer.decay", linear_config(), tc([](auto& c) { c.decay = train::DecayScope::all; }), "all", "matrices"},
       {"trainer.schedule.peak", linear_config(), tc([](auto& c) { c.schedule = train::constant_schedule(2e-2); }),
        "0.02", "0.01"},
       {"trainer.schedule.kind", linear_config(),
@@ -528,6 +529,16 @@ TEST_CASE("Resume refuses a checkpoint of another configuration and changes noth
                    Catch::Contains("model.blocks[0].forget_init = 1"));
     CHECK(state_of(mesa.trainer) == mesa.before);
   }
+  SECTION("a mesa block whose lambda is used raw (the same tensors)") {
+    Target mesa(mesa_config());
+    nn::ModelConfig raw = mesa_config();
+    raw.blocks[0].lambda_parametrization = LambdaParametrization::raw;
+    write_checkpoint(path, raw);
+    CHECK_THAT(error_of([&] { mesa.trainer.resume(path); }),
+               Catch::Contains("model.blocks[0].lambda_parametrization = raw") &&
+                   Catch::Contains("model.blocks[0].lambda_parametrization = softplus"));
+    CHECK(state_of(mesa.trainer) == mesa.before);
+  }
   SECTION("the control: the same configuration (another thread count, steps or checkpoint path) resumes") {
     auto other = trainer_config(20);
     other.checkpoint_path = dir.path + "/elsewhere.safetensors";
@@ -536,6 +547,43 @@ TEST_CASE("Resume refuses a checkpoint of another configuration and changes noth
     target.trainer.resume(path);
     CHECK(target.trainer.step() == 4);
     CHECK_FALSE(state_of(target.trainer) == target.before);
+  }
+}
+
+TEST_CASE("A checkpoint written before the decay scope and the lambda parametrisation were recorded resumes "
+          "with the old behaviour only", "[train][reliability]") {
+  ScratchDir dir;
+  const std::string path = dir.path + "/new.safetensors";
+  const std::string old = dir.path + "/old.safetensors";
+  write_checkpoint(path, mesa_config());
+  const io::SafetensorsFile f = io::read_safetensors(path);
+  REQUIRE(f.metadata.at("trainer.decay") == "matrices");
+  REQUIRE(f.metadata.at("model.blocks[0].lambda_parametrization") == "softplus");
+  std::map<std::string, std::string> meta = f.metadata;
+  meta.erase("trainer.decay");
+  meta.erase("model.blocks[0].lambda_parametrization");
+  std::vector<io::SafetensorsTensorRef> refs;
+  for (const auto& t : f.tensors) refs.push_back({t.name, t.dtype, t.shape, f.data(t)});
+  io::write_safetensors(old, refs, meta);
+
+  Target same(mesa_config());
+  same.trainer.resume(old);
+  CHECK(same.trainer.step() == 4);
+  SECTION("a trainer that decays every parameter refuses it") {
+    nn::Model<double> model(mesa_config());
+    auto tc = trainer_config(10);
+    tc.decay = train::DecayScope::all;
+    train::Trainer<double> t(model, clean_source(), tc);
+    CHECK_THAT(error_of([&] { t.resume(old); }), Catch::Contains("no \"trainer.decay\" entry"));
+    CHECK(t.step() == 0);
+  }
+  SECTION("a model with the raw lambda refuses it") {
+    nn::ModelConfig raw = mesa_config();
+    raw.blocks[0].lambda_parametrization = LambdaParametrization::raw;
+    nn::Model<double> model(raw);
+    train::Trainer<double> t(model, clean_source(), trainer_config(10));
+    CHECK_THAT(error_of([&] { t.resume(old); }), Catch::Contains("no \"model.blocks[0].lambda_parametrization\""));
+    CHECK(t.step() == 0);
   }
 }
 

@@ -10,10 +10,15 @@
 // Parametrisations (parametrization.hpp), one per head:
 //   lambda_h = softplus(lambda_raw_h)  > 0, always learnable; lambda_raw is set
 //              so that lambda = config.lambda_init (default 1, docs/paper.md §2).
+//              With config.lambda_parametrization = LambdaParametrization::raw,
+//              lambda_h = lambda_raw_h itself (R_0 = lambda_raw I, as the paper's
+//              code has it, docs/paper.md §2): nothing keeps it positive, so an
+//              update that drives it to <= 0 stops the next forward with
+//              std::invalid_argument naming the head.
 //   gamma_h  = sigmoid(forget_raw_h) in (0, 1) when config.learn_forget;
 //              otherwise gamma_h = config.forget_init fixed (default 1: no
 //              forgetting) and there is no forget_raw parameter.
-// Chain rule: dL/dlambda_raw = dL/dlambda * sigmoid(lambda_raw) and
+// Chain rule: dL/dlambda_raw = dL/dlambda * sigmoid(lambda_raw) (raw: * 1) and
 // dL/dforget_raw = dL/dgamma * gamma (1 - gamma), with dL/dlambda and dL/dgamma
 // from mesa_backward (M12 and the forgetting terms of docs/mesa.md), summed
 // over the batch in a fixed order.
@@ -54,6 +59,20 @@
 
 namespace mesaopt {
 
+// How the learnable lambda_raw gives the layer's lambda (docs/paper.md §2).
+enum class LambdaParametrization {
+  softplus,  // lambda = softplus(lambda_raw) > 0 (the default)
+  raw,       // lambda = lambda_raw, unconstrained (the paper's code)
+};
+
+inline const char* lambda_parametrization_name(LambdaParametrization p) {
+  switch (p) {
+    case LambdaParametrization::softplus: return "softplus";
+    case LambdaParametrization::raw: return "raw";
+  }
+  return "?";
+}
+
 struct MesaLayerConfig {
   long D = 0;                 // model width (token size)
   long H = 1;                 // heads
@@ -61,6 +80,8 @@ struct MesaLayerConfig {
   long dv = 0;                // value size per head
   bool normalize_qk = false;  // L2-normalise q and k per head and token
   double lambda_init = 1.0;   // lambda of every head after construction / init; > 0
+  // lambda = softplus(lambda_raw) (default) or lambda_raw itself (the paper's code).
+  LambdaParametrization lambda_parametrization = LambdaParametrization::softplus;
   bool learn_forget = false;  // learnable forget factor gamma = sigmoid(forget_raw) per head
   double forget_init = 1.0;   // gamma: fixed value in (0, 1] if !learn_forget, initial value in (0, 1) if learn_forget
   long chunk = 0;             // checkpoint interval of the op's backward (MesaOptions::chunk); 0 = automatic
@@ -76,7 +97,7 @@ struct MesaLayerConfig {
 template <class T>
 struct MesaLayerCache : AttentionLayerCache<T, MesaCache<T>, MesaState<T>> {
   std::vector<MesaOptions<T>> options;  // per head: lambda_h, gamma_h as used by the forward
-  std::vector<double> dlambda_draw;     // per head: sigmoid(lambda_raw_h) at the forward
+  std::vector<double> dlambda_draw;     // per head: sigmoid(lambda_raw_h) at the forward (raw: 1)
   std::vector<double> dforget_draw;     // per head: gamma_h (1 - gamma_h) at the forward (learn_forget)
   std::vector<T> dlambda, dforget;      // backward scratch: per item dL/dlambda, dL/dgamma
 };
@@ -109,11 +130,12 @@ class MesaLayer
   const Vector<T>& lambda_raw() const { return lambda_raw_; }
   const Vector<T>& forget_raw() const { return forget_raw_; }
 
-  // The constrained values used by the op: lambda_h = softplus(lambda_raw_h),
-  // gamma_h = sigmoid(forget_raw_h) or the fixed config.forget_init.
+  // The constrained values used by the op: lambda_h = softplus(lambda_raw_h)
+  // (raw parametrisation: lambda_raw_h), gamma_h = sigmoid(forget_raw_h) or
+  // the fixed config.forget_init.
   T lambda(long h) const {
     check_head("MesaLayer::lambda", h);
-    return static_cast<T>(detail::softplus(double(lambda_raw_(h))));
+    return raw_lambda() ? lambda_raw_(h) : static_cast<T>(detail::softplus(double(lambda_raw_(h))));
   }
   T forget(long h) const {
     check_head("MesaLayer::forget", h);
@@ -151,6 +173,10 @@ class MesaLayer
     }
     if (c.chunk < 0) detail::fail(where, "config.chunk must be >= 0 (0 = automatic), got ", c.chunk);
     detail::check_mesa_regularizer(where, "config.regularizer", c.regularizer);
+    if (c.lambda_parametrization != LambdaParametrization::softplus &&
+        c.lambda_parametrization != LambdaParametrization::raw)
+      detail::fail(where, "config.lambda_parametrization is not softplus or raw (value ",
+                   int(c.lambda_parametrization), ")");
     return c;
   }
 
@@ -169,6 +195,10 @@ class MesaLayer
     opt.chunk = this->config_.chunk;
     opt.regularizer = this->config_.regularizer;
     const T tiny = std::numeric_limits<T>::min();
+    if (raw_lambda() && !(std::isfinite(opt.lambda) && opt.lambda >= tiny))
+      detail::fail(where, "head ", h, ": lambda = lambda_raw = ", opt.lambda, " (raw parametrisation) must be finite ",
+                   "and at least the smallest normal ", detail::scalar_name<T>(), " (", tiny,
+                   "): an update has driven it out of range");
     if (!(std::isfinite(opt.lambda) && opt.lambda > T(0)))
       detail::fail(where, "head ", h, ": lambda = softplus(lambda_raw = ", lambda_raw_(h), ") = ", opt.lambda,
                    " must be finite and > 0 (softplus underflowed: lambda_raw has diverged)");
@@ -205,7 +235,7 @@ class MesaLayer
     cache.dforget_draw.assign(std::size_t(H), 0.0);
     for (long h = 0; h < H; ++h) {
       cache.options[std::size_t(h)] = head_options(where, h);
-      cache.dlambda_draw[std::size_t(h)] = detail::sigmoid(double(lambda_raw_(h)));
+      cache.dlambda_draw[std::size_t(h)] = raw_lambda() ? 1.0 : detail::sigmoid(double(lambda_raw_(h)));
       if (this->config_.learn_forget) {
         const double g = detail::sigmoid(double(forget_raw_(h)));
         cache.dforget_draw[std::size_t(h)] = g * (1.0 - g);
@@ -238,7 +268,7 @@ class MesaLayer
                                            initial, grad_final, grad_initial);  // M10-M12, M16-M18
   }
   // Per-head regulariser gradients: sum over b in a fixed order, then the
-  // chain rule through the parametrisation (dlambda/draw = sigmoid(raw),
+  // chain rule through the parametrisation (dlambda/draw = sigmoid(raw) or 1,
   // dgamma/draw = gamma (1 - gamma)).
   void end_backward(Cache& cache, long B) {
     const long H = this->config_.H;
@@ -276,12 +306,15 @@ class MesaLayer
   }
   // lambda_raw and forget_raw back to config.lambda_init and config.forget_init.
   void reset_extra_parameters() {
-    lambda_raw_.setConstant(static_cast<T>(detail::softplus_inverse(this->config_.lambda_init)));
+    lambda_raw_.setConstant(static_cast<T>(raw_lambda() ? this->config_.lambda_init
+                                                        : detail::softplus_inverse(this->config_.lambda_init)));
     if (this->config_.learn_forget)
       forget_raw_.setConstant(static_cast<T>(detail::logit(this->config_.forget_init)));
   }
 
-  Vector<T> lambda_raw_, lambda_raw_grad_;  // (H): lambda_h = softplus(lambda_raw_h)
+  bool raw_lambda() const { return this->config_.lambda_parametrization == LambdaParametrization::raw; }
+
+  Vector<T> lambda_raw_, lambda_raw_grad_;  // (H): lambda_h = softplus(lambda_raw_h), or lambda_raw_h (raw)
   Vector<T> forget_raw_, forget_raw_grad_;  // (H) if learn_forget, else empty: gamma_h = sigmoid(forget_raw_h)
   std::vector<MesaOptions<T>> step_options_;  // per head, for step
   const MesaState<T>* step_items_ = nullptr;  // the batch of the running step(), to name b in errors

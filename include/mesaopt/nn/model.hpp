@@ -64,6 +64,8 @@ struct BlockConfig {
   long positional_dim = 0;    // p: sinusoidal encoding concatenated to the attention input; 0 = off
   bool normalize_qk = false;  // key/query L2 normalisation (linear and mesa only)
   double lambda_init = 1.0;   // mesa: initial lambda (> 0)
+  // mesa: lambda = softplus(lambda_raw) (default) or lambda_raw itself (the paper's code)
+  LambdaParametrization lambda_parametrization = LambdaParametrization::softplus;
   bool learn_forget = false;  // mesa: learnable forget factor
   double forget_init = 1.0;   // mesa: gamma, (0, 1]; (0, 1) when learn_forget
   long mesa_chunk = 0;        // mesa: backward checkpoint interval, 0 = automatic
@@ -123,6 +125,10 @@ inline void validate_model_config(const nn::ModelConfig& c) {
         fail(where, block_field(i, "forget_init"), " must lie in ", b.learn_forget ? "(0, 1)" : "(0, 1]",
              " (learn_forget = ", b.learn_forget, "), got ", b.forget_init);
       if (b.mesa_chunk < 0) fail(where, block_field(i, "mesa_chunk"), " must be >= 0, got ", b.mesa_chunk);
+      if (b.lambda_parametrization != LambdaParametrization::softplus &&
+          b.lambda_parametrization != LambdaParametrization::raw)
+        fail(where, block_field(i, "lambda_parametrization"), " is not softplus or raw (value ",
+             int(b.lambda_parametrization), ")");
     }
   }
 }
@@ -295,6 +301,7 @@ class Model {
     m.dv = bc.value_size;
     m.normalize_qk = bc.normalize_qk;
     m.lambda_init = bc.lambda_init;
+    m.lambda_parametrization = bc.lambda_parametrization;
     m.learn_forget = bc.learn_forget;
     m.forget_init = bc.forget_init;
     m.chunk = bc.mesa_chunk;

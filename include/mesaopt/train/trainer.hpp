@@ -77,6 +77,20 @@ enum class NonFinitePolicy {
   skip,  // count the step as skipped and go on with the next batch
 };
 
+// The parameters weight decay applies to (TrainerConfig::decay).
+enum class DecayScope {
+  matrices,  // tensors of rank >= 2 (default_decay_mask)
+  all,       // every parameter, vectors and scalars included (the paper's code)
+};
+
+inline const char* decay_scope_name(DecayScope d) {
+  switch (d) {
+    case DecayScope::matrices: return "matrices";
+    case DecayScope::all: return "all";
+  }
+  return "?";
+}
+
 struct TrainerConfig {
   long steps = 0;                   // total steps S (run() stops there)
   AdamConfig adam;                  // AdamW by default (decoupled weight decay)
@@ -107,6 +121,10 @@ struct TrainerConfig {
   // a model with many activations per token, or 1 for a single sequence. The
   // batch must hold at least `shards` sequences.
   long shards = 0;
+  // Which parameters AdamW's weight decay shrinks: matrices only
+  // (default_decay_mask: weight matrices, not biases, gains or the mesa
+  // lambda), or every parameter, as the paper's code does (docs/paper.md §3).
+  DecayScope decay = DecayScope::matrices;
   int threads = 0;  // workers of the sharded step; <= 0: the library default (default_num_threads())
 };
 
@@ -196,6 +214,7 @@ inline void append_model_config(std::vector<std::pair<std::string, std::string>>
     out.push_back({p + "positional_dim", std::to_string(k.positional_dim)});
     out.push_back({p + "normalize_qk", b(k.normalize_qk)});
     out.push_back({p + "lambda_init", format_double(k.lambda_init)});
+    out.push_back({p + "lambda_parametrization", lambda_parametrization_name(k.lambda_parametrization)});
     out.push_back({p + "learn_forget", b(k.learn_forget)});
     out.push_back({p + "forget_init", format_double(k.forget_init)});
   }
@@ -219,6 +238,7 @@ inline void append_trainer_config(std::vector<std::pair<std::string, std::string
                                   const train::TrainerConfig& c) {
   out.push_back({"trainer.clip_norm", format_double(c.clip_norm)});
   out.push_back({"trainer.clip_value", format_double(c.clip_value)});
+  out.push_back({"trainer.decay", train::decay_scope_name(c.decay)});
   out.push_back({"trainer.shards", std::to_string(c.shards)});
   out.push_back({"trainer.schedule.kind", schedule_kind_name(c.schedule.kind)});
   out.push_back({"trainer.schedule.peak", format_double(c.schedule.peak)});
@@ -233,11 +253,17 @@ inline void append_trainer_config(std::vector<std::pair<std::string, std::string
 // still resumes into a trainer with that value; "" for the other entries.
 inline std::string value_before_recorded(const std::string& key) {
   static const std::pair<const char*, const char*> kAddedLater[] = {
-      {"trainer.shards", "1"},      // before sharded steps, every step was one shard
-      {"trainer.clip_value", "0"},  // before element-wise clipping, none was done
+      {"trainer.shards", "1"},          // before sharded steps, every step was one shard
+      {"trainer.clip_value", "0"},      // before element-wise clipping, none was done
+      {"trainer.decay", "matrices"},    // before the decay scope, only matrices decayed
   };
   for (const auto& [k, v] : kAddedLater)
     if (key == k) return v;
+  // model.blocks[i].lambda_parametrization: lambda was always softplus(lambda_raw) before.
+  const std::string block_suffix = "].lambda_parametrization";
+  if (key.rfind("model.blocks[", 0) == 0 && key.size() > block_suffix.size() &&
+      key.compare(key.size() - block_suffix.size(), block_suffix.size(), block_suffix) == 0)
+    return "softplus";
   return "";
 }
 
@@ -260,7 +286,9 @@ class Trainer {
       : model_(model), source_(std::move(source)), config_(checked(config)) {
     if (!source_) detail::fail("Trainer", "source (the batch source) is empty");
     params_ = model_.parameters();
-    optimizer_ = std::make_unique<Adam<T>>(params_, config_.adam, default_decay_mask(params_));
+    optimizer_ = std::make_unique<Adam<T>>(
+        params_, config_.adam,
+        config_.decay == DecayScope::all ? std::vector<bool>(params_.size(), true) : default_decay_mask(params_));
   }
 
   // The shard count of the steps: config.shards, or with 0 (automatic) the
@@ -477,6 +505,8 @@ class Trainer {
     if (c.non_finite != NonFinitePolicy::stop && c.non_finite != NonFinitePolicy::skip)
       detail::fail(where, "config.non_finite is not stop or skip (value ", int(c.non_finite), ")");
     if (c.shards < 0) detail::fail(where, "config.shards must be >= 0 (0 = automatic), got ", c.shards);
+    if (c.decay != DecayScope::matrices && c.decay != DecayScope::all)
+      detail::fail(where, "config.decay is not matrices or all (value ", int(c.decay), ")");
     if (c.max_consecutive_skips < 0)
       detail::fail(where, "config.max_consecutive_skips must be >= 0 (0 = no cap), got ", c.max_consecutive_skips);
     return c;
