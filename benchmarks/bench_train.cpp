@@ -34,6 +34,7 @@
 #include <mesaopt/tasks.hpp>
 #include <mesaopt/train.hpp>
 
+#include "paper_models.hpp"
 #include "peak.hpp"
 
 #include <atomic>
@@ -45,45 +46,7 @@ namespace {
 
 namespace nn = mesaopt::nn;
 namespace train = mesaopt::train;
-constexpr long kN = 10, kT = 50, kKey = 20, kWidth = 40, kPositional = 20;
-
-struct Spec {
-  nn::AttentionKind kind;
-  long layers, heads;
-  bool hybrid;  // raw tokens: softmax block then mesa block
-};
-constexpr Spec kSpecs[] = {{nn::AttentionKind::linear, 1, 2, false},  {nn::AttentionKind::linear, 2, 4, false},
-                           {nn::AttentionKind::linear, 4, 4, false},  {nn::AttentionKind::linear, 6, 4, false},
-                           {nn::AttentionKind::softmax, 1, 4, false}, {nn::AttentionKind::mesa, 1, 4, false},
-                           {nn::AttentionKind::softmax, 2, 4, true}};
-
-nn::ModelConfig model_config(const Spec& s, int threads) {
-  nn::ModelConfig mc;
-  mc.output_dim = kN;
-  mc.num_threads = threads;
-  nn::BlockConfig b;
-  b.attention = s.kind;
-  b.heads = s.heads;
-  b.key_size = b.value_size = kKey;
-  if (s.hybrid) {
-    mc.input_dim = kN;
-    mc.width = kWidth;
-    mc.embed = true;
-    b.layer_norm = true;
-    b.positional_dim = kPositional;
-    mc.blocks.push_back(b);
-    b.attention = nn::AttentionKind::mesa;
-    b.positional_dim = 0;
-    mc.blocks.push_back(b);
-  } else {
-    mc.input_dim = mc.width = 4 * kN;
-    mc.embed = false;
-    mc.readout_slice = true;
-    mc.clip = 4.0;
-    mc.blocks.assign(std::size_t(s.layers), b);
-  }
-  return mc;
-}
+using namespace mesaopt::bench;
 
 double step_flops(const nn::ModelConfig& mc, long batch, long parameters) {
   const double N = double(batch * kT), D = double(mc.width), T = double(kT);

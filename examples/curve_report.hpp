@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -142,5 +143,95 @@ inline void write_history_csv(const std::string& path, const std::vector<Trainin
       std::fprintf(f, "%s,%zu,%.9g,%llu\n", h.model.c_str(), i, h.losses[i], h.seed);
   detail::close_written(f, path, option);
 }
+
+// Results as bytes, to move them between the ranks of an MPI run (ranks.hpp,
+// train::gather_strings): numbers keep every bit (raw bytes; the ranks of one
+// job share the byte order), strings their length.
+class Encoder {
+ public:
+  void put(double x) { raw(&x, sizeof x); }
+  void put(long x) { raw(&x, sizeof x); }
+  void put(unsigned long long x) { raw(&x, sizeof x); }
+  void put(const std::string& s) {
+    put(long(s.size()));
+    bytes_ += s;
+  }
+  void put(const std::vector<double>& v) {
+    put(long(v.size()));
+    raw(v.data(), v.size() * sizeof(double));
+  }
+  void put(const std::vector<CurveRow>& rows) {  // method, setting, curve (one seed's rows)
+    put(long(rows.size()));
+    for (const CurveRow& r : rows) {
+      put(r.method);
+      put(r.setting);
+      put(r.curve);
+    }
+  }
+  void put(const std::vector<TrainingHistory>& histories) {
+    put(long(histories.size()));
+    for (const TrainingHistory& h : histories) {
+      put(h.model);
+      put(h.seed);
+      put(h.losses);
+    }
+  }
+  const std::string& bytes() const { return bytes_; }
+
+ private:
+  void raw(const void* p, std::size_t n) { bytes_.append(static_cast<const char*>(p), n); }
+  std::string bytes_;
+};
+
+class Decoder {
+ public:
+  explicit Decoder(const std::string& bytes) : bytes_(bytes) {}
+  double real() { double x; raw(&x, sizeof x); return x; }
+  long integer() { long x; raw(&x, sizeof x); return x; }
+  unsigned long long seed() { unsigned long long x; raw(&x, sizeof x); return x; }
+  std::string text() {
+    std::string s(count(), '\0');
+    if (!s.empty()) raw(&s[0], s.size());
+    return s;
+  }
+  std::vector<double> reals() {
+    std::vector<double> v(count());
+    if (!v.empty()) raw(v.data(), v.size() * sizeof(double));
+    return v;
+  }
+  std::vector<CurveRow> rows() {
+    std::vector<CurveRow> out(count());
+    for (CurveRow& r : out) {
+      r.method = text();
+      r.setting = text();
+      r.curve = reals();
+    }
+    return out;
+  }
+  std::vector<TrainingHistory> histories() {
+    std::vector<TrainingHistory> out(count());
+    for (TrainingHistory& h : out) {
+      h.model = text();
+      h.seed = seed();
+      h.losses = reals();
+    }
+    return out;
+  }
+  bool done() const { return at_ == bytes_.size(); }
+
+ private:
+  void raw(void* p, std::size_t n) {
+    if (n > bytes_.size() - at_) throw std::runtime_error("Decoder: the message ends early");
+    std::memcpy(p, bytes_.data() + at_, n);
+    at_ += n;
+  }
+  std::size_t count() {
+    const long n = integer();
+    if (n < 0 || std::size_t(n) > bytes_.size()) throw std::runtime_error("Decoder: bad length");
+    return std::size_t(n);
+  }
+  const std::string& bytes_;
+  std::size_t at_ = 0;
+};
 
 }  // namespace mesaopt::examples

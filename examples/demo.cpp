@@ -3,13 +3,16 @@
 // prediction against a direct ridge solve.
 #include <mesaopt/mesaopt.hpp>
 
+#include "ranks.hpp"
+
 #include <Eigen/Dense>
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
 
-int main() {
+int main(int argc, char** argv) {
+  mesaopt::examples::Ranks ranks(argc, argv, "demo");  // under mpirun: rank 0 prints
   const int T = 200, d = 16, dv = 8;
   const double lambda = 1.0;
   std::mt19937_64 rng(42);

@@ -3,6 +3,8 @@
 // context length for every learner and optionally writes tidy CSV.
 //
 //   icl_baselines [--seed N] [--sequences N] [--csv FILE] [--threads N]
+#include "ranks.hpp"
+
 #include <mesaopt/learners.hpp>
 #include <mesaopt/tasks.hpp>
 
@@ -39,6 +41,8 @@ struct Row {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Under mpirun every rank computes the same table; rank 0 prints it and writes the CSV.
+  mesaopt::examples::Ranks ranks(argc, argv, "icl_baselines");
   unsigned long long seed = 1;
   long sequences = 2000;
   int threads = 0;
@@ -158,7 +162,7 @@ int main(int argc, char** argv) {
     for (long t : show) std::printf(" %8.4f", r.curve[static_cast<std::size_t>(t - 1)]);
     std::printf(" %8.4f\n", ml::mean_of(r.curve));
   }
-  if (!csv.empty()) {
+  if (!csv.empty() && ranks.root()) {
     std::FILE* f = std::fopen(csv.c_str(), "w");
     if (!f) {
       std::fprintf(stderr, "cannot open %s\n", csv.c_str());

@@ -9,7 +9,13 @@
 //
 // Default: a reduced run (see kDefaults) that finishes in minutes on 2 cores.
 // --full: the paper's settings (docs/paper.md §3).
+//
+// Under mpirun (docs/distributed.md): with several seeds, the seeds are spread
+// over the ranks (seed k on rank k mod R) and rank 0 collects their results;
+// with one seed the ranks train each model together, data-parallel. Either way
+// the numbers equal those of one process.
 #include "curve_report.hpp"
+#include "ranks.hpp"
 
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
@@ -270,9 +276,10 @@ struct SeedRun {
   double train_seconds = 0;
 };
 
-// opt: with its defaults filled in (with_defaults).
+// opt: with its defaults filled in (with_defaults). group: the ranks that
+// train together (data-parallel), or nullptr.
 SeedRun run_seed(const Options& opt, unsigned long long seed, const std::vector<ModelSpec>& specs,
-                 const mt::DynamicsConfig& dc) {
+                 const mt::DynamicsConfig& dc, train::ProcessGroup* group) {
   const long n = dc.state_dim, T = dc.seq_len;
   SeedRun run;
   // Held-out data: a different seed from training; learners' hyperparameters
@@ -302,6 +309,7 @@ SeedRun run_seed(const Options& opt, unsigned long long seed, const std::vector<
     (element_clip ? tc.clip_value : tc.clip_norm) = 1.0;  // docs/paper.md §3
     tc.decay = opt.decay == "all" ? train::DecayScope::all : train::DecayScope::matrices;
     tc.threads = opt.threads;  // workers of the sharded steps (automatic shards, docs/training.md)
+    tc.process_group = group;
     train::Trainer<float> trainer(model, source, tc);
     const auto r = trainer.run();
     const std::size_t tail = std::min<std::size_t>(50, r.losses.size());
@@ -380,7 +388,63 @@ Options with_defaults(Options o) {
 
 }  // namespace
 
+// A seed's results as bytes and back (for the seeds run on other ranks).
+std::string encode(const SeedRun& run) {
+  examples::Encoder e;
+  e.put(run.rows);
+  e.put(run.histories);
+  e.put(run.gd_comparison);
+  e.put(run.train_seconds);
+  return e.bytes();
+}
+SeedRun decode(examples::Decoder& d) {
+  SeedRun run;
+  run.rows = d.rows();
+  run.histories = d.histories();
+  run.gd_comparison = d.text();
+  run.train_seconds = d.real();
+  return run;
+}
+
+// Every seed's run, in the order of `seeds`, at rank 0 (the other ranks get
+// an empty list). One process, or one seed: the seeds one after another,
+// with the ranks training together; several ranks and seeds: seed k on rank
+// k mod R, then gathered.
+std::vector<SeedRun> run_seeds(const Options& opt, const std::vector<ModelSpec>& specs, const mt::DynamicsConfig& dc,
+                               const examples::Ranks& ranks) {
+  const std::vector<unsigned long long>& seeds = opt.seeds;
+  std::vector<SeedRun> runs;
+  if (ranks.size() == 1 || seeds.size() == 1) {
+    for (unsigned long long seed : seeds) {
+      if (seeds.size() > 1) std::printf("seed %llu\n", seed);
+      runs.push_back(run_seed(opt, seed, specs, dc, ranks.group()));
+    }
+    return runs;
+  }
+  examples::Encoder mine;
+  for (std::size_t k = std::size_t(ranks.rank()); k < seeds.size(); k += std::size_t(ranks.size())) {
+    std::printf("seed %llu (rank %d)\n", seeds[k], ranks.rank());
+    mine.put(long(k));
+    mine.put(encode(run_seed(opt, seeds[k], specs, dc, nullptr)));
+  }
+  const std::vector<std::string> all = train::gather_strings(*ranks.group(), mine.bytes());
+  if (!ranks.root()) return runs;
+  runs.resize(seeds.size());
+  for (const std::string& bytes : all) {
+    examples::Decoder d(bytes);
+    while (!d.done()) {
+      const long k = d.integer();
+      const std::string run = d.text();
+      examples::Decoder one(run);
+      runs.at(std::size_t(k)) = decode(one);
+    }
+  }
+  std::printf("%zu seeds on %d ranks\n", seeds.size(), ranks.size());
+  return runs;
+}
+
 int main(int argc, char** argv) {
+  examples::Ranks ranks(argc, argv, "linear_dynamics");
   const Options opt = with_defaults(parse(argc, argv));
   try {
     const mt::DynamicsConfig dc;  // docs/paper.md §1: n = 10, T = 50, noise 0.01
@@ -416,7 +480,9 @@ int main(int argc, char** argv) {
         const auto r = train::Trainer<float>(probe, make_source(dc, batch, seeds.front(), opt.threads), tc).run();
         estimate += r.seconds / 3.0 * double(steps_of(opt, s));
       }
-      estimate *= double(seeds.size());
+      // Seeds spread over the ranks run side by side (data-parallel ranks: not estimated).
+      const std::size_t R = seeds.size() > 1 ? std::size_t(ranks.size()) : 1;
+      estimate *= double((seeds.size() + R - 1) / R);
       if (estimate < 120)
         std::printf("estimated training time: %.0f s (%zu models x %zu seeds)\n", estimate, specs.size(), seeds.size());
       else
@@ -429,9 +495,13 @@ int main(int argc, char** argv) {
     std::vector<examples::TrainingHistory> histories;
     std::vector<std::string> gd_comparisons;
     double train_seconds = 0;
-    for (unsigned long long seed : seeds) {
-      if (seeds.size() > 1) std::printf("seed %llu\n", seed);
-      SeedRun run = run_seed(opt, seed, specs, dc);
+    const auto sweep_start = std::chrono::steady_clock::now();
+    std::vector<SeedRun> runs = run_seeds(opt, specs, dc, ranks);
+    const double sweep_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - sweep_start).count();
+    if (!ranks.root()) return 0;  // rank 0 reports
+    for (std::size_t k = 0; k < seeds.size(); ++k) {
+      const unsigned long long seed = seeds[k];
+      SeedRun& run = runs[k];
       per_seed.push_back(std::move(run.rows));
       histories.insert(histories.end(), run.histories.begin(), run.histories.end());
       if (!run.gd_comparison.empty())
@@ -452,13 +522,13 @@ int main(int argc, char** argv) {
 
     if (!gd_comparisons.empty()) std::printf("\n");
     for (const std::string& line : gd_comparisons) std::printf("%s", line.c_str());
-    std::printf("\ntraining took %.0f s in all\n", train_seconds);
+    std::printf("\ntraining took %.0f s in all (%.0f s of wall time for the seeds%s)\n", train_seconds, sweep_seconds,
+                ranks.size() > 1 ? (", " + std::to_string(ranks.size()) + " ranks").c_str() : "");
 
     if (!opt.csv.empty()) examples::write_curve_csv(opt.csv, rows, T);
     if (!opt.history.empty()) examples::write_history_csv(opt.history, histories);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "linear_dynamics: error: %s\n", e.what());
-    return 1;
+    ranks.fail(std::string("error: ") + e.what());  // under mpirun: ends every rank
   }
   return 0;
 }

@@ -18,6 +18,7 @@
 // in about 6 minutes on 2 cores. --full: the paper's settings (batch 256, 10000 steps,
 // warm-up 1000 to 8e-4 / hybrid 3e-4, cosine to 1e-5).
 #include "curve_report.hpp"
+#include "ranks.hpp"
 
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
@@ -225,6 +226,7 @@ HeadShares attention_shares(nn::Model<float>& model, const RowMatrix<float>& x, 
 }  // namespace
 
 int main(int argc, char** argv) {
+  examples::Ranks ranks(argc, argv, "raw_tokens");  // under mpirun: data-parallel training, rank 0 reports
   const Options opt = parse(argc, argv);
   try {
     const mt::DynamicsConfig dc;  // docs/paper.md §1: n = 10, T = 50, noise 0.01, W* Haar orthogonal
@@ -306,6 +308,7 @@ int main(int argc, char** argv) {
       model.init(opt.seed, kInitStd);
       train::TrainerConfig tc = trainer_config(s.peak_lr, steps);
       tc.progress = true;  // drawn only on a terminal
+      tc.process_group = ranks.group();
       train::Trainer<float> trainer(model, make_source(), tc);
       const auto r = trainer.run();
       const std::size_t tail = std::min<std::size_t>(50, r.losses.size());
@@ -355,10 +358,10 @@ int main(int argc, char** argv) {
     }
     std::printf("\ntraining took %.0f s in all\n", train_seconds);
 
+    if (!ranks.root()) return 0;  // rank 0 writes the files
     if (!opt.csv.empty()) examples::write_curve_csv(opt.csv, rows, T);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "raw_tokens: error: %s\n", e.what());
-    return 1;
+    ranks.fail(std::string("error: ") + e.what());  // under mpirun: ends every rank
   }
   return 0;
 }

@@ -28,6 +28,7 @@
 // the Bayes-optimal one), least squares, tuned 1-step GD and the noise floor,
 // and fits the step size of 1-step GD to linear-1L's predictions.
 #include "curve_report.hpp"
+#include "ranks.hpp"
 
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
@@ -264,6 +265,7 @@ double step_size_from_weights(nn::Model<float>& model, long dx, long dy, long he
 }  // namespace
 
 int main(int argc, char** argv) {
+  examples::Ranks ranks(argc, argv, "regression_fewshot");  // under mpirun: data-parallel training, rank 0 reports
   const Options opt = parse(argc, argv);
   try {
     const auto started = std::chrono::steady_clock::now();
@@ -319,6 +321,7 @@ int main(int argc, char** argv) {
       tc.schedule = train::constant_schedule(lr);
       tc.clip_norm = 1.0;
       tc.threads = opt.threads;  // workers of the sharded steps (automatic shards: min(batch, 8))
+      tc.process_group = ranks.group();
       train::Trainer<float> trainer(model, source, tc);
       const auto r = trainer.run();
       const std::size_t tail = std::min<std::size_t>(50, r.losses.size());
@@ -415,11 +418,11 @@ int main(int argc, char** argv) {
     const double total_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     std::printf("\ntraining took %.0f s; %.0f s in all\n", train_seconds, total_seconds);
 
+    if (!ranks.root()) return 0;  // rank 0 writes the files
     if (!opt.csv.empty()) examples::write_curve_csv(opt.csv, rows, T);
     if (!opt.history.empty()) examples::write_history_csv(opt.history, histories);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "regression_fewshot: error: %s\n", e.what());
-    return 1;
+    ranks.fail(std::string("error: ") + e.what());  // under mpirun: ends every rank
   }
   return 0;
 }

@@ -5,7 +5,8 @@
 # --fuzz adds what the libFuzzer targets need (scripts/run-fuzz.sh): clang and
 # compiler-rt's development package (libclang_rt.fuzzer, ASan, UBSan);
 # --clang adds the same and LLVM's OpenMP runtime (the sanitizer pass of
-# scripts/run-tests.sh builds with clang).
+# scripts/run-tests.sh builds with clang); --mpi adds Open MPI (the optional
+# mesaopt::distributed target, its tests and the examples under mpirun).
 set -euo pipefail
 
 packages=(cmake g++ make libeigen3-dev libxsimd-dev catch2 libbenchmark-dev)
@@ -14,6 +15,8 @@ for arg in "$@"; do
     packages+=(clang libclang-rt-dev)
   elif [ "$arg" = --clang ]; then
     packages+=(clang libclang-rt-dev libomp-dev)
+  elif [ "$arg" = --mpi ]; then
+    packages+=(libopenmpi-dev openmpi-bin)
   else
     packages+=("$arg")
   fi

@@ -15,6 +15,10 @@
 # then run under the sanitizers too: CI only checks that they compile and run,
 # and compiling them twice was a large share of CI's time. The plain pass
 # also compiles every public header on its own (MESAOPT_CHECK_HEADERS).
+#
+# Open MPI is installed too: with it the suite also trains under mpirun
+# (tests/mpi, and the examples' MPI runs). Without MPI (MESAOPT_WITH_MPI=OFF or
+# none installed) the same suite builds and runs without those tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +26,7 @@ jobs=$(nproc)
 ci=OFF
 [ "${MESAOPT_CI:-}" = 1 ] && ci=ON
 if [ "${1:-}" = "--sanitize" ]; then
-  bash scripts/install-deps.sh --clang
+  bash scripts/install-deps.sh --clang --mpi
   build=build-sanitize
   cmake -S . -B "$build" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" -DMESAOPT_SANITIZE=address,undefined \
@@ -30,7 +34,7 @@ if [ "${1:-}" = "--sanitize" ]; then
   exclude=(-E '^install_and_consume$')
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 else
-  bash scripts/install-deps.sh
+  bash scripts/install-deps.sh --mpi
   build=build
   exclude=()
   others=ON

@@ -251,6 +251,10 @@ TEST_CASE("Automatic shards: at most 8 sequences each, fewer for large activatio
     given.run();
     CHECK(state_of(automatic) == state_of(given));
   }
+  // Bad arguments are named.
+  CHECK_THAT(error_of([&] { train::auto_shard_count(0, 50, mc, 4); }), Catch::Contains("sequences"));
+  CHECK_THAT(error_of([&] { train::auto_shard_count(8, 0, mc, 4); }), Catch::Contains("seq_len"));
+  CHECK_THAT(error_of([&] { train::auto_shard_count(8, 50, mc, -4); }), Catch::Contains("scalar_bytes"));
 }
 
 TEST_CASE("Sharded runs resume exactly, with any thread count; the checkpoint records the shard count",

@@ -8,6 +8,7 @@
 #include <mesaopt/train/checkpoint.hpp>
 #include <mesaopt/train/grad_clip.hpp>
 #include <mesaopt/train/loss.hpp>
+#include <mesaopt/train/process_group.hpp>
 #include <mesaopt/train/progress.hpp>
 #include <mesaopt/train/schedule.hpp>
 #include <mesaopt/train/sharded_step.hpp>

@@ -16,3 +16,6 @@ run_step(${CMAKE_COMMAND} -S ${CONSUMER_DIR} -B ${WORK_DIR}/build
          -DCMAKE_PREFIX_PATH=${prefix} -DCMAKE_BUILD_TYPE=Release)
 run_step(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
 run_step(${WORK_DIR}/build/consumer)
+if(EXISTS ${WORK_DIR}/build/consumer_distributed)
+  run_step(${WORK_DIR}/build/consumer_distributed)
+endif()

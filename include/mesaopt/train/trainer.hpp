@@ -126,6 +126,14 @@ struct TrainerConfig {
   // lambda), or every parameter, as the paper's code does (docs/paper.md §3).
   DecayScope decay = DecayScope::matrices;
   int threads = 0;  // workers of the sharded step; <= 0: the library default (default_num_threads())
+  // Processes that train this model together, data-parallel (docs/distributed.md;
+  // distributed::MpiProcessGroup); nullptr: this process alone. Every rank runs
+  // the same Trainer on the same batches; each runs its block of the shards and
+  // the gradients are summed in the same fixed tree, so losses and parameters
+  // are bit-identical for any rank count at the same shard count (not recorded
+  // in checkpoints: it changes no result bit). Only rank 0 writes checkpoints
+  // and draws the progress line; every rank can resume from rank 0's file.
+  ProcessGroup* process_group = nullptr;
 };
 
 struct TrainResult {
@@ -318,7 +326,7 @@ class Trainer {
       TrainBatch<T> batch = source_(step_);
       if (batch.seq_len <= 0 || batch.inputs.rows() == 0)
         detail::fail(where, "batch source returned an empty batch or seq_len <= 0 at step ", step_);
-      if (!progress && config_.progress && config_.progress_stream != nullptr)
+      if (!progress && config_.progress && config_.progress_stream != nullptr && is_root())
         progress = std::make_unique<ProgressLine>(config_.steps, static_cast<long>(batch.inputs.rows()),
                                                   config_.progress_stream);
       // A mesa layer stops with MesaBreakdownError where its recursion meets a
@@ -394,12 +402,12 @@ class Trainer {
       ++step_;
       if (progress) progress->update(step_, loss.loss, lr);
       if (!config_.checkpoint_path.empty() && config_.checkpoint_every > 0 && step_ % config_.checkpoint_every == 0 &&
-          step_ < end)
+          step_ < end && is_root())
         save(config_.checkpoint_path);
     }
     result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (progress) progress->finish();
-    if (!config_.checkpoint_path.empty() && result.steps_run > 0) save(config_.checkpoint_path);
+    if (!config_.checkpoint_path.empty() && result.steps_run > 0 && is_root()) save(config_.checkpoint_path);
     result.tokens_per_second = result.seconds > 0 ? static_cast<double>(tokens) / result.seconds : 0.0;
     result.losses = losses_;
     result.skipped_steps = skipped_;
@@ -490,8 +498,11 @@ class Trainer {
   void prepare_shards(long sequences, long seq_len) {
     const long s = shards() > 0 ? shards() : auto_shard_count(sequences, seq_len, model_.config(), long(sizeof(T)));
     resolved_shards_ = s;
-    if (s > 1 && !sharded_) sharded_ = std::make_unique<ShardedStep<T>>(model_, s, config_.threads);
+    if (s > 1 && !sharded_) sharded_ = std::make_unique<ShardedStep<T>>(model_, s, config_.threads, config_.process_group);
   }
+
+  // The process that writes checkpoints and draws progress: rank 0 of the group, or the only one.
+  bool is_root() const { return config_.process_group == nullptr || config_.process_group->rank() == 0; }
 
   static const TrainerConfig& checked(const TrainerConfig& c) {
     const char* where = "Trainer";
