@@ -16,6 +16,7 @@
 // the numbers equal those of one process.
 #include "curve_report.hpp"
 #include "ranks.hpp"
+#include "seed_sweep.hpp"
 
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
@@ -154,17 +155,11 @@ Options parse(int argc, char** argv) {
     else if (a == "--eval") o.eval_sequences = static_cast<long>(number(1));
     else if (a == "--seed" || a == "--seeds") {
       if (!o.seeds.empty()) bad_option("give the seeds once (--seed N or --seeds LIST)");
-      std::stringstream ss(value());
-      for (std::string item; std::getline(ss, item, ',');) {
-        char* end = nullptr;
-        const unsigned long long v = std::strtoull(item.c_str(), &end, 10);
-        if (item.empty() || item[0] == '-' || end == item.c_str() || *end != '\0' || v > (1ULL << 62))
-          bad_option(a + " needs non-negative integers, got '" + item + "'");
-        if (std::find(o.seeds.begin(), o.seeds.end(), v) != o.seeds.end())
-          bad_option(a + " lists seed " + item + " twice");
-        o.seeds.push_back(v);
+      try {
+        o.seeds = examples::parse_seed_list(a, value());
+      } catch (const std::invalid_argument& e) {
+        bad_option(e.what());
       }
-      if (o.seeds.empty()) bad_option(a + " needs at least one seed");
       if (a == "--seed" && o.seeds.size() != 1) bad_option("--seed takes one seed (--seeds takes a list)");
     }
     else if (a == "--threads") o.threads = static_cast<int>(number(0));
@@ -269,19 +264,12 @@ double lr_of(const Options& opt, const ModelSpec& s) { return opt.lr > 0 ? opt.l
 // What one seed's run produces: the trained models' and the learners' loss
 // curves on that seed's held-out set, the training histories, and the
 // linear-1L vs GD comparison (empty without linear-1L).
-struct SeedRun {
-  std::vector<examples::CurveRow> rows;
-  std::vector<examples::TrainingHistory> histories;
-  std::string gd_comparison;
-  double train_seconds = 0;
-};
-
 // opt: with its defaults filled in (with_defaults). group: the ranks that
 // train together (data-parallel), or nullptr.
-SeedRun run_seed(const Options& opt, unsigned long long seed, const std::vector<ModelSpec>& specs,
-                 const mt::DynamicsConfig& dc, train::ProcessGroup* group) {
+examples::SeedRun run_seed(const Options& opt, unsigned long long seed, const std::vector<ModelSpec>& specs,
+                           const mt::DynamicsConfig& dc, train::ProcessGroup* group) {
   const long n = dc.state_dim, T = dc.seq_len;
-  SeedRun run;
+  examples::SeedRun run;
   // Held-out data: a different seed from training; learners' hyperparameters
   // are tuned on a third set (as in icl_baselines).
   const long batch = opt.batch;
@@ -369,7 +357,7 @@ SeedRun run_seed(const Options& opt, unsigned long long seed, const std::vector<
                   " avg loss %.4f (model) vs %.4f (GD), %+.2f%%\n",
                   fit.value, linear1_weight_eta, fit.residual, fit.cosine, model_avg, gd_avg,
                   100.0 * (model_avg - gd_avg) / gd_avg);
-    run.gd_comparison = line;
+    run.report = line;
   }
   return run;
 }
@@ -387,61 +375,6 @@ Options with_defaults(Options o) {
 }
 
 }  // namespace
-
-// A seed's results as bytes and back (for the seeds run on other ranks).
-std::string encode(const SeedRun& run) {
-  examples::Encoder e;
-  e.put(run.rows);
-  e.put(run.histories);
-  e.put(run.gd_comparison);
-  e.put(run.train_seconds);
-  return e.bytes();
-}
-SeedRun decode(examples::Decoder& d) {
-  SeedRun run;
-  run.rows = d.rows();
-  run.histories = d.histories();
-  run.gd_comparison = d.text();
-  run.train_seconds = d.real();
-  return run;
-}
-
-// Every seed's run, in the order of `seeds`, at rank 0 (the other ranks get
-// an empty list). One process, or one seed: the seeds one after another,
-// with the ranks training together; several ranks and seeds: seed k on rank
-// k mod R, then gathered.
-std::vector<SeedRun> run_seeds(const Options& opt, const std::vector<ModelSpec>& specs, const mt::DynamicsConfig& dc,
-                               const examples::Ranks& ranks) {
-  const std::vector<unsigned long long>& seeds = opt.seeds;
-  std::vector<SeedRun> runs;
-  if (ranks.size() == 1 || seeds.size() == 1) {
-    for (unsigned long long seed : seeds) {
-      if (seeds.size() > 1) std::printf("seed %llu\n", seed);
-      runs.push_back(run_seed(opt, seed, specs, dc, ranks.group()));
-    }
-    return runs;
-  }
-  examples::Encoder mine;
-  for (std::size_t k = std::size_t(ranks.rank()); k < seeds.size(); k += std::size_t(ranks.size())) {
-    std::printf("seed %llu (rank %d)\n", seeds[k], ranks.rank());
-    mine.put(long(k));
-    mine.put(encode(run_seed(opt, seeds[k], specs, dc, nullptr)));
-  }
-  const std::vector<std::string> all = train::gather_strings(*ranks.group(), mine.bytes());
-  if (!ranks.root()) return runs;
-  runs.resize(seeds.size());
-  for (const std::string& bytes : all) {
-    examples::Decoder d(bytes);
-    while (!d.done()) {
-      const long k = d.integer();
-      const std::string run = d.text();
-      examples::Decoder one(run);
-      runs.at(std::size_t(k)) = decode(one);
-    }
-  }
-  std::printf("%zu seeds on %d ranks\n", seeds.size(), ranks.size());
-  return runs;
-}
 
 int main(int argc, char** argv) {
   examples::Ranks ranks(argc, argv, "linear_dynamics");
@@ -491,25 +424,15 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
 
-    std::vector<std::vector<examples::CurveRow>> per_seed;
-    std::vector<examples::TrainingHistory> histories;
-    std::vector<std::string> gd_comparisons;
-    double train_seconds = 0;
     const auto sweep_start = std::chrono::steady_clock::now();
-    std::vector<SeedRun> runs = run_seeds(opt, specs, dc, ranks);
+    std::vector<examples::SeedRun> runs = examples::run_seeds(
+        seeds, ranks, [&](unsigned long long seed, train::ProcessGroup* group) {
+          return run_seed(opt, seed, specs, dc, group);
+        });
     const double sweep_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - sweep_start).count();
     if (!ranks.root()) return 0;  // rank 0 reports
-    for (std::size_t k = 0; k < seeds.size(); ++k) {
-      const unsigned long long seed = seeds[k];
-      SeedRun& run = runs[k];
-      per_seed.push_back(std::move(run.rows));
-      histories.insert(histories.end(), run.histories.begin(), run.histories.end());
-      if (!run.gd_comparison.empty())
-        gd_comparisons.push_back((seeds.size() > 1 ? "seed " + std::to_string(seed) + ": " : std::string()) +
-                                 run.gd_comparison);
-      train_seconds += run.train_seconds;
-    }
-    const std::vector<examples::CurveRow> rows = examples::mean_over_seeds(per_seed);
+    const examples::SweepResult sweep = examples::combine_seeds(seeds, runs);
+    const std::vector<examples::CurveRow>& rows = sweep.rows;
 
     const std::vector<long> show = {1, 2, 5, 10, 20, 30, 40, 50};
     if (seeds.size() > 1)
@@ -520,13 +443,13 @@ int main(int argc, char** argv) {
       std::printf("\nheld-out loss per position (sum of squared errors / 2, mean over %ld sequences)\n", eval_sequences);
     examples::print_curve_table(rows, show, 22, 13);
 
-    if (!gd_comparisons.empty()) std::printf("\n");
-    for (const std::string& line : gd_comparisons) std::printf("%s", line.c_str());
-    std::printf("\ntraining took %.0f s in all (%.0f s of wall time for the seeds%s)\n", train_seconds, sweep_seconds,
+    if (!sweep.reports.empty()) std::printf("\n");
+    for (const std::string& line : sweep.reports) std::printf("%s", line.c_str());
+    std::printf("\ntraining took %.0f s in all (%.0f s of wall time for the seeds%s)\n", sweep.train_seconds, sweep_seconds,
                 ranks.size() > 1 ? (", " + std::to_string(ranks.size()) + " ranks").c_str() : "");
 
     if (!opt.csv.empty()) examples::write_curve_csv(opt.csv, rows, T);
-    if (!opt.history.empty()) examples::write_history_csv(opt.history, histories);
+    if (!opt.history.empty()) examples::write_history_csv(opt.history, sweep.histories);
   } catch (const std::exception& e) {
     ranks.fail(std::string("error: ") + e.what());  // under mpirun: ends every rank
   }

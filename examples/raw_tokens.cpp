@@ -19,6 +19,7 @@
 // warm-up 1000 to 8e-4 / hybrid 3e-4, cosine to 1e-5).
 #include "curve_report.hpp"
 #include "ranks.hpp"
+#include "seed_sweep.hpp"
 
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
@@ -78,7 +79,7 @@ struct Options {
   long probe_sequences = 200;
   double softmax_lr = 0, hybrid_lr = 0;  // 0: from the settings
   bool layer_norm = true;
-  unsigned long long seed = 1;
+  std::vector<unsigned long long> seeds = {1};
   int threads = 0;
   std::string csv;
 };
@@ -102,8 +103,11 @@ void usage() {
       "  --eval N            held-out evaluation sequences (default 1000)\n"
       "  --probe N           held-out sequences for the attention probe (default 200)\n"
       "  --seed N            seed of training data, initialisation and evaluation (default 1)\n"
+      "  --seeds LIST        comma-separated seeds, run one after another (under mpirun: spread over\n"
+      "                      the ranks); the table and the CSV give the mean over seeds and its\n"
+      "                      standard error, the attention probe is printed per seed\n"
       "  --threads N         threads, N >= 0 (default 0: OpenMP default)\n"
-      "  --csv FILE          write method,position,loss rows (positions 1..50)\n"
+      "  --csv FILE          write method,position,loss,stderr,seeds rows (positions 1..50)\n"
       "  --help              this text\n",
       kDefault.batch, kDefault.steps, kDefault.warmup, kDefault.softmax_lr, kDefault.hybrid_lr);
 }
@@ -153,7 +157,14 @@ Options parse(int argc, char** argv) {
     else if (a == "--lr-softmax") o.softmax_lr = positive(1.0);
     else if (a == "--lr-hybrid") o.hybrid_lr = positive(1.0);
     else if (a == "--no-layer-norm") o.layer_norm = false;
-    else if (a == "--seed") o.seed = static_cast<unsigned long long>(integer(0, (1LL << 62)));
+    else if (a == "--seed" || a == "--seeds") {
+      try {
+        o.seeds = examples::parse_seed_list(a, value());
+      } catch (const std::invalid_argument& e) {
+        bad_option(e.what());
+      }
+      if (a == "--seed" && o.seeds.size() != 1) bad_option("--seed takes one seed (--seeds takes a list)");
+    }
     else if (a == "--threads") o.threads = int(integer(0, 1024));
     else if (a == "--csv") {
       o.csv = value();
@@ -256,8 +267,8 @@ int main(int argc, char** argv) {
         n, T, kWidth, kHeads, kKeySize, kValueSize, kPositionalDim, opt.full ? "paper (--full)" : "reduced default",
         batch, steps, kWeightDecay, warmup, kLrFloor, kInitStd, opt.layer_norm ? "on" : "off");
 
-    const std::uint64_t data_seed = opt.seed;
-    auto make_source = [&]() -> train::BatchSource<float> {
+    const std::vector<unsigned long long>& seeds = opt.seeds;
+    auto make_source = [&](std::uint64_t data_seed) -> train::BatchSource<float> {
       return [dc, batch, data_seed, threads = opt.threads](long step) {
         const auto db = mt::make_dynamics_batch<float>(dc, batch, data_seed, std::uint64_t(step) * batch, threads);
         train::TrainBatch<float> tb;
@@ -282,8 +293,8 @@ int main(int argc, char** argv) {
       double seconds_per_run = 0;
       for (const ModelSpec& s : specs) {
         nn::Model<float> probe_model(s.config);
-        probe_model.init(opt.seed, kInitStd);
-        train::Trainer<float> trainer(probe_model, make_source(), trainer_config(s.peak_lr, 4));
+        probe_model.init(seeds.front(), kInitStd);
+        train::Trainer<float> trainer(probe_model, make_source(seeds.front()), trainer_config(s.peak_lr, 4));
         trainer.run(1);
         const auto r = trainer.run(4);
         seconds_per_run += r.seconds / double(r.steps_run) * double(steps);
@@ -293,72 +304,94 @@ int main(int argc, char** argv) {
     }
     std::fflush(stdout);
 
-    // Held-out data: seeds disjoint from the training stream.
-    const auto eval = mt::make_dynamics_batch<double>(dc, opt.eval_sequences, opt.seed + 1000003, 0, opt.threads);
-    const RowMatrix<float> eval_x = eval.inputs.cast<float>();
     const long probe_n = std::min(opt.probe_sequences, opt.eval_sequences);
-    const RowMatrix<float> probe_x = eval_x.topRows(probe_n * T);
-    const RowMatrix<double>&x = eval.inputs, &y = eval.targets;
+    // One seed: train both models, evaluate them beside ridge and the noise
+    // floor, and probe block 0's attention (the report). group: the ranks that
+    // train together (data-parallel), or nullptr.
+    auto run_one = [&](unsigned long long seed, train::ProcessGroup* group) {
+      examples::SeedRun run;
+      // Held-out data: seeds disjoint from the training stream.
+      const auto eval = mt::make_dynamics_batch<double>(dc, opt.eval_sequences, seed + 1000003, 0, opt.threads);
+      const RowMatrix<float> eval_x = eval.inputs.cast<float>();
+      const RowMatrix<float> probe_x = eval_x.topRows(probe_n * T);
+      const RowMatrix<double>&x = eval.inputs, &y = eval.targets;
 
-    std::vector<examples::CurveRow> rows;
-    std::vector<std::pair<std::string, HeadShares>> shares;
-    const auto started = std::chrono::steady_clock::now();
-    for (const ModelSpec& s : specs) {
-      nn::Model<float> model(s.config);
-      model.init(opt.seed, kInitStd);
-      train::TrainerConfig tc = trainer_config(s.peak_lr, steps);
-      tc.progress = true;  // drawn only on a terminal
-      tc.process_group = ranks.group();
-      train::Trainer<float> trainer(model, make_source(), tc);
-      const auto r = trainer.run();
-      const std::size_t tail = std::min<std::size_t>(50, r.losses.size());
-      double last = 0;
-      for (std::size_t i = r.losses.size() - tail; i < r.losses.size(); ++i) last += r.losses[i] / double(tail);
-      std::printf("  trained %-16s %6ld steps, peak lr %.0e: train loss %.4f -> %.4f (mean of last %zu), %6.1f s, "
-                  "%.0f training tokens/s\n",
-                  s.name.c_str(), steps, s.peak_lr, r.losses.front(), last, tail, r.seconds, r.tokens_per_second);
-      std::fflush(stdout);
+      std::vector<std::pair<std::string, HeadShares>> shares;
+      const auto started = std::chrono::steady_clock::now();
+      for (const ModelSpec& s : specs) {
+        nn::Model<float> model(s.config);
+        model.init(seed, kInitStd);
+        train::TrainerConfig tc = trainer_config(s.peak_lr, steps);
+        tc.progress = true;  // drawn only on a terminal
+        tc.process_group = group;
+        train::Trainer<float> trainer(model, make_source(seed), tc);
+        const auto r = trainer.run();
+        const std::size_t tail = std::min<std::size_t>(50, r.losses.size());
+        double last = 0;
+        for (std::size_t i = r.losses.size() - tail; i < r.losses.size(); ++i) last += r.losses[i] / double(tail);
+        std::printf("  trained %-16s %6ld steps, peak lr %.0e: train loss %.4f -> %.4f (mean of last %zu), %6.1f s, "
+                    "%.0f training tokens/s\n",
+                    s.name.c_str(), steps, s.peak_lr, r.losses.front(), last, tail, r.seconds, r.tokens_per_second);
+        std::fflush(stdout);
 
-      typename nn::Model<float>::Cache cache;
-      const RowMatrix<double> pred = model.forward(eval_x, T, cache).cast<double>();
-      rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
-      shares.emplace_back(s.name, attention_shares(model, probe_x, T, 0));
-    }
-    const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+        typename nn::Model<float>::Cache cache;
+        const RowMatrix<double> pred = model.forward(eval_x, T, cache).cast<double>();
+        run.rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
+        run.histories.push_back({s.name, seed, r.losses});
+        shares.emplace_back(s.name, attention_shares(model, probe_x, T, 0));
+      }
+      run.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
 
-    rows.push_back({"ridge", "reg 1e-3",
-                    ml::loss_curve(ml::Ridge::from_regularizer(1e-3).predict<double>(x, y, T, opt.threads), y, T)});
-    rows.push_back({"noise-floor", "true W*", ml::loss_curve(mt::predict_with_true_dynamics(eval), y, T)});
+      run.rows.push_back({"ridge", "reg 1e-3",
+                          ml::loss_curve(ml::Ridge::from_regularizer(1e-3).predict<double>(x, y, T, opt.threads), y, T)});
+      run.rows.push_back({"noise-floor", "true W*", ml::loss_curve(mt::predict_with_true_dynamics(eval), y, T)});
+
+      // Token construction: block 0's attention mass on keys t-1 and t.
+      double uniform_prev = 0;  // uniform causal attention puts 1/t on each key
+      for (long t = 2; t <= T; ++t) uniform_prev += 1.0 / double(t) / double(T - 1);
+      auto append = [&](const char* format, auto... values) {
+        char line[256];
+        std::snprintf(line, sizeof line, format, values...);
+        run.report += line;
+      };
+      append("block 0 (softmax + positions) attention mass, mean over positions t = 2..%ld and %ld held-out "
+             "sequences\n(uniform causal attention would give %.3f on each of t-1 and t)\n",
+             T, probe_n, uniform_prev);
+      append("%-16s %-6s %10s %10s %10s\n", "model", "head", "on t-1", "on t", "elsewhere");
+      for (const auto& [name, sh] : shares) {
+        double prev = 0, self = 0;
+        for (std::size_t h = 0; h < sh.prev.size(); ++h) {
+          append("%-16s %-6zu %10.3f %10.3f %10.3f\n", name.c_str(), h, sh.prev[h], sh.self[h],
+                 1.0 - sh.prev[h] - sh.self[h]);
+          prev += sh.prev[h] / double(sh.prev.size());
+          self += sh.self[h] / double(sh.prev.size());
+        }
+        const auto best = std::max_element(sh.prev.begin(), sh.prev.end());
+        append("%-16s %-6s %10.3f %10.3f %10.3f   (head %ld puts the most on t-1: %.3f)\n", name.c_str(), "mean", prev,
+               self, 1.0 - prev - self, long(best - sh.prev.begin()), *best);
+      }
+      return run;
+    };
+
+    std::vector<examples::SeedRun> runs = examples::run_seeds(seeds, ranks, run_one);
+    if (!ranks.root()) return 0;  // rank 0 reports and writes the files
+    const examples::SweepResult sweep = examples::combine_seeds(seeds, runs);
+    const std::vector<examples::CurveRow>& rows = sweep.rows;
 
     const std::vector<long> show = {1, 2, 5, 10, 20, 30, 40, 50};
-    std::printf("\nheld-out loss per position (sum of squared errors / 2, mean over %ld sequences)\n",
-                opt.eval_sequences);
+    if (seeds.size() > 1)
+      std::printf("\nheld-out loss per position (sum of squared errors / 2), mean over %zu seeds of %ld sequences "
+                  "each\n",
+                  seeds.size(), opt.eval_sequences);
+    else
+      std::printf("\nheld-out loss per position (sum of squared errors / 2, mean over %ld sequences)\n",
+                  opt.eval_sequences);
     examples::print_curve_table(rows, show, 16, 11);
     std::printf("(docs/paper.md §4, paper settings: 3-layer softmax avg 0.315, t=50 0.057; hybrid softmax + 1 mesa "
                 "about 0.198, t=50 0.0023)\n");
+    for (const std::string& report : sweep.reports) std::printf("\n%s", report.c_str());
+    std::printf("\ntraining took %.0f s in all\n", sweep.train_seconds);
 
-    // Token construction: block 0's attention mass on keys t-1 and t.
-    double uniform_prev = 0;  // uniform causal attention puts 1/t on each key
-    for (long t = 2; t <= T; ++t) uniform_prev += 1.0 / double(t) / double(T - 1);
-    std::printf("\nblock 0 (softmax + positions) attention mass, mean over positions t = 2..%ld and %ld held-out "
-                "sequences\n(uniform causal attention would give %.3f on each of t-1 and t)\n",
-                T, probe_n, uniform_prev);
-    std::printf("%-16s %-6s %10s %10s %10s\n", "model", "head", "on t-1", "on t", "elsewhere");
-    for (const auto& [name, s] : shares) {
-      double prev = 0, self = 0;
-      for (std::size_t h = 0; h < s.prev.size(); ++h) {
-        std::printf("%-16s %-6zu %10.3f %10.3f %10.3f\n", name.c_str(), h, s.prev[h], s.self[h],
-                    1.0 - s.prev[h] - s.self[h]);
-        prev += s.prev[h] / double(s.prev.size());
-        self += s.self[h] / double(s.prev.size());
-      }
-      const auto best = std::max_element(s.prev.begin(), s.prev.end());
-      std::printf("%-16s %-6s %10.3f %10.3f %10.3f   (head %ld puts the most on t-1: %.3f)\n", name.c_str(), "mean",
-                  prev, self, 1.0 - prev - self, long(best - s.prev.begin()), *best);
-    }
-    std::printf("\ntraining took %.0f s in all\n", train_seconds);
-
-    if (!ranks.root()) return 0;  // rank 0 writes the files
     if (!opt.csv.empty()) examples::write_curve_csv(opt.csv, rows, T);
   } catch (const std::exception& e) {
     ranks.fail(std::string("error: ") + e.what());  // under mpirun: ends every rank

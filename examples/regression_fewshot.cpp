@@ -29,6 +29,7 @@
 // and fits the step size of 1-step GD to linear-1L's predictions.
 #include "curve_report.hpp"
 #include "ranks.hpp"
+#include "seed_sweep.hpp"
 
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
@@ -84,7 +85,7 @@ struct Options {
   double clip = 0;         // stream clip after each block; 0 = off
   double init_std = 0.0002;  // docs/paper.md §2: N(0, 0.0002^2) for constructed tokens
   long eval_sequences = 1000, tune_sequences = 250;
-  unsigned long long seed = 1;
+  std::vector<unsigned long long> seeds = {1};
   int threads = 1;  // the models are tiny: one thread beat two on this 2-core machine (see --help)
   std::vector<std::string> models;
   std::string csv, history;
@@ -117,11 +118,14 @@ void usage() {
       "  --tune N           sequences for tuning the learners' hyperparameters (default 250)\n"
       "  --seed N           seed of training data and initialisation; evaluation and tuning\n"
       "                     use seed + 1000003 and seed + 2000003 (default 1)\n"
+      "  --seeds LIST       comma-separated seeds, run one after another (under mpirun: spread over\n"
+      "                     the ranks); the table and the CSV give the mean over seeds and its\n"
+      "                     standard error\n"
       "  --threads N        threads for training and the learners (default 1: at these sizes one thread\n"
       "                     trained faster than two on a 2-core machine; 0 = OpenMP default);\n"
       "                     results do not depend on it\n"
-      "  --csv FILE         write method,position,loss rows (positions 1..T)\n"
-      "  --history FILE     write model,step,loss rows of the training loss\n"
+      "  --csv FILE         write method,position,loss,stderr,seeds rows (positions 1..T)\n"
+      "  --history FILE     write model,step,loss,seed rows of the training loss\n"
       "  --help             this text\n");
 }
 
@@ -178,7 +182,14 @@ Options parse(int argc, char** argv) {
       if (o.init_std <= 0) bad_option("--init-std must be > 0");
     } else if (a == "--eval") o.eval_sequences = integer(1, 10000000);
     else if (a == "--tune") o.tune_sequences = integer(1, 10000000);
-    else if (a == "--seed") o.seed = static_cast<unsigned long long>(integer(0, 1000000000000L));
+    else if (a == "--seed" || a == "--seeds") {
+      try {
+        o.seeds = examples::parse_seed_list(a, value());
+      } catch (const std::invalid_argument& e) {
+        bad_option(e.what());
+      }
+      if (a == "--seed" && o.seeds.size() != 1) bad_option("--seed takes one seed (--seeds takes a list)");
+    }
     else if (a == "--threads") o.threads = static_cast<int>(integer(0, 1024));
     else if (a == "--csv") o.csv = value();
     else if (a == "--history") o.history = value();
@@ -264,8 +275,120 @@ double step_size_from_weights(nn::Model<float>& model, long dx, long dy, long he
 
 }  // namespace
 
+// One seed: train the models, evaluate them and the learners on that seed's
+// held-out set, and report the GD step that best fits linear-1L. group: the
+// ranks that train together (data-parallel), or nullptr.
+examples::SeedRun run_seed(const Options& opt, unsigned long long seed, const std::vector<ModelSpec>& specs,
+                           const mt::RegressionConfig& rc, train::ProcessGroup* group) {
+  const long T = rc.num_pairs, dx = rc.input_dim, dy = rc.output_dim;
+  auto lr_of = [&](const ModelSpec& s) { return (opt.lr > 0 ? opt.lr : s.lr) * opt.lr_scale; };
+  examples::SeedRun run;
+  // Held-out data: a different seed from training; the learners'
+  // hyperparameters are tuned on a third set.
+  const auto eval = mt::make_regression_batch<double>(rc, opt.eval_sequences, seed + 1000003, 0, opt.threads);
+  const auto tune = mt::make_regression_batch<double>(rc, opt.tune_sequences, seed + 2000003, 0, opt.threads);
+  const RowMatrix<float> eval_tokens = constructed_tokens<double>(eval).cast<float>();
+  const RowMatrix<double>&x = eval.x, &y = eval.y;
+
+  RowMatrix<double> linear1_pred;
+  double linear1_weight_eta = std::nan("");
+  const auto started = std::chrono::steady_clock::now();
+  for (const ModelSpec& s : specs) {
+    const double lr = lr_of(s);
+    const long steps = opt.steps > 0 ? opt.steps : s.steps;
+    const nn::ModelConfig mc = model_config(s, opt);
+    nn::Model<float> model(mc);
+    model.init(seed, opt.init_std);
+    train::BatchSource<float> source = [rc, batch = opt.batch, data_seed = std::uint64_t(seed),
+                                        threads = opt.threads](long step) {
+      const auto db = mt::make_regression_batch<float>(rc, batch, data_seed, step * batch, threads);
+      train::TrainBatch<float> tb;
+      tb.inputs = constructed_tokens<float>(db);
+      tb.targets = db.y;
+      tb.seq_len = db.num_pairs;
+      return tb;
+    };
+    train::TrainerConfig tc;
+    tc.steps = steps;
+    tc.adam = train::adamw_config(0.1);  // docs/paper.md §3: AdamW (0.9, 0.999, 1e-8), weight decay 0.1
+    tc.schedule = train::constant_schedule(lr);
+    tc.clip_norm = 1.0;
+    tc.threads = opt.threads;  // workers of the sharded steps (automatic shards: min(batch, 8))
+    tc.process_group = group;
+    train::Trainer<float> trainer(model, source, tc);
+    const auto r = trainer.run();
+    const std::size_t tail = std::min<std::size_t>(50, r.losses.size());
+    double last = 0;
+    for (std::size_t i = r.losses.size() - tail; i < r.losses.size(); ++i) last += r.losses[i] / double(tail);
+    std::printf(
+        "  trained %-9s %6ld steps, lr %.1e: train loss %.4f -> %.4f (mean of last %zu), %6.1f s, %.0f tokens/s\n",
+        s.name.c_str(), steps, lr, r.losses.front(), last, tail, r.seconds, r.tokens_per_second);
+    std::fflush(stdout);
+
+    typename nn::Model<float>::Cache cache;
+    const RowMatrix<double> pred = model.forward(eval_tokens, T, cache).cast<double>();
+    run.rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
+    run.histories.push_back({s.name, seed, r.losses});
+    if (s.name == "linear-1L") {
+      linear1_pred = pred;
+      linear1_weight_eta = step_size_from_weights(model, dx, dy, s.heads, mc.blocks[0].key_size);
+    }
+  }
+  run.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+
+  // Reference learners on the same held-out sequences (learners/context.hpp:
+  // each predicts y_t from the pairs i < t and x_t, 0 at t = 1).
+  auto tuned = [&](auto make, double lo, double hi) {
+    return ml::tune_for_loss<double>(make, tune.x, tune.y, T, lo, hi, true, opt.threads).argmin;
+  };
+  auto add = [&](const std::string& name, const std::string& setting, const RowMatrix<double>& pred) {
+    run.rows.push_back({name, setting, ml::loss_curve(pred, y, T)});
+  };
+  const double reg = tuned([](double r) { return ml::Ridge::from_regularizer(r); }, 1e-4, 100.0);
+  add("ridge-tuned", examples::format_number("reg %.3g", reg),
+      ml::Ridge::from_regularizer(reg).predict<double>(x, y, T, opt.threads));
+  // Posterior mean of W under its N(0, 1/dx) prior and N(0, noise^2) noise:
+  // ridge with regulariser noise^2 dx (docs/math.md M5: prior variance lambda).
+  if (opt.noise > 0) {
+    const double bayes = opt.noise * opt.noise * double(dx);
+    add("ridge-bayes", examples::format_number("reg %.3g", bayes),
+        ml::Ridge::from_regularizer(bayes).predict<double>(x, y, T, opt.threads));
+  }
+  add("least-squares", "min-norm", ml::LeastSquares{}.predict<double>(x, y, T, opt.threads));
+  const double gd_eta = tuned([](double e) { return ml::GradientDescent{1, e, 0.0}; }, 1e-3, 1.0);
+  add("gd-1step-tuned", examples::format_number("eta %.4g", gd_eta),
+      ml::GradientDescent{1, gd_eta, 0.0}.predict<double>(x, y, T, opt.threads));
+  add("noise-floor", "true W", mt::predict_with_true_weights(eval));
+
+  if (linear1_pred.size() > 0) {
+    // Which GD step does linear-1L implement? Fit eta to its predictions.
+    auto avg_of = [&](const std::string& name) {
+      for (const examples::CurveRow& r : run.rows)
+        if (r.method == name) return ml::mean_of(r.curve);
+      return std::nan("");
+    };
+    const auto fit = ml::fit_to_model<double>([](double e) { return ml::GradientDescent{1, e, 0.0}; }, linear1_pred,
+                                              x, y, T, 1e-3, 1.0, true, opt.threads);
+    const auto gd_fit_curve =
+        ml::loss_curve(ml::GradientDescent{1, fit.value, 0.0}.predict<double>(x, y, T, opt.threads), y, T);
+    const double model_avg = avg_of("linear-1L"), gd_avg = ml::mean_of(gd_fit_curve);
+    const double model_power = linear1_pred.squaredNorm() / double(linear1_pred.rows());  // mean ||pred_t||^2
+    char line[1024];
+    std::snprintf(
+        line, sizeof line,
+        "linear-1L vs 1-step GD: best-fitting eta %.4f (tuned for loss: %.4f); from the weights (sum over heads)"
+        " %.4f\n  agreement at that eta: mean squared prediction difference %.3g (%.2f%% of the model's mean"
+        " squared prediction),\n  mean cosine %.4f%s;\n  avg loss %.4f (model) vs %.4f (GD at fitted eta), %+.2f%%\n",
+        fit.value, gd_eta, linear1_weight_eta, fit.residual, 100.0 * fit.residual / model_power, fit.cosine,
+        dy == 1 ? " (with dy = 1 this is 2 x (share of equal signs) - 1)" : "", model_avg, gd_avg,
+        100.0 * (model_avg - gd_avg) / gd_avg);
+    run.report = line;
+  }
+  return run;
+}
+
 int main(int argc, char** argv) {
-  examples::Ranks ranks(argc, argv, "regression_fewshot");  // under mpirun: data-parallel training, rank 0 reports
+  examples::Ranks ranks(argc, argv, "regression_fewshot");  // under mpirun: see examples/seed_sweep.hpp
   const Options opt = parse(argc, argv);
   try {
     const auto started = std::chrono::steady_clock::now();
@@ -276,96 +399,24 @@ int main(int argc, char** argv) {
     rc.noise_std = opt.noise;
     rc.weight_std = 1.0 / std::sqrt(double(opt.dx));  // unit-variance y entries
     const long T = rc.num_pairs, dx = rc.input_dim, dy = rc.output_dim;
+    const std::vector<unsigned long long>& seeds = opt.seeds;
 
     std::vector<ModelSpec> specs;
     for (const ModelSpec& s : kSpecs)
       if (opt.models.empty() || std::find(opt.models.begin(), opt.models.end(), s.name) != opt.models.end())
         specs.push_back(s);
-    auto lr_of = [&](const ModelSpec& s) { return (opt.lr > 0 ? opt.lr : s.lr) * opt.lr_scale; };
 
     std::printf(
         "in-context linear regression: dx = %ld, dy = %ld, T = %ld pairs, noise %.3g, W ~ N(0, 1/dx); "
-        "batch %ld\n",
-        dx, dy, T, opt.noise, opt.batch);
+        "batch %ld, %zu seed%s\n",
+        dx, dy, T, opt.noise, opt.batch, seeds.size(), seeds.size() > 1 ? "s" : "");
 
-    // Held-out data: a different seed from training; the learners'
-    // hyperparameters are tuned on a third set.
-    const auto eval = mt::make_regression_batch<double>(rc, opt.eval_sequences, opt.seed + 1000003, 0, opt.threads);
-    const auto tune = mt::make_regression_batch<double>(rc, opt.tune_sequences, opt.seed + 2000003, 0, opt.threads);
-    const RowMatrix<float> eval_tokens = constructed_tokens<double>(eval).cast<float>();
-    const RowMatrix<double>&x = eval.x, &y = eval.y;
-
-    std::vector<examples::CurveRow> rows;
-    std::vector<examples::TrainingHistory> histories;
-    RowMatrix<double> linear1_pred;
-    double linear1_weight_eta = std::nan("");
-
-    for (const ModelSpec& s : specs) {
-      const double lr = lr_of(s);
-      const long steps = opt.steps > 0 ? opt.steps : s.steps;
-      const nn::ModelConfig mc = model_config(s, opt);
-      nn::Model<float> model(mc);
-      model.init(opt.seed, opt.init_std);
-      train::BatchSource<float> source = [rc, batch = opt.batch, data_seed = std::uint64_t(opt.seed),
-                                          threads = opt.threads](long step) {
-        const auto db = mt::make_regression_batch<float>(rc, batch, data_seed, step * batch, threads);
-        train::TrainBatch<float> tb;
-        tb.inputs = constructed_tokens<float>(db);
-        tb.targets = db.y;
-        tb.seq_len = db.num_pairs;
-        return tb;
-      };
-      train::TrainerConfig tc;
-      tc.steps = steps;
-      tc.adam = train::adamw_config(0.1);  // docs/paper.md §3: AdamW (0.9, 0.999, 1e-8), weight decay 0.1
-      tc.schedule = train::constant_schedule(lr);
-      tc.clip_norm = 1.0;
-      tc.threads = opt.threads;  // workers of the sharded steps (automatic shards: min(batch, 8))
-      tc.process_group = ranks.group();
-      train::Trainer<float> trainer(model, source, tc);
-      const auto r = trainer.run();
-      const std::size_t tail = std::min<std::size_t>(50, r.losses.size());
-      double last = 0;
-      for (std::size_t i = r.losses.size() - tail; i < r.losses.size(); ++i) last += r.losses[i] / double(tail);
-      std::printf(
-          "  trained %-9s %6ld steps, lr %.1e: train loss %.4f -> %.4f (mean of last %zu), %6.1f s, %.0f tokens/s\n",
-          s.name.c_str(), steps, lr, r.losses.front(), last, tail, r.seconds, r.tokens_per_second);
-      std::fflush(stdout);
-
-      typename nn::Model<float>::Cache cache;
-      const RowMatrix<double> pred = model.forward(eval_tokens, T, cache).cast<double>();
-      rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
-      histories.push_back({s.name, opt.seed, r.losses});
-      if (s.name == "linear-1L") {
-        linear1_pred = pred;
-        linear1_weight_eta = step_size_from_weights(model, dx, dy, s.heads, mc.blocks[0].key_size);
-      }
-    }
-    const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-
-    // Reference learners on the same held-out sequences (learners/context.hpp:
-    // each predicts y_t from the pairs i < t and x_t, 0 at t = 1).
-    auto tuned = [&](auto make, double lo, double hi) {
-      return ml::tune_for_loss<double>(make, tune.x, tune.y, T, lo, hi, true, opt.threads).argmin;
-    };
-    auto add = [&](const std::string& name, const std::string& setting, const RowMatrix<double>& pred) {
-      rows.push_back({name, setting, ml::loss_curve(pred, y, T)});
-    };
-    const double reg = tuned([](double r) { return ml::Ridge::from_regularizer(r); }, 1e-4, 100.0);
-    add("ridge-tuned", examples::format_number("reg %.3g", reg),
-        ml::Ridge::from_regularizer(reg).predict<double>(x, y, T, opt.threads));
-    // Posterior mean of W under its N(0, 1/dx) prior and N(0, noise^2) noise:
-    // ridge with regulariser noise^2 dx (docs/math.md M5: prior variance lambda).
-    if (opt.noise > 0) {
-      const double bayes = opt.noise * opt.noise * double(dx);
-      add("ridge-bayes", examples::format_number("reg %.3g", bayes),
-          ml::Ridge::from_regularizer(bayes).predict<double>(x, y, T, opt.threads));
-    }
-    add("least-squares", "min-norm", ml::LeastSquares{}.predict<double>(x, y, T, opt.threads));
-    const double gd_eta = tuned([](double e) { return ml::GradientDescent{1, e, 0.0}; }, 1e-3, 1.0);
-    add("gd-1step-tuned", examples::format_number("eta %.4g", gd_eta),
-        ml::GradientDescent{1, gd_eta, 0.0}.predict<double>(x, y, T, opt.threads));
-    add("noise-floor", "true W", mt::predict_with_true_weights(eval));
+    std::vector<examples::SeedRun> runs = examples::run_seeds(
+        seeds, ranks,
+        [&](unsigned long long seed, train::ProcessGroup* group) { return run_seed(opt, seed, specs, rc, group); });
+    if (!ranks.root()) return 0;  // rank 0 reports and writes the files
+    const examples::SweepResult sweep = examples::combine_seeds(seeds, runs);
+    const std::vector<examples::CurveRow>& rows = sweep.rows;
 
     // Positions shown: a fixed ladder, t = dx + 1 (dx context pairs: where
     // least squares interpolates the noise and its loss peaks) and t = T.
@@ -375,8 +426,13 @@ int main(int argc, char** argv) {
     show.push_back(T);
     std::sort(show.begin(), show.end());
     show.erase(std::unique(show.begin(), show.end()), show.end());
-    std::printf("\nheld-out loss per position (sum over dy of squared error / 2, mean over %ld sequences)\n",
-                opt.eval_sequences);
+    if (seeds.size() > 1)
+      std::printf("\nheld-out loss per position (sum over dy of squared error / 2), mean over %zu seeds of %ld "
+                  "sequences each; settings of seed %llu\n",
+                  seeds.size(), opt.eval_sequences, seeds.front());
+    else
+      std::printf("\nheld-out loss per position (sum over dy of squared error / 2, mean over %ld sequences)\n",
+                  opt.eval_sequences);
     examples::print_curve_table(rows, show, 15, 12);
 
     if (opt.noise > 0 && dx + 1 <= T)
@@ -397,30 +453,12 @@ int main(int argc, char** argv) {
       std::printf("%-9s avg %.4f: %+.1f%% vs ridge-tuned, %+.1f%% vs gd-1step-tuned\n", s.name.c_str(), m,
                   100.0 * (m - ridge_avg) / ridge_avg, 100.0 * (m - avg_of("gd-1step-tuned")) / avg_of("gd-1step-tuned"));
     }
-
-    if (linear1_pred.size() > 0) {
-      // Which GD step does linear-1L implement? Fit eta to its predictions.
-      const auto fit = ml::fit_to_model<double>([](double e) { return ml::GradientDescent{1, e, 0.0}; }, linear1_pred,
-                                                x, y, T, 1e-3, 1.0, true, opt.threads);
-      const auto gd_fit_curve =
-          ml::loss_curve(ml::GradientDescent{1, fit.value, 0.0}.predict<double>(x, y, T, opt.threads), y, T);
-      const double model_avg = avg_of("linear-1L"), gd_avg = ml::mean_of(gd_fit_curve);
-      const double model_power = linear1_pred.squaredNorm() / double(linear1_pred.rows());  // mean ||pred_t||^2
-      std::printf(
-          "\nlinear-1L vs 1-step GD: best-fitting eta %.4f (tuned for loss: %.4f); from the weights (sum over heads)"
-          " %.4f\n  agreement at that eta: mean squared prediction difference %.3g (%.2f%% of the model's mean"
-          " squared prediction),\n  mean cosine %.4f%s;\n  avg loss %.4f (model) vs %.4f (GD at fitted eta), %+.2f%%\n",
-          fit.value, gd_eta, linear1_weight_eta, fit.residual, 100.0 * fit.residual / model_power, fit.cosine,
-          dy == 1 ? " (with dy = 1 this is 2 x (share of equal signs) - 1)" : "",
-          model_avg, gd_avg,
-          100.0 * (model_avg - gd_avg) / gd_avg);
-    }
+    for (const std::string& report : sweep.reports) std::printf("\n%s", report.c_str());
     const double total_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-    std::printf("\ntraining took %.0f s; %.0f s in all\n", train_seconds, total_seconds);
+    std::printf("\ntraining took %.0f s; %.0f s in all\n", sweep.train_seconds, total_seconds);
 
-    if (!ranks.root()) return 0;  // rank 0 writes the files
     if (!opt.csv.empty()) examples::write_curve_csv(opt.csv, rows, T);
-    if (!opt.history.empty()) examples::write_history_csv(opt.history, histories);
+    if (!opt.history.empty()) examples::write_history_csv(opt.history, sweep.histories);
   } catch (const std::exception& e) {
     ranks.fail(std::string("error: ") + e.what());  // under mpirun: ends every rank
   }
