@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -153,6 +154,27 @@ std::vector<double> flatten(const std::vector<ParameterView<double>>& params) {
   std::vector<double> out;
   for (const auto& p : params) out.insert(out.end(), p.value, p.value + p.size);
   return out;
+}
+
+// N steps of the training loop written out by hand: forward, MSE backward,
+// `between(params)` on the gradients (clipping), then Adam with `decay_mask`
+// at lr tc.schedule(s); what the Trainer must equal bit for bit.
+void train_by_hand(nn::Model<double>& model, const train::BatchSource<double>& source, long N,
+                   const train::TrainerConfig& tc, const std::vector<bool>& decay_mask,
+                   const std::function<void(const std::vector<ParameterView<double>>&)>& between) {
+  const auto params = model.parameters();
+  train::Adam<double> adam(params, tc.adam, decay_mask);
+  nn::Model<double>::Cache cache;
+  for (long s = 0; s < N; ++s) {
+    const auto batch = source(s);
+    zero_grad(params);
+    const RowMatrix<double> pred = model.forward(batch.inputs, batch.seq_len, cache);
+    RowMatrix<double> dpred(pred.rows(), pred.cols());
+    train::mse_loss_backward<double>(pred, batch.targets, batch.seq_len, dpred);
+    model.backward(dpred, cache);
+    between(params);
+    adam.step(tc.schedule(s));
+  }
 }
 
 }  // namespace
@@ -334,22 +356,13 @@ TEST_CASE("Trainer: element-wise clipping is the hand-written loop with clip_gra
   train::Trainer<double>(unclipped, source, tc).run();
 
   const auto params = by_hand.parameters();
-  train::Adam<double> adam(params, tc.adam, train::default_decay_mask(params));
-  nn::Model<double>::Cache cache;
-  for (long s = 0; s < N; ++s) {
-    const auto batch = source(s);
-    zero_grad(params);
-    const RowMatrix<double> pred = by_hand.forward(batch.inputs, batch.seq_len, cache);
-    RowMatrix<double> dpred(pred.rows(), pred.cols());
-    train::mse_loss_backward<double>(pred, batch.targets, batch.seq_len, dpred);
-    by_hand.backward(dpred, cache);
+  train_by_hand(by_hand, source, N, tc, train::default_decay_mask(params), [](const auto& grads) {
     long clipped = 0;
-    for (const auto& p : params)
+    for (const auto& p : grads)
       for (std::size_t i = 0; i < p.size; ++i) clipped += std::abs(p.grad[i]) > 1e-3;
     CHECK(clipped > 0);
-    train::clip_grad_value(params, 1e-3);
-    adam.step(tc.schedule(s));
-  }
+    train::clip_grad_value(grads, 1e-3);
+  });
   const auto a = flatten(trained.parameters()), b = flatten(params);
   REQUIRE(a.size() == b.size());
   CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0);
@@ -380,17 +393,7 @@ TEST_CASE("Trainer: DecayScope::all decays every parameter (vectors and the mesa
   bool has_vector = false;
   for (const auto& p : params) has_vector |= p.shape.size() < 2;
   CHECK(has_vector);  // there is something the scope changes
-  train::Adam<double> adam(params, tc.adam, std::vector<bool>(params.size(), true));
-  nn::Model<double>::Cache cache;
-  for (long s = 0; s < N; ++s) {
-    const auto batch = source(s);
-    zero_grad(params);
-    const RowMatrix<double> pred = by_hand.forward(batch.inputs, batch.seq_len, cache);
-    RowMatrix<double> dpred(pred.rows(), pred.cols());
-    train::mse_loss_backward<double>(pred, batch.targets, batch.seq_len, dpred);
-    by_hand.backward(dpred, cache);
-    adam.step(tc.schedule(s));
-  }
+  train_by_hand(by_hand, source, N, tc, std::vector<bool>(params.size(), true), [](const auto&) {});
   const auto a = flatten(trained.parameters()), b = flatten(params);
   REQUIRE(a.size() == b.size());
   CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0);

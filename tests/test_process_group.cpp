@@ -10,6 +10,7 @@
 #include <mesaopt/train.hpp>
 
 #include "scratch_files.hpp"
+#include "small_training.hpp"
 #include "test_util.hpp"
 #include "trainer_state.hpp"
 
@@ -130,47 +131,14 @@ void on_ranks(int R, const std::function<void(int, train::ProcessGroup&)>& body)
 
 bool file_exists(const std::string& path) { return std::ifstream(path).good(); }
 
-constexpr long kIn = 3, kWidth = 8, kOut = 2, kSeq = 5;
+constexpr long kSeq = 5;
 
-nn::ModelConfig model_config(nn::AttentionKind kind) {
-  nn::ModelConfig c;
-  c.input_dim = kIn;
-  c.width = kWidth;
-  c.output_dim = kOut;
-  c.clip = 4.0;
-  nn::BlockConfig b;
-  b.attention = kind;
-  b.heads = 2;
-  b.key_size = 3;
-  b.value_size = 3;
-  nn::BlockConfig first = b;
-  first.layer_norm = true;
-  first.mlp = true;
-  first.mlp_hidden = 6;
-  c.blocks = {first, b};
-  return c;
-}
+nn::ModelConfig model_config(nn::AttentionKind kind) { return test::small_model_config(kind); }
 
-train::BatchSource<double> source(long sequences) {
-  return [sequences](long s) {
-    train::TrainBatch<double> b;
-    b.inputs = random_matrix<double>(sequences * kSeq, kIn, 700 + 2 * std::uint64_t(s));
-    b.targets = random_matrix<double>(sequences * kSeq, kOut, 701 + 2 * std::uint64_t(s));
-    b.seq_len = kSeq;
-    return b;
-  };
-}
+train::BatchSource<double> source(long sequences) { return test::random_source<double>(sequences, kSeq, 700); }
 
 train::TrainerConfig trainer_config(long steps, long shards, int threads) {
-  train::TrainerConfig tc;
-  tc.steps = steps;
-  tc.adam = train::adamw_config(0.01);
-  tc.schedule = train::constant_schedule(1e-2);
-  tc.clip_norm = 1.0;
-  tc.progress = false;
-  tc.shards = shards;
-  tc.threads = threads;
-  return tc;
+  return test::small_trainer_config(steps, shards, threads);
 }
 
 }  // namespace
@@ -225,9 +193,12 @@ TEST_CASE("gather_strings and broadcast_string move text between ranks", "[train
 TEST_CASE("Data-parallel training over 1-4 ranks is bit-identical to one process at the same shard count",
           "[train][distributed]") {
   const long sequences = 12, N = 4;
-  for (const auto& [name, kind] : {std::pair<const char*, nn::AttentionKind>{"linear", nn::AttentionKind::linear},
-                                   {"softmax", nn::AttentionKind::softmax},
-                                   {"mesa", nn::AttentionKind::mesa}}) {
+  for (const auto& name_kind : {std::pair<const char*, nn::AttentionKind>{"linear", nn::AttentionKind::linear},
+                                {"softmax", nn::AttentionKind::softmax},
+                                {"mesa", nn::AttentionKind::mesa}}) {
+    // Not a structured binding: C++17 does not let the lambda below capture one (clang refuses).
+    const char* name = name_kind.first;
+    const nn::AttentionKind kind = name_kind.second;
     for (long S : {2L, 3L, 5L, 8L}) {
       DYNAMIC_SECTION(name << ", " << S << " shards") {
         nn::Model<double> alone(model_config(kind));

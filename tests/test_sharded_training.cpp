@@ -10,6 +10,7 @@
 #include <mesaopt/train.hpp>
 
 #include "scratch_files.hpp"
+#include "small_training.hpp"
 #include "test_util.hpp"
 #include "trainer_state.hpp"
 
@@ -31,27 +32,9 @@ using mesaopt::test::state_of;
 
 namespace {
 
-constexpr long kIn = 3, kWidth = 8, kOut = 2, kSeq = 5;
+constexpr long kSeq = 5;
 
-// Two blocks of the given kind (the first with pre-LN and an MLP), clip 4.
-nn::ModelConfig model_config(nn::AttentionKind kind) {
-  nn::ModelConfig c;
-  c.input_dim = kIn;
-  c.width = kWidth;
-  c.output_dim = kOut;
-  c.clip = 4.0;
-  nn::BlockConfig b;
-  b.attention = kind;
-  b.heads = 2;
-  b.key_size = 3;
-  b.value_size = 3;
-  nn::BlockConfig first = b;
-  first.layer_norm = true;
-  first.mlp = true;
-  first.mlp_hidden = 6;
-  c.blocks = {first, b};
-  return c;
-}
+nn::ModelConfig model_config(nn::AttentionKind kind) { return test::small_model_config(kind); }
 
 const std::vector<std::pair<const char*, nn::AttentionKind>> kKinds = {
     {"linear", nn::AttentionKind::linear}, {"softmax", nn::AttentionKind::softmax}, {"mesa", nn::AttentionKind::mesa}};
@@ -59,25 +42,11 @@ const std::vector<std::pair<const char*, nn::AttentionKind>> kKinds = {
 // Batch s of `sequences` sequences, drawn from seeds that depend only on s.
 template <class T>
 train::BatchSource<T> source(long sequences) {
-  return [sequences](long s) {
-    train::TrainBatch<T> b;
-    b.inputs = random_matrix<T>(sequences * kSeq, kIn, 500 + 2 * std::uint64_t(s));
-    b.targets = random_matrix<T>(sequences * kSeq, kOut, 501 + 2 * std::uint64_t(s));
-    b.seq_len = kSeq;
-    return b;
-  };
+  return test::random_source<T>(sequences, kSeq, 500);
 }
 
 train::TrainerConfig trainer_config(long steps, long shards, int threads) {
-  train::TrainerConfig tc;
-  tc.steps = steps;
-  tc.adam = train::adamw_config(0.01);
-  tc.schedule = train::constant_schedule(1e-2);
-  tc.clip_norm = 1.0;
-  tc.progress = false;
-  tc.shards = shards;
-  tc.threads = threads;
-  return tc;
+  return test::small_trainer_config(steps, shards, threads);
 }
 
 template <class T>

@@ -12,11 +12,12 @@
 #include <mesaopt/nn.hpp>
 #include <mesaopt/train.hpp>
 
+#include "small_training.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <limits>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -24,55 +25,13 @@ using namespace mesaopt;
 
 namespace {
 
-constexpr long kIn = 3, kWidth = 8, kOut = 2, kSeq = 6, kSequences = 16;
+constexpr long kSeq = 6, kSequences = 16;
 
-nn::ModelConfig model_config(nn::AttentionKind kind) {
-  nn::ModelConfig c;
-  c.input_dim = kIn;
-  c.width = kWidth;
-  c.output_dim = kOut;
-  c.clip = 4.0;
-  nn::BlockConfig b;
-  b.attention = kind;
-  b.heads = 2;
-  b.key_size = 3;
-  b.value_size = 3;
-  nn::BlockConfig first = b;
-  first.layer_norm = true;
-  first.mlp = true;
-  first.mlp_hidden = 6;
-  c.blocks = {first, b};
-  return c;
-}
+nn::ModelConfig model_config(nn::AttentionKind kind) { return test::small_model_config(kind); }
 
-RowMatrix<double> random_matrix(long rows, long cols, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> normal(0.0, 1.0);
-  RowMatrix<double> m(rows, cols);
-  for (long i = 0; i < m.size(); ++i) m.data()[i] = normal(rng);
-  return m;
-}
+train::BatchSource<double> source() { return test::random_source<double>(kSequences, kSeq, 900); }
 
-train::BatchSource<double> source() {
-  return [](long s) {
-    train::TrainBatch<double> b;
-    b.inputs = random_matrix(kSequences * kSeq, kIn, 900 + 2 * std::uint64_t(s));
-    b.targets = random_matrix(kSequences * kSeq, kOut, 901 + 2 * std::uint64_t(s));
-    b.seq_len = kSeq;
-    return b;
-  };
-}
-
-train::TrainerConfig trainer_config(long steps, long shards) {
-  train::TrainerConfig tc;
-  tc.steps = steps;
-  tc.adam = train::adamw_config(0.01);
-  tc.schedule = train::constant_schedule(1e-2);
-  tc.clip_norm = 1.0;
-  tc.progress = false;
-  tc.shards = shards;
-  return tc;
-}
+train::TrainerConfig trainer_config(long steps, long shards) { return test::small_trainer_config(steps, shards, 0); }
 
 // A trainer's state as bytes: losses, parameters, Adam moments and step.
 std::string state_bytes(const train::Trainer<double>& t) {
