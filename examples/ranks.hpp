@@ -23,6 +23,14 @@ class Ranks {
  public:
   Ranks(int& argc, char**& argv, std::string program) : program_(std::move(program)) {
 #if defined(MESAOPT_HAS_MPI)
+    // MPI only when a launcher started this process: a plain run stays a
+    // plain process (no MPI singleton start-up, and nothing of MPI's own
+    // allocations at exit, which LeakSanitizer would report).
+    if (!launched_by_mpi()) {
+      (void)argc;
+      (void)argv;
+      return;
+    }
     mpi_ = std::make_unique<distributed::Mpi>(argc, argv);
     if (mpi_->size() > 1) group_ = std::make_unique<distributed::MpiProcessGroup>();
     if (mpi_->rank() != 0 && std::freopen("/dev/null", "w", stdout) == nullptr) fail("cannot silence stdout");
@@ -30,6 +38,14 @@ class Ranks {
     (void)argc;
     (void)argv;
 #endif
+  }
+
+  // Whether mpirun / mpiexec / srun started this process: the rank and size
+  // variables the launchers of Open MPI, MPICH (Hydra) and PMIx set.
+  static bool launched_by_mpi() {
+    for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"})
+      if (std::getenv(name) != nullptr) return true;
+    return false;
   }
 
   int rank() const { return group_ ? group_->rank() : 0; }
