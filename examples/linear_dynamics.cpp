@@ -155,12 +155,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--eval") o.eval_sequences = static_cast<long>(number(1));
     else if (a == "--seed" || a == "--seeds") {
       if (!o.seeds.empty()) bad_option("give the seeds once (--seed N or --seeds LIST)");
-      try {
-        o.seeds = examples::parse_seed_list(a, value());
-      } catch (const std::invalid_argument& e) {
-        bad_option(e.what());
-      }
-      if (a == "--seed" && o.seeds.size() != 1) bad_option("--seed takes one seed (--seeds takes a list)");
+      o.seeds = examples::seeds_option(a, value(), bad_option);
     }
     else if (a == "--threads") o.threads = static_cast<int>(number(0));
     else if (a == "--csv") o.csv = value();

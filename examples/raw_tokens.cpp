@@ -158,12 +158,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--lr-hybrid") o.hybrid_lr = positive(1.0);
     else if (a == "--no-layer-norm") o.layer_norm = false;
     else if (a == "--seed" || a == "--seeds") {
-      try {
-        o.seeds = examples::parse_seed_list(a, value());
-      } catch (const std::invalid_argument& e) {
-        bad_option(e.what());
-      }
-      if (a == "--seed" && o.seeds.size() != 1) bad_option("--seed takes one seed (--seeds takes a list)");
+      o.seeds = examples::seeds_option(a, value(), bad_option);
     }
     else if (a == "--threads") o.threads = int(integer(0, 1024));
     else if (a == "--csv") {

@@ -183,12 +183,7 @@ Options parse(int argc, char** argv) {
     } else if (a == "--eval") o.eval_sequences = integer(1, 10000000);
     else if (a == "--tune") o.tune_sequences = integer(1, 10000000);
     else if (a == "--seed" || a == "--seeds") {
-      try {
-        o.seeds = examples::parse_seed_list(a, value());
-      } catch (const std::invalid_argument& e) {
-        bad_option(e.what());
-      }
-      if (a == "--seed" && o.seeds.size() != 1) bad_option("--seed takes one seed (--seeds takes a list)");
+      o.seeds = examples::seeds_option(a, value(), bad_option);
     }
     else if (a == "--threads") o.threads = static_cast<int>(integer(0, 1024));
     else if (a == "--csv") o.csv = value();

@@ -35,6 +35,20 @@ inline std::vector<unsigned long long> parse_seed_list(const std::string& option
   return seeds;
 }
 
+// The value of --seed (one seed) or --seeds (a list) as the examples parse it;
+// a bad value goes to fail(message), which must not return.
+template <class Fail>
+std::vector<unsigned long long> seeds_option(const std::string& option, const std::string& text, Fail fail) {
+  std::vector<unsigned long long> seeds;
+  try {
+    seeds = parse_seed_list(option, text);
+  } catch (const std::invalid_argument& e) {
+    fail(e.what());
+  }
+  if (option == "--seed" && seeds.size() != 1) fail("--seed takes one seed (--seeds takes a list)");
+  return seeds;
+}
+
 // One seed's results: its rows (models and learners), training histories,
 // the text it reports after the table, and its training time.
 struct SeedRun {
