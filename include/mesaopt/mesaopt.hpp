@@ -13,5 +13,6 @@
 #include <mesaopt/tasks.hpp>
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
+#include <mesaopt/analysis.hpp>
 #include <mesaopt/io.hpp>
 #include <mesaopt/train.hpp>
