@@ -320,47 +320,54 @@ void linear_attention_step(ConstVectorRef<T> q, ConstVectorRef<T> k, ConstVector
 }
 
 // ---------------------------------------------------------------------------
-// Non-template overloads, so that callers need not name the scalar:
+// Overloads for float and double, so that callers need not name the scalar:
 // linear_attention_forward(q, k, v, out) with float or double matrices (the
 // templates above stay callable as linear_attention_forward<T>(...)).
+// Each overload is a template on an unused int parameter (template <int = 0>):
+// as a plain inline function it would instantiate the float and the double op
+// in every translation unit that includes this header, called or not (GCC
+// spent about 15 s parsing mesaopt/ops.hpp that way; docs/building.md); a
+// template is instantiated only where it is called. f<float>(...) still names
+// the generic template (a type is not an int), and a call with the exact Ref
+// types picks the overload as the more specialised template.
 #define MESAOPT_LINEAR_ATTENTION_OVERLOADS(S)                                                                   \
-  inline void linear_attention_forward(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v,          \
+  template <int = 0> inline void linear_attention_forward(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v,          \
                                        MatrixRef<S> out, const LinearAttentionState<S>* initial = nullptr,     \
                                        LinearAttentionState<S>* final = nullptr) {                             \
     linear_attention_forward<S>(q, k, v, out, initial, final);                                                 \
   }                                                                                                            \
-  inline void linear_attention_backward(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v,         \
+  template <int = 0> inline void linear_attention_backward(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v,         \
                                         ConstMatrixRef<S> dout, MatrixRef<S> dq, MatrixRef<S> dk,              \
                                         MatrixRef<S> grad_v, const LinearAttentionState<S>* initial = nullptr, \
                                         const LinearAttentionState<S>* grad_final = nullptr,                   \
                                         LinearAttentionState<S>* grad_initial = nullptr) {                     \
     linear_attention_backward<S>(q, k, v, dout, dq, dk, grad_v, initial, grad_final, grad_initial);            \
   }                                                                                                            \
-  inline void linear_attention_forward_recurrent(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v, \
+  template <int = 0> inline void linear_attention_forward_recurrent(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v, \
                                                  MatrixRef<S> out, const LinearAttentionState<S>* initial = nullptr, \
                                                  LinearAttentionState<S>* final = nullptr) {                   \
     linear_attention_forward_recurrent<S>(q, k, v, out, initial, final);                                       \
   }                                                                                                            \
-  inline void linear_attention_backward_recurrent(                                                             \
+  template <int = 0> inline void linear_attention_backward_recurrent(                                                             \
       ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v, ConstMatrixRef<S> dout, MatrixRef<S> dq,  \
       MatrixRef<S> dk, MatrixRef<S> grad_v, const LinearAttentionState<S>* initial = nullptr,                  \
       const LinearAttentionState<S>* grad_final = nullptr, LinearAttentionState<S>* grad_initial = nullptr) {   \
     linear_attention_backward_recurrent<S>(q, k, v, dout, dq, dk, grad_v, initial, grad_final, grad_initial);  \
   }                                                                                                            \
-  inline void linear_attention_forward_chunked(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v,  \
+  template <int = 0> inline void linear_attention_forward_chunked(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v,  \
                                                MatrixRef<S> out, long chunk = 0,                               \
                                                const LinearAttentionState<S>* initial = nullptr,               \
                                                LinearAttentionState<S>* final = nullptr) {                     \
     linear_attention_forward_chunked<S>(q, k, v, out, chunk, initial, final);                                  \
   }                                                                                                            \
-  inline void linear_attention_backward_chunked(                                                               \
+  template <int = 0> inline void linear_attention_backward_chunked(                                                               \
       ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v, ConstMatrixRef<S> dout, MatrixRef<S> dq,  \
       MatrixRef<S> dk, MatrixRef<S> grad_v, long chunk = 0, const LinearAttentionState<S>* initial = nullptr,  \
       const LinearAttentionState<S>* grad_final = nullptr, LinearAttentionState<S>* grad_initial = nullptr) {   \
     linear_attention_backward_chunked<S>(q, k, v, dout, dq, dk, grad_v, chunk, initial, grad_final,            \
                                          grad_initial);                                                        \
   }                                                                                                            \
-  inline void linear_attention_step(ConstVectorRef<S> q, ConstVectorRef<S> k, ConstVectorRef<S> v,             \
+  template <int = 0> inline void linear_attention_step(ConstVectorRef<S> q, ConstVectorRef<S> k, ConstVectorRef<S> v,             \
                                     LinearAttentionState<S>& state, VectorRef<S> out) {                        \
     linear_attention_step<S>(q, k, v, state, out);                                                             \
   }

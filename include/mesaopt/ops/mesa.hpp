@@ -766,9 +766,16 @@ void mesa_step(ConstVectorRef<T> q, ConstVectorRef<T> k, ConstVectorRef<T> v, co
   kernels::state_update_dot(ddv, dd, state.S.data(), dd, gamma, v.data(), k.data(), a.data(), out.data());
 }
 
-// Non-template overloads of the step (the sequence functions deduce T from the options).
+// Overloads for float and double of the step (the sequence functions deduce T from the options).
+// Each overload is a template on an unused int parameter (template <int = 0>):
+// as a plain inline function it would instantiate the float and the double op
+// in every translation unit that includes this header, called or not (GCC
+// spent about 15 s parsing mesaopt/ops.hpp that way; docs/building.md); a
+// template is instantiated only where it is called. f<float>(...) still names
+// the generic template (a type is not an int), and a call with the exact Ref
+// types picks the overload as the more specialised template.
 #define MESAOPT_MESA_OVERLOADS(S)                                                                              \
-  inline void mesa_step(ConstVectorRef<S> q, ConstVectorRef<S> k, ConstVectorRef<S> v, const MesaOptions<S>& opt, \
+  template <int = 0> inline void mesa_step(ConstVectorRef<S> q, ConstVectorRef<S> k, ConstVectorRef<S> v, const MesaOptions<S>& opt, \
                         MesaState<S>& state, VectorRef<S> out) {                                                \
     mesa_step<S>(q, k, v, opt, state, out);                                                                    \
   }

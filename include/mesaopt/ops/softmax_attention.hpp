@@ -377,14 +377,21 @@ RowMatrix<T> softmax_attention_probabilities(ConstMatrixRef<T> q, ConstMatrixRef
   return a;
 }
 
-// Non-template overloads of the step (callers need not name the scalar; the
+// Overloads for float and double of the step (callers need not name the scalar; the
 // sequence functions deduce T from the cache).
+// Each overload is a template on an unused int parameter (template <int = 0>):
+// as a plain inline function it would instantiate the float and the double op
+// in every translation unit that includes this header, called or not (GCC
+// spent about 15 s parsing mesaopt/ops.hpp that way; docs/building.md); a
+// template is instantiated only where it is called. f<float>(...) still names
+// the generic template (a type is not an int), and a call with the exact Ref
+// types picks the overload as the more specialised template.
 #define MESAOPT_SOFTMAX_ATTENTION_OVERLOADS(S)                                                       \
-  inline void softmax_attention_step(ConstVectorRef<S> q, ConstVectorRef<S> k, ConstVectorRef<S> v,  \
+  template <int = 0> inline void softmax_attention_step(ConstVectorRef<S> q, ConstVectorRef<S> k, ConstVectorRef<S> v,  \
                                      SoftmaxKVCache<S>& kv_cache, VectorRef<S> out) {                \
     softmax_attention_step<S>(q, k, v, kv_cache, out);                                               \
   }                                                                                                  \
-  inline RowMatrix<S> softmax_attention_probabilities(ConstMatrixRef<S> q, ConstMatrixRef<S> k,      \
+  template <int = 0> inline RowMatrix<S> softmax_attention_probabilities(ConstMatrixRef<S> q, ConstMatrixRef<S> k,      \
                                                       Vector<S>* lse = nullptr) {                    \
     return softmax_attention_probabilities<S>(q, k, lse);                                            \
   }

@@ -118,13 +118,20 @@ void softmax_attention_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstM
   }
 }
 
-// Non-template overloads (callers need not name the scalar).
+// Overloads for float and double (callers need not name the scalar).
+// Each overload is a template on an unused int parameter (template <int = 0>):
+// as a plain inline function it would instantiate the float and the double op
+// in every translation unit that includes this header, called or not (GCC
+// spent about 15 s parsing mesaopt/ops.hpp that way; docs/building.md); a
+// template is instantiated only where it is called. f<float>(...) still names
+// the generic template (a type is not an int), and a call with the exact Ref
+// types picks the overload as the more specialised template.
 #define MESAOPT_SOFTMAX_ATTENTION_REFERENCE_OVERLOADS(S)                                                       \
-  inline void softmax_attention_forward(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v,         \
+  template <int = 0> inline void softmax_attention_forward(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v,         \
                                         MatrixRef<S> out, const SoftmaxKVCache<S>* initial = nullptr) {        \
     reference::softmax_attention_forward<S>(q, k, v, out, initial);                                                     \
   }                                                                                                            \
-  inline void softmax_attention_backward(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v,        \
+  template <int = 0> inline void softmax_attention_backward(ConstMatrixRef<S> q, ConstMatrixRef<S> k, ConstMatrixRef<S> v,        \
                                          ConstMatrixRef<S> dout, MatrixRef<S> dq, MatrixRef<S> dk,             \
                                          MatrixRef<S> grad_v, const SoftmaxKVCache<S>* initial = nullptr,      \
                                          const SoftmaxKVCache<S>* grad_final = nullptr,                        \
