@@ -20,6 +20,10 @@
 #include <string>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_analysis {
+
 using namespace mesaopt;
 using mesaopt::test::random_matrix;
 using Catch::Matchers::Contains;
@@ -498,3 +502,5 @@ TEST_CASE("Analysis tools reject bad input with std::invalid_argument naming it"
   CHECK_THROWS_WITH(analysis::select_parameters(model.parameters(), std::vector<bool>(3, true)),
                     Contains("3 entries"));
 }
+
+}  // namespace mesaopt_test_analysis

@@ -19,6 +19,10 @@
 #include <string>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_attention_probe {
+
 using namespace mesaopt;
 using mesaopt::test::random_matrix;
 using Catch::Matchers::Contains;
@@ -252,3 +256,5 @@ TEST_CASE("Model::attention_probabilities rejects a bad block index, a non-softm
   CHECK_THROWS_AS(model.attention_probabilities(RowMatrix<double>::Zero(10, 4), 5, 0), std::invalid_argument);
   CHECK_NOTHROW(model.attention_probabilities(x, 5, 2));
 }
+
+}  // namespace mesaopt_test_attention_probe

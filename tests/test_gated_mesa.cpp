@@ -18,6 +18,10 @@
 #include <random>
 #include <string>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_gated_mesa {
+
 using mesaopt::GatedMesaCache;
 using mesaopt::GatedMesaOptions;
 using mesaopt::GatedMesaState;
@@ -469,3 +473,5 @@ TEST_CASE("gated mesa rejects bad input by name", "[gated_mesa][errors]") {
       }),
       "dbeta has 5 entries");
 }
+
+}  // namespace mesaopt_test_gated_mesa

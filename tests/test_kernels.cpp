@@ -37,6 +37,10 @@
 #include <sstream>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_kernels {
+
 namespace {
 
 namespace k = mesaopt::kernels;
@@ -727,3 +731,5 @@ TEST_CASE("mesa recursion in float stays close to the double direct solve", "[ke
   INFO("relative RMS error over all tokens: " << err);
   CHECK(err < 1e-5);
 }
+
+}  // namespace mesaopt_test_kernels

@@ -16,6 +16,10 @@
 #include <string>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_layer_state {
+
 using mesaopt::ParameterView;
 using mesaopt::RowMatrix;
 using mesaopt::test::random_matrix;
@@ -308,3 +312,5 @@ TEST_CASE("softmax layer and Model: a cache of another configuration is rejected
     CHECK_NOTHROW(made.backward(dpred, mc));
   }
 }
+
+}  // namespace mesaopt_test_layer_state

@@ -20,6 +20,10 @@
 #include <string>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_layers {
+
 using mesaopt::ParameterView;
 using mesaopt::RowMatrix;
 using mesaopt::test::random_matrix;
@@ -615,3 +619,5 @@ TEST_CASE("Layers in float agree with double to the documented precision", "[lay
     }
   }
 }
+
+}  // namespace mesaopt_test_layers

@@ -11,6 +11,10 @@
 #include <cmath>
 #include <stdexcept>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_learners {
+
 namespace ml = mesaopt::learners;
 namespace mt = mesaopt::tasks;
 using M = mesaopt::RowMatrix<double>;
@@ -354,3 +358,5 @@ TEST_CASE("bad learner inputs throw std::invalid_argument naming the argument an
   CHECK_THROWS_WITH(ml::minimize_1d([](double v) { return v; }, 0.0, 1.0, true), Contains("log_scale needs lo > 0, got lo = 0"));
   CHECK_THROWS_WITH(ml::minimize_1d([](double v) { return v; }, 2.0, 1.0, false), Contains("lo = 2, hi = 1"));
 }
+
+}  // namespace mesaopt_test_learners

@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_linear_attention {
+
 using mesaopt::RowMatrix;
 using mesaopt::test::random_matrix;
 using mesaopt::test::relative_rms;
@@ -278,3 +282,5 @@ TEST_CASE("linear attention rejects bad input with a message naming the argument
                     Contains("chunk must be >= 0 (0 = default), got -3"));
   CHECK_THROWS_WITH(mesaopt::reference::linear_attention_forward(q, k_rows, v, out), Contains("k is 6 x 4"));
 }
+
+}  // namespace mesaopt_test_linear_attention

@@ -16,6 +16,10 @@
 #include <limits>
 #include <stdexcept>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_masking_aliasing {
+
 using namespace mesaopt;
 using test::random_matrix;
 
@@ -222,3 +226,5 @@ TEMPLATE_TEST_CASE("outputs that alias inputs are rejected", "[aliasing]", float
   linear_attention_forward<T>(buf.leftCols(d), k, v, buf.rightCols(d));
   CHECK(RowMatrix<T>(buf.rightCols(d)) == expected);
 }
+
+}  // namespace mesaopt_test_masking_aliasing

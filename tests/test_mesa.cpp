@@ -14,6 +14,10 @@
 #include <cstdio>
 #include <string>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_mesa {
+
 using mesaopt::MesaCache;
 using mesaopt::MesaOptions;
 using mesaopt::RowMatrix;
@@ -362,3 +366,5 @@ TEST_CASE("mesa rejects bad input", "[mesa][errors]") {
     CHECK_THROWS_WITH(mesaopt::mesa_backward(q, k, v, o3, out, cache, dq, dk, dv), Contains("opt.forget"));
   }
 }
+
+}  // namespace mesaopt_test_mesa

@@ -30,6 +30,10 @@
 #include <string>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_mesa_numerics {
+
 using Catch::Matchers::Contains;
 using mesaopt::MesaBreakdownError;
 using mesaopt::MesaCache;
@@ -817,7 +821,7 @@ TEST_CASE("subnormal lambda and forget are rejected with std::invalid_argument n
 
 // ===========================================================================
 // The measurement behind docs/mesa.md, "Numerical safety" (hidden: run with
-//   ./build-mesa/tests/test_mesa_numerics "[.measure]"
+//   ./build/tests/tests_ops_state "[.measure]"
 // ). For d = 20, 32, 64, unit-norm random keys and queries, lambda |k|^2 = lambda
 // on a grid of 8 points per decade: the worst relative error over all positions
 // of the float and double forward against reference::mesa_forward_direct
@@ -886,3 +890,5 @@ TEST_CASE("measure the safe range of lambda |k|^2 (prints a table)", "[.measure]
                 float_ok, double_ok);
   }
 }
+
+}  // namespace mesaopt_test_mesa_numerics

@@ -22,6 +22,10 @@
 
 #include <unistd.h>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_model {
+
 using namespace mesaopt;
 using mesaopt::test::random_matrix;
 
@@ -452,3 +456,5 @@ TEST_CASE("Model and Trainer: bad configs throw naming the field", "[model][erro
   throws_with([&] { train::Trainer<double> t(model, train::BatchSource<double>{}, trainer_config(5, 1e-2)); },
               "source");
 }
+
+}  // namespace mesaopt_test_model

@@ -12,6 +12,10 @@
 #include <stdexcept>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_nn {
+
 using namespace mesaopt;
 using mesaopt::test::check_gradient;
 using mesaopt::test::random_matrix;
@@ -389,3 +393,5 @@ TEST_CASE("nn entry points reject bad shapes and sizes") {
   nn::GeluCache<double> gc;
   CHECK_THROWS_AS(nn::gelu_forward<double>(x, y, gc), std::invalid_argument);
 }
+
+}  // namespace mesaopt_test_nn

@@ -20,6 +20,10 @@
 #include <string>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_paper_baselines {
+
 namespace ml = mesaopt::learners;
 namespace mt = mesaopt::tasks;
 using mesaopt::RowMatrix;
@@ -192,3 +196,5 @@ TEST_CASE("the paper's baselines match its Fig. 4 curves position by position", 
     CHECK(std::abs(ours / theirs - 1) < 0.015);
   }
 }
+
+}  // namespace mesaopt_test_paper_baselines

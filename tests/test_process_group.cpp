@@ -28,6 +28,10 @@
 #include <thread>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_process_group {
+
 using namespace mesaopt;
 using mesaopt::test::error_of;
 using mesaopt::test::random_matrix;
@@ -294,3 +298,5 @@ TEST_CASE("Data-parallel: a failing shard stops every rank, and only rank 0 writ
     CHECK(states[1] == state_of(reference));
   }
 }
+
+}  // namespace mesaopt_test_process_group

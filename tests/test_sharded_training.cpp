@@ -24,6 +24,10 @@
 #include <type_traits>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_sharded_training {
+
 using namespace mesaopt;
 using mesaopt::test::error_of;
 using mesaopt::test::random_matrix;
@@ -317,3 +321,5 @@ TEST_CASE("Sharded steps: bad configurations, short batches and non-finite shard
     CHECK(skip.optimizer().step_count() == 2);
   }
 }
+
+}  // namespace mesaopt_test_sharded_training

@@ -11,6 +11,10 @@
 #include <string>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_softmax_attention {
+
 using mesaopt::RowMatrix;
 using mesaopt::SoftmaxAttentionTiles;
 using mesaopt::SoftmaxCache;
@@ -272,3 +276,5 @@ TEST_CASE("softmax attention rejects bad input with a message naming the argumen
   CHECK_THROWS_WITH(mesaopt::reference::softmax_attention_forward(empty_q, empty_k, empty_v, out0),
                     Contains("seq_len (rows of q)"));
 }
+
+}  // namespace mesaopt_test_softmax_attention

@@ -18,6 +18,10 @@
 #include <cmath>
 #include <vector>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_streaming {
+
 using mesaopt::LinearAttentionState;
 using mesaopt::MesaCache;
 using mesaopt::MesaOptions;
@@ -612,3 +616,5 @@ TEST_CASE("bad states are rejected by name", "[state][errors]") {
     CHECK_THROWS_WITH(kv.append(M::Ones(2, d + 1), M::Ones(2, dv)), Contains("columns of keys"));
   }
 }
+
+}  // namespace mesaopt_test_streaming

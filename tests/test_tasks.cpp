@@ -11,6 +11,10 @@
 #include <stdexcept>
 #include <string>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_tasks {
+
 namespace mt = mesaopt::tasks;
 using M = mesaopt::RowMatrix<double>;
 using Catch::Matchers::Contains;
@@ -272,3 +276,5 @@ TEST_CASE("bad task settings throw std::invalid_argument naming the argument and
   r = {};
   CHECK_THROWS_WITH(mt::make_regression_batch<double>(r, 0, 1), Contains("batch must be at least 1, got 0"));
 }
+
+}  // namespace mesaopt_test_tasks

@@ -24,6 +24,10 @@
 #include <dirent.h>
 #include <unistd.h>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_train {
+
 using namespace mesaopt;
 using mesaopt::test::error_of;
 using mesaopt::test::random_matrix;
@@ -605,3 +609,5 @@ TEST_CASE("Progress line: format, and quiet when the stream is not a terminal") 
   CHECK(out.back() == '\n');
   CHECK_THROWS_AS(train::ProgressLine(0, 1, f, false), std::invalid_argument);
 }
+
+}  // namespace mesaopt_test_train

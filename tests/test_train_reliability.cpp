@@ -29,6 +29,10 @@
 #include <dirent.h>
 #include <unistd.h>
 
+// Everything of this file lives in its own namespace, so that test files can be
+// compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
+namespace mesaopt_test_train_reliability {
+
 using namespace mesaopt;
 using mesaopt::test::error_of;
 using mesaopt::test::random_matrix;
@@ -681,3 +685,5 @@ TEST_CASE("Exact resume: N straight == N/2 + save + resume + N/2, bit for bit", 
     }
   }
 }
+
+}  // namespace mesaopt_test_train_reliability
