@@ -57,39 +57,6 @@ struct CaptureOptions {
 
 namespace mesaopt::detail {
 
-template <class T>
-using AnyAttentionLayer = std::variant<LinearAttentionLayer<T>, SoftmaxAttentionLayer<T>, MesaLayer<T>>;
-
-// A stand-alone attention layer configured exactly as nn::Model builds block
-// bc's (nn/model.hpp, make_attention), with zero weights.
-template <class T>
-AnyAttentionLayer<T> make_block_attention_layer(const nn::BlockConfig& bc, const nn::ModelConfig& mc) {
-  const long D = mc.width + bc.positional_dim;
-  switch (bc.attention) {
-    case nn::AttentionKind::linear:
-      return LinearAttentionLayer<T>(
-          LinearAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size, bc.normalize_qk, mc.num_threads});
-    case nn::AttentionKind::softmax:
-      return SoftmaxAttentionLayer<T>(SoftmaxAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size,
-                                                                  mc.num_threads});
-    case nn::AttentionKind::mesa:
-      break;
-  }
-  MesaLayerConfig m;
-  m.D = D;
-  m.H = bc.heads;
-  m.d = bc.key_size;
-  m.dv = bc.value_size;
-  m.normalize_qk = bc.normalize_qk;
-  m.lambda_init = bc.lambda_init;
-  m.lambda_parametrization = bc.lambda_parametrization;
-  m.learn_forget = bc.learn_forget;
-  m.forget_init = bc.forget_init;
-  m.chunk = bc.mesa_chunk;
-  m.num_threads = mc.num_threads;
-  return MesaLayer<T>(m);
-}
-
 // The config of a model made of block `i` of mc alone, reading and writing the
 // stream itself: identity embedding, read-out = the whole stream.
 inline nn::ModelConfig single_block_config(const nn::ModelConfig& mc, std::size_t i) {
@@ -144,7 +111,7 @@ Activations<T> capture_activations(nn::Model<T>& model, ConstMatrixRef<T> x, lon
     const std::string prefix = "block" + std::to_string(i) + ".";
     out.attention_input.push_back(cache.blocks[i].attn_in);
     if (options.attention_output) {
-      detail::AnyAttentionLayer<T> layer = detail::make_block_attention_layer<T>(mc.blocks[i], mc);
+      nn::AnyAttentionLayer<T> layer = nn::make_attention_layer<T>(mc.blocks[i], mc);
       std::visit(
           [&](auto& l) {
             using Layer = std::decay_t<decltype(l)>;

@@ -137,6 +137,41 @@ inline void validate_model_config(const nn::ModelConfig& c) {
 
 namespace mesaopt::nn {
 
+// The attention layer of block bc in a model configured by mc, as nn::Model
+// builds it (construction values; the model then owns it). Also used by the
+// analysis tools to run one block's attention on its own.
+template <class T>
+using AnyAttentionLayer = std::variant<LinearAttentionLayer<T>, SoftmaxAttentionLayer<T>, MesaLayer<T>>;
+
+template <class T>
+AnyAttentionLayer<T> make_attention_layer(const BlockConfig& bc, const ModelConfig& mc) {
+  const long D = mc.width + bc.positional_dim;
+  switch (bc.attention) {
+    case AttentionKind::linear:
+      return LinearAttentionLayer<T>(
+          LinearAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size, bc.normalize_qk, mc.num_threads});
+    case AttentionKind::softmax:
+      return SoftmaxAttentionLayer<T>(
+          SoftmaxAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size, mc.num_threads});
+    case AttentionKind::mesa:
+      break;
+  }
+  MesaLayerConfig m;
+  m.D = D;
+  m.H = bc.heads;
+  m.d = bc.key_size;
+  m.dv = bc.value_size;
+  m.normalize_qk = bc.normalize_qk;
+  m.lambda_init = bc.lambda_init;
+  m.lambda_parametrization = bc.lambda_parametrization;
+  m.learn_forget = bc.learn_forget;
+  m.forget_init = bc.forget_init;
+  m.chunk = bc.mesa_chunk;
+  m.num_threads = mc.num_threads;
+  return MesaLayer<T>(m);
+}
+
+
 template <class T>
 struct BlockCache {
   LayerNormCache<T> ln1;
@@ -279,34 +314,11 @@ class Model {
   }
 
  private:
-  using AttentionLayer = std::variant<LinearAttentionLayer<T>, SoftmaxAttentionLayer<T>, MesaLayer<T>>;
+  using AttentionLayer = AnyAttentionLayer<T>;
 
   // The attention layer of a block's kind, built from its config.
   static AttentionLayer make_attention(const BlockConfig& bc, const ModelConfig& mc) {
-    const long D = mc.width + bc.positional_dim;
-    switch (bc.attention) {
-      case AttentionKind::linear:
-        return LinearAttentionLayer<T>(
-            LinearAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size, bc.normalize_qk, mc.num_threads});
-      case AttentionKind::softmax:
-        return SoftmaxAttentionLayer<T>(
-            SoftmaxAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size, mc.num_threads});
-      case AttentionKind::mesa:
-        break;
-    }
-    MesaLayerConfig m;
-    m.D = D;
-    m.H = bc.heads;
-    m.d = bc.key_size;
-    m.dv = bc.value_size;
-    m.normalize_qk = bc.normalize_qk;
-    m.lambda_init = bc.lambda_init;
-    m.lambda_parametrization = bc.lambda_parametrization;
-    m.learn_forget = bc.learn_forget;
-    m.forget_init = bc.forget_init;
-    m.chunk = bc.mesa_chunk;
-    m.num_threads = mc.num_threads;
-    return MesaLayer<T>(m);
+    return make_attention_layer<T>(bc, mc);
   }
 
   struct Block {
