@@ -40,7 +40,8 @@
 //
 // Precision (docs/gated_mesa.md): double matches the direct weighted ridge
 // solve to < 1e-10 (exact), and CG with d steps to < 1e-8 on well-conditioned
-// problems; float agrees with double to about 1e-6 relative on short sequences.
+// problems; float agrees with double to < 1e-5 relative RMS in the output and
+// < 1e-4 in every gradient (T = 200, d = 16; the tested bounds).
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/ops/checks.hpp>
