@@ -21,9 +21,6 @@
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parallel.hpp>
-#include <mesaopt/layers/linear_attention_layer.hpp>
-#include <mesaopt/layers/mesa_layer.hpp>
-#include <mesaopt/layers/softmax_attention_layer.hpp>
 #include <mesaopt/nn/dense.hpp>
 #include <mesaopt/nn/model.hpp>
 

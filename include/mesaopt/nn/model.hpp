@@ -171,7 +171,6 @@ AnyAttentionLayer<T> make_attention_layer(const BlockConfig& bc, const ModelConf
   return MesaLayer<T>(m);
 }
 
-
 template <class T>
 struct BlockCache {
   LayerNormCache<T> ln1;
@@ -316,13 +315,8 @@ class Model {
  private:
   using AttentionLayer = AnyAttentionLayer<T>;
 
-  // The attention layer of a block's kind, built from its config.
-  static AttentionLayer make_attention(const BlockConfig& bc, const ModelConfig& mc) {
-    return make_attention_layer<T>(bc, mc);
-  }
-
   struct Block {
-    Block(const BlockConfig& bc, const ModelConfig& mc) : config(bc), attn(make_attention(bc, mc)) {
+    Block(const BlockConfig& bc, const ModelConfig& mc) : config(bc), attn(make_attention_layer<T>(bc, mc)) {
       if (bc.layer_norm) ln1 = std::make_unique<LayerNorm<T>>(LayerNormConfig{mc.width, mc.ln_eps});
       if (bc.mlp) {
         if (bc.layer_norm) ln2 = std::make_unique<LayerNorm<T>>(LayerNormConfig{mc.width, mc.ln_eps});
