@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds everything (library tests, benchmarks, examples) and runs the test
-# suite with CTest: the README's test command.
+# suite with CTest, then builds the Python package and runs its tests with
+# pytest: the README's test command.
 #
 # With --sanitize: the same tests under AddressSanitizer and UBSan
 # (-fno-sanitize-recover=all: any finding fails) in build-sanitize/, built
@@ -50,3 +51,12 @@ else
 fi
 cmake --build "$build" -j "$jobs"
 ctest --test-dir "$build" --output-on-failure -j "$jobs" "${exclude[@]}"
+
+# The Python package (docs/python.md), in the plain pass: scripts/python-env.sh
+# builds it into .venv-py with NumPy and JAX from PyPI, then pytest runs its
+# tests (the NumPy API against NumPy references and finite differences, and
+# the JAX functions against jax.grad). MESAOPT_PYTHON=0 skips this part.
+if [ "${1:-}" != "--sanitize" ] && [ "${MESAOPT_PYTHON:-1}" != 0 ]; then
+  CMAKE_BUILD_PARALLEL_LEVEL="$jobs" bash scripts/python-env.sh --jax
+  .venv-py/bin/python -m pytest python/tests -q
+fi

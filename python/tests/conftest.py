@@ -1,0 +1,21 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # reference.py
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def make_inputs(rng, B, H, T, d, dv, dtype=np.float64, key_scale=1.0):
+    """Random q, k, v; keys scaled to norm about key_scale (keeps the mesa ridge well conditioned)."""
+    q = rng.standard_normal((B, H, T, d))
+    k = rng.standard_normal((B, H, T, d))
+    k *= key_scale / np.sqrt(d)
+    v = rng.standard_normal((B, H, T, dv))
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
