@@ -84,6 +84,7 @@ struct Options {
   std::string mask_1l;  // "on" (1-layer models see [0, 0, s_t, s_{t-1}]; --full) or "off" (default run)
   std::string lambda;   // mesa lambda: "softplus" (of lambda_raw; default run) or "raw" (R_0 = lambda_raw I; --full)
   std::string decay;    // weight decay on "matrices" (default run) or "all" parameters (--full)
+  bool clip_report = false;  // --clip-report: how often the activation clip binds (see clip_report)
   std::vector<std::string> models;
   std::string csv, history;
 };
@@ -120,6 +121,9 @@ void usage() {
       "  --csv FILE         write method,position,loss,stderr,seeds rows (positions 1..50; loss is\n"
       "                     the mean over seeds, stderr its standard error, nan for one seed)\n"
       "  --history FILE     write model,step,loss,seed rows of the training loss\n"
+      "  --clip-report      after training, print per block and position how often the +-4 activation\n"
+      "                     clip binds on the held-out set, and add a row <model>/no-clip: the same\n"
+      "                     trained weights evaluated without the clip\n"
       "  --help             this text\n");
 }
 
@@ -174,6 +178,7 @@ Options parse(int argc, char** argv) {
       if (o.decay != "matrices" && o.decay != "all") bad_option("--decay needs matrices or all, got '" + o.decay + "'");
     }
     else if (a == "--history") o.history = value();
+    else if (a == "--clip-report") o.clip_report = true;
     else if (a == "--models") {
       std::stringstream ss(value());
       for (std::string m; std::getline(ss, m, ',');) {
@@ -205,6 +210,61 @@ nn::ModelConfig model_config(const ModelSpec& s, long n, int threads,
   b.lambda_parametrization = lambda;  // used by mesa blocks only
   mc.blocks.assign(static_cast<std::size_t>(s.layers), b);
   return mc;
+}
+
+// --clip-report: where the activation clip (docs/paper.md §2) binds in a trained
+// model. For each block, the fraction of stream entries beyond +-clip before
+// clipping, per position (averaged over the held-out sequences) and per slot of
+// the constructed token [prediction, s_t, s_t, s_{t-1}] at the last position.
+void print_clip_report(const std::string& name, const nn::ModelCache<float>& cache, double clip, long n, long T) {
+  const std::vector<long> show = {1, 10, 20, 30, 40, 45, 47, 48, 49, 50};
+  std::printf("  clip report %s: fraction of stream entries with |h| > %g before the clip, per block and position\n",
+              name.c_str(), clip);
+  std::printf("    block  ");
+  for (long t : show) std::printf(" t=%-7ld", t);
+  std::printf(" | slots at t=%ld: pred  s_t  s_t  s_t-1 | max |h|\n", T);
+  for (std::size_t l = 0; l < cache.blocks.size(); ++l) {
+    const RowMatrix<float>& h = cache.blocks[l].pre_clip;
+    if (h.size() == 0) continue;  // the clip is off
+    const long B = h.rows() / T, W = h.cols();
+    std::printf("    %5zu  ", l);
+    for (long t : show) {
+      long over = 0;
+      for (long b = 0; b < B; ++b)
+        over += (h.row(b * T + t - 1).array().abs() > float(clip)).count();
+      std::printf(" %-9.3g", double(over) / double(B * W));
+    }
+    std::printf(" |");
+    for (long slot = 0; slot < W / n; ++slot) {
+      long over = 0;
+      for (long b = 0; b < B; ++b)
+        over += (h.block(b * T + T - 1, slot * n, 1, n).array().abs() > float(clip)).count();
+      std::printf(" %-5.3g", double(over) / double(B * n));
+    }
+    std::printf("| %.3g\n", double(h.cwiseAbs().maxCoeff()));
+  }
+}
+
+// --clip-report, second part: how the held-out loss at a position is spread over
+// the sequences (a mean driven by a few sequences has a heavy tail): the mean,
+// the median, the 99th percentile, the largest, and the share of the mean that
+// the worst 1 % of sequences carry.
+void print_tail_report(const std::string& name, const RowMatrix<double>& pred, const RowMatrix<double>& y, long T) {
+  const std::vector<long> show = {10, 20, 30, 40, 45, 48, 50};
+  const long B = pred.rows() / T;
+  std::printf("  loss tail %s (per-sequence loss at a position)\n    %-6s %-10s %-10s %-10s %-10s %s\n", name.c_str(),
+              "t", "mean", "median", "p99", "max", "share of worst 1%");
+  for (long t : show) {
+    std::vector<double> l(static_cast<std::size_t>(B));
+    for (long b = 0; b < B; ++b) l[std::size_t(b)] = 0.5 * (pred.row(b * T + t - 1) - y.row(b * T + t - 1)).squaredNorm();
+    std::sort(l.begin(), l.end());
+    double sum = 0, top = 0;
+    const long k = std::max(1L, B / 100);
+    for (long b = 0; b < B; ++b) (b >= B - k ? top : sum) += l[std::size_t(b)];
+    sum += top;
+    std::printf("    %-6ld %-10.4g %-10.4g %-10.4g %-10.4g %.2f\n", t, sum / double(B), l[std::size_t(B / 2)],
+                l[std::size_t(std::min(B - 1, (99 * B) / 100))], l.back(), top / sum);
+  }
 }
 
 // The GD step a trained 1-layer linear model implements, read off its weights.
@@ -306,6 +366,21 @@ examples::SeedRun run_seed(const Options& opt, unsigned long long seed, const st
     const RowMatrix<float> eval_tokens = mt::constructed_tokens<double>(eval, slots).cast<float>();
     const RowMatrix<double> pred = model.forward(eval_tokens, T, cache).cast<double>();
     run.rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
+    if (opt.clip_report) {
+      const nn::ModelConfig mc = model.config();
+      print_clip_report(s.name, cache, mc.clip, n, T);
+      print_tail_report(s.name, pred, y, T);
+      // The same weights without the clip.
+      nn::ModelConfig unclipped = mc;
+      unclipped.clip = 0;
+      nn::Model<float> free(unclipped);
+      const auto from = model.parameters();
+      const auto to = free.parameters();
+      for (std::size_t i = 0; i < from.size(); ++i) std::copy(from[i].value, from[i].value + from[i].size, to[i].value);
+      typename nn::Model<float>::Cache free_cache;
+      const RowMatrix<double> free_pred = free.forward(eval_tokens, T, free_cache).cast<double>();
+      run.rows.push_back({s.name + "/no-clip", "same weights", ml::loss_curve(free_pred, y, T)});
+    }
     run.histories.push_back({s.name, seed, r.losses});
     if (s.name == "linear-1L") {
       linear1_pred = pred;
