@@ -62,6 +62,10 @@ double step_flops(const nn::ModelConfig& mc, long batch, long parameters) {
       case nn::AttentionKind::linear: head = 16 * d * dv * T; break;
       case nn::AttentionKind::softmax: head = T * T * (4 * d + 3 * dv); break;
       case nn::AttentionKind::mesa: head = (20 * d * d + 14 * d * dv) * T; break;
+      case nn::AttentionKind::gated_mesa:  // rough: cg solves cost ~2 d^2 a step, three solves a token
+        head = (b.gated_solver == mesaopt::MesaSolver::cg ? 6.0 * b.gated_cg_steps * d * d + 20 * d * d : 20 * d * d) * T +
+               14 * d * dv * T;
+        break;
     }
     flops += double(batch) * H * head;
   }

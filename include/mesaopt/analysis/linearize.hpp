@@ -37,7 +37,8 @@ std::unique_ptr<nn::Model<T>> replace_block(nn::Model<T>& model, long block, con
 }
 
 // replace_block with block `block`'s own config of attention kind `kind`
-// (normalize_qk is turned off when the new kind is softmax, which has none).
+// (normalize_qk is turned off when the new kind is softmax, which has none, or
+// gated_mesa, which always normalises).
 template <class T>
 std::unique_ptr<nn::Model<T>> replace_attention_kind(nn::Model<T>& model, long block, nn::AttentionKind kind) {
   const nn::ModelConfig& c = model.config();
@@ -46,7 +47,7 @@ std::unique_ptr<nn::Model<T>> replace_attention_kind(nn::Model<T>& model, long b
     detail::fail("replace_attention_kind", "block must lie in [0, ", L, ") (the model's blocks), got ", block);
   nn::BlockConfig b = c.blocks[std::size_t(block)];
   b.attention = kind;
-  if (kind == nn::AttentionKind::softmax) b.normalize_qk = false;
+  if (kind == nn::AttentionKind::softmax || kind == nn::AttentionKind::gated_mesa) b.normalize_qk = false;
   return replace_block(model, block, b);
 }
 

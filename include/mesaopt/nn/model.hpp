@@ -7,6 +7,7 @@
 //   per block l:
 //     a   = [LN1?(h), pe]          pe: sinusoidal positions (positional_dim > 0)
 //     h   = h + Attn(a)[:, :width] linear (M1-M2) | softmax (M4) | mesa (M7-M9)
+//                                  | gated_mesa (M37-M43)
 //     h   = h + MLP(LN2?(h))       if mlp
 //     h   = clip(h, +-clip)        if clip > 0
 //   pred = Readout(h)              Dense width -> output_dim, or h[:, :output_dim]
@@ -21,6 +22,7 @@
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parameters.hpp>
+#include <mesaopt/layers/gated_mesa_layer.hpp>
 #include <mesaopt/layers/linear_attention_layer.hpp>
 #include <mesaopt/layers/mesa_layer.hpp>
 #include <mesaopt/layers/softmax_attention_layer.hpp>
@@ -42,13 +44,14 @@
 
 namespace mesaopt::nn {
 
-enum class AttentionKind { linear, softmax, mesa };
+enum class AttentionKind { linear, softmax, mesa, gated_mesa };
 
 inline const char* attention_kind_name(AttentionKind k) {
   switch (k) {
     case AttentionKind::linear: return "linear";
     case AttentionKind::softmax: return "softmax";
     case AttentionKind::mesa: return "mesa";
+    case AttentionKind::gated_mesa: return "gated_mesa";
   }
   return "?";
 }
@@ -62,13 +65,23 @@ struct BlockConfig {
   bool mlp = false;           // add a residual GELU MLP after the attention
   long mlp_hidden = 0;        // MLP inner width (required when mlp)
   long positional_dim = 0;    // p: sinusoidal encoding concatenated to the attention input; 0 = off
-  bool normalize_qk = false;  // key/query L2 normalisation (linear and mesa only)
+  bool normalize_qk = false;  // key/query L2 normalisation (linear and mesa only; gated_mesa always normalises)
   double lambda_init = 1.0;   // mesa: initial lambda (> 0)
   // mesa: lambda = softplus(lambda_raw) (default) or lambda_raw itself (the paper's code)
   LambdaParametrization lambda_parametrization = LambdaParametrization::softplus;
   bool learn_forget = false;  // mesa: learnable forget factor
   double forget_init = 1.0;   // mesa: gamma, (0, 1]; (0, 1) when learn_forget
-  long mesa_chunk = 0;        // mesa: backward checkpoint interval, 0 = automatic
+  long mesa_chunk = 0;        // mesa, gated_mesa: backward checkpoint interval, 0 = automatic
+  // gated_mesa (GatedMesaLayerConfig, docs/gated_mesa.md "The layer"); defaults as MesaNet's layer.
+  long gated_conv_size = 4;            // short convolution + SiLU on q and k; 0 = off
+  double gated_lambda_floor = 0.25;    // lambda = softplus(lambda_raw) + floor; > 0
+  double gated_lambda_init = 1.0;      // initial lambda; > gated_lambda_floor
+  double gated_beta_bias_init = 0.0;   // initial input-gate bias
+  double gated_forget_bias_init = 0.0; // initial forget-gate bias
+  double gated_norm_eps = 1e-5;        // output RMSNorm eps; > 0
+  MesaSolver gated_solver = MesaSolver::cg;  // exact (decaying ridge) or cg (MesaNet)
+  int gated_cg_steps = 30;             // cg steps per solve; >= 1
+  double gated_cg_tolerance = 0.0;     // cg early stop; >= 0 (0: always gated_cg_steps steps)
 };
 
 struct ModelConfig {
@@ -108,8 +121,9 @@ inline void validate_model_config(const nn::ModelConfig& c) {
   for (std::size_t i = 0; i < c.blocks.size(); ++i) {
     const nn::BlockConfig& b = c.blocks[i];
     if (b.attention != AttentionKind::linear && b.attention != AttentionKind::softmax &&
-        b.attention != AttentionKind::mesa)
-      fail(where, block_field(i, "attention"), " is not linear, softmax or mesa (value ", int(b.attention), ")");
+        b.attention != AttentionKind::mesa && b.attention != AttentionKind::gated_mesa)
+      fail(where, block_field(i, "attention"), " is not linear, softmax, mesa or gated_mesa (value ", int(b.attention),
+           ")");
     check_positive_size(where, block_field(i, "heads").c_str(), b.heads);
     check_positive_size(where, block_field(i, "key_size").c_str(), b.key_size);
     check_positive_size(where, block_field(i, "value_size").c_str(), b.value_size);
@@ -117,6 +131,9 @@ inline void validate_model_config(const nn::ModelConfig& c) {
     if (b.positional_dim < 0) fail(where, block_field(i, "positional_dim"), " must be >= 0, got ", b.positional_dim);
     if (b.normalize_qk && b.attention == AttentionKind::softmax)
       fail(where, block_field(i, "normalize_qk"), " is not supported by softmax attention");
+    if (b.normalize_qk && b.attention == AttentionKind::gated_mesa)
+      fail(where, block_field(i, "normalize_qk"),
+           " must be false for gated_mesa (the layer always L2-normalises q and k, docs/math.md M39)");
     if (b.attention == AttentionKind::mesa) {
       if (!(std::isfinite(b.lambda_init) && b.lambda_init > 0))
         fail(where, block_field(i, "lambda_init"), " must be finite and > 0, got ", b.lambda_init);
@@ -130,6 +147,28 @@ inline void validate_model_config(const nn::ModelConfig& c) {
         fail(where, block_field(i, "lambda_parametrization"), " is not softplus or raw (value ",
              int(b.lambda_parametrization), ")");
     }
+    if (b.attention == AttentionKind::gated_mesa) {
+      if (b.mesa_chunk < 0) fail(where, block_field(i, "mesa_chunk"), " must be >= 0, got ", b.mesa_chunk);
+      if (b.gated_conv_size < 0)
+        fail(where, block_field(i, "gated_conv_size"), " must be >= 0 (0 = off), got ", b.gated_conv_size);
+      if (!(std::isfinite(b.gated_lambda_floor) && b.gated_lambda_floor > 0))
+        fail(where, block_field(i, "gated_lambda_floor"), " must be finite and > 0, got ", b.gated_lambda_floor);
+      if (!(std::isfinite(b.gated_lambda_init) && b.gated_lambda_init > b.gated_lambda_floor))
+        fail(where, block_field(i, "gated_lambda_init"), " must be finite and > gated_lambda_floor = ",
+             b.gated_lambda_floor, ", got ", b.gated_lambda_init);
+      if (!std::isfinite(b.gated_beta_bias_init))
+        fail(where, block_field(i, "gated_beta_bias_init"), " must be finite, got ", b.gated_beta_bias_init);
+      if (!std::isfinite(b.gated_forget_bias_init))
+        fail(where, block_field(i, "gated_forget_bias_init"), " must be finite, got ", b.gated_forget_bias_init);
+      if (!(std::isfinite(b.gated_norm_eps) && b.gated_norm_eps > 0))
+        fail(where, block_field(i, "gated_norm_eps"), " must be finite and > 0, got ", b.gated_norm_eps);
+      if (b.gated_solver != MesaSolver::exact && b.gated_solver != MesaSolver::cg)
+        fail(where, block_field(i, "gated_solver"), " is not exact or cg (value ", int(b.gated_solver), ")");
+      if (b.gated_cg_steps < 1)
+        fail(where, block_field(i, "gated_cg_steps"), " must be at least 1, got ", b.gated_cg_steps);
+      if (!(std::isfinite(b.gated_cg_tolerance) && b.gated_cg_tolerance >= 0))
+        fail(where, block_field(i, "gated_cg_tolerance"), " must be finite and >= 0, got ", b.gated_cg_tolerance);
+    }
   }
 }
 
@@ -141,7 +180,8 @@ namespace mesaopt::nn {
 // builds it (construction values; the model then owns it). Also used by the
 // analysis tools to run one block's attention on its own.
 template <class T>
-using AnyAttentionLayer = std::variant<LinearAttentionLayer<T>, SoftmaxAttentionLayer<T>, MesaLayer<T>>;
+using AnyAttentionLayer =
+    std::variant<LinearAttentionLayer<T>, SoftmaxAttentionLayer<T>, MesaLayer<T>, GatedMesaLayer<T>>;
 
 template <class T>
 AnyAttentionLayer<T> make_attention_layer(const BlockConfig& bc, const ModelConfig& mc) {
@@ -153,6 +193,25 @@ AnyAttentionLayer<T> make_attention_layer(const BlockConfig& bc, const ModelConf
     case AttentionKind::softmax:
       return SoftmaxAttentionLayer<T>(
           SoftmaxAttentionLayerConfig{D, bc.heads, bc.key_size, bc.value_size, mc.num_threads});
+    case AttentionKind::gated_mesa: {
+      GatedMesaLayerConfig g;
+      g.D = D;
+      g.H = bc.heads;
+      g.d = bc.key_size;
+      g.dv = bc.value_size;
+      g.conv_size = bc.gated_conv_size;
+      g.lambda_floor = bc.gated_lambda_floor;
+      g.lambda_init = bc.gated_lambda_init;
+      g.beta_bias_init = bc.gated_beta_bias_init;
+      g.forget_bias_init = bc.gated_forget_bias_init;
+      g.norm_eps = bc.gated_norm_eps;
+      g.solver = bc.gated_solver;
+      g.cg_steps = bc.gated_cg_steps;
+      g.cg_tolerance = bc.gated_cg_tolerance;
+      g.chunk = bc.mesa_chunk;
+      g.num_threads = mc.num_threads;
+      return GatedMesaLayer<T>(g);
+    }
     case AttentionKind::mesa:
       break;
   }
@@ -176,7 +235,9 @@ struct BlockCache {
   LayerNormCache<T> ln1;
   RowMatrix<T> attn_in;  // (B*T, width + p): the attention layer's input [LN1?(h), pe]
   // The attention layer's cache, of the block's kind.
-  std::variant<LinearAttentionLayerCache<T>, SoftmaxAttentionLayerCache<T>, MesaLayerCache<T>> attn;
+  std::variant<LinearAttentionLayerCache<T>, SoftmaxAttentionLayerCache<T>, MesaLayerCache<T>,
+               GatedMesaLayerCache<T>>
+      attn;
   LayerNormCache<T> ln2;
   MlpCache<T> mlp;
   RowMatrix<T> pre_clip;  // (B*T, width): the stream before clipping (empty when clip is off)
@@ -215,7 +276,8 @@ class Model {
   }
 
   // Deterministic: weights ~ N(0, stddev^2) drawn in parameter order from one
-  // SplitMix64(seed); biases 0, LayerNorm gain 1, mesa lambda = lambda_init.
+  // SplitMix64(seed); biases 0, LayerNorm gain 1, mesa lambda = lambda_init
+  // (gated_mesa: its layer's init, layers/gated_mesa_layer.hpp).
   void init(std::uint64_t seed, double stddev) {
     if (!(std::isfinite(stddev) && stddev >= 0))
       detail::fail("Model::init", "stddev must be finite and >= 0, got ", stddev);

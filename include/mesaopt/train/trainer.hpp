@@ -225,6 +225,17 @@ inline void append_model_config(std::vector<std::pair<std::string, std::string>>
     out.push_back({p + "lambda_parametrization", lambda_parametrization_name(k.lambda_parametrization)});
     out.push_back({p + "learn_forget", b(k.learn_forget)});
     out.push_back({p + "forget_init", format_double(k.forget_init)});
+    if (k.attention == nn::AttentionKind::gated_mesa) {  // only for gated blocks: older checkpoints stay valid
+      out.push_back({p + "gated_conv_size", std::to_string(k.gated_conv_size)});
+      out.push_back({p + "gated_lambda_floor", format_double(k.gated_lambda_floor)});
+      out.push_back({p + "gated_lambda_init", format_double(k.gated_lambda_init)});
+      out.push_back({p + "gated_beta_bias_init", format_double(k.gated_beta_bias_init)});
+      out.push_back({p + "gated_forget_bias_init", format_double(k.gated_forget_bias_init)});
+      out.push_back({p + "gated_norm_eps", format_double(k.gated_norm_eps)});
+      out.push_back({p + "gated_solver", solver_name(k.gated_solver)});
+      out.push_back({p + "gated_cg_steps", std::to_string(k.gated_cg_steps)});
+      out.push_back({p + "gated_cg_tolerance", format_double(k.gated_cg_tolerance)});
+    }
   }
 }
 
