@@ -194,4 +194,29 @@ void run_slices(const char* where, long n, long H, int threads, Body&& body) {
   if (err) rethrow_for_slice(where, err_index, H, err);
 }
 
+// q, k (B, H, T, d), v (B, H, T, dv): the sizes of a call, read from q and v.
+struct Dims {
+  long B, H, T, d, dv;
+};
+
+template <class T>
+Dims dims(const char* where, nb::handle q, nb::handle v) {
+  Array<const T> a, b;
+  if (!nb::try_cast<Array<const T>>(q, a, false) || !nb::try_cast<Array<const T>>(v, b, false))
+    throw nb::type_error((std::string(where) + ": q and v must be C-contiguous arrays of one float type").c_str());
+  if (a.ndim() != 4 || b.ndim() != 4) bad(std::string(where) + ": q and v must have ndim 4 (B, H, T, d)");
+  return {long(a.shape(0)), long(a.shape(1)), long(a.shape(2)), long(a.shape(3)), long(b.shape(3))};
+}
+
+// The batch cache an earlier forward returned (return_cache=True), or nullptr
+// for None; anything else is a TypeError naming what was expected.
+template <class Cache>
+Cache* get_cache(const char* where, nb::handle h, const char* expected) {
+  if (h.is_none()) return nullptr;
+  Cache* c = nullptr;
+  if (!nb::try_cast<Cache*>(h, c, false) || c == nullptr)
+    throw nb::type_error((std::string(where) + ": cache must be " + expected).c_str());
+  return c;
+}
+
 }  // namespace mesaopt_py

@@ -8,19 +8,6 @@ namespace {
 
 using mesaopt::LinearAttentionState;
 
-// q, k (B, H, T, d), v (B, H, T, dv); sizes read from q and v.
-struct Dims {
-  long B, H, T, d, dv;
-};
-
-template <class T>
-Dims dims(const char* where, nb::handle q, nb::handle v) {
-  Array<const T> a, b;
-  if (!nb::try_cast<Array<const T>>(q, a, false) || !nb::try_cast<Array<const T>>(v, b, false))
-    throw nb::type_error((std::string(where) + ": q and v must be C-contiguous arrays of one float type").c_str());
-  if (a.ndim() != 4 || b.ndim() != 4) bad(std::string(where) + ": q and v must have ndim 4 (B, H, T, d)");
-  return {long(a.shape(0)), long(a.shape(1)), long(a.shape(2)), long(a.shape(3)), long(b.shape(3))};
-}
 
 template <class T>
 void forward(nb::handle hq, nb::handle hk, nb::handle hv, nb::handle hout, nb::handle hinit, nb::handle hfinal,

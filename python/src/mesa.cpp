@@ -40,27 +40,9 @@ struct Claim {
 
 template <class T>
 MesaBatchCache<T>* get_cache(const char* where, nb::handle h) {
-  if (h.is_none()) return nullptr;
-  MesaBatchCache<T>* c = nullptr;
-  if (!nb::try_cast<MesaBatchCache<T>*>(h, c, false) || c == nullptr)
-    throw nb::type_error((std::string(where) + ": cache must be a MesaCache of the same dtype from "
-                                               "mesa_forward(..., return_cache=True)")
-                             .c_str());
-  return c;
+  return mesaopt_py::get_cache<MesaBatchCache<T>>(where, h, "a MesaCache of the same dtype from mesa_forward(..., return_cache=True)");
 }
 
-struct Dims {
-  long B, H, T, d, dv;
-};
-
-template <class T>
-Dims dims(const char* where, nb::handle q, nb::handle v) {
-  Array<const T> a, b;
-  if (!nb::try_cast<Array<const T>>(q, a, false) || !nb::try_cast<Array<const T>>(v, b, false))
-    throw nb::type_error((std::string(where) + ": q and v must be C-contiguous arrays of one float type").c_str());
-  if (a.ndim() != 4 || b.ndim() != 4) bad(std::string(where) + ": q and v must have ndim 4 (B, H, T, d)");
-  return {long(a.shape(0)), long(a.shape(1)), long(a.shape(2)), long(a.shape(3)), long(b.shape(3))};
-}
 
 MesaRegularizer regularizer_of(const char* where, int r) {
   if (r == 0) return MesaRegularizer::decaying;
