@@ -5,9 +5,10 @@
 #   bash scripts/python-env.sh [--venv DIR] [--torch] [--jax] [--python PY]
 #
 #   --venv DIR    where to create it (default: .venv-py in the repository)
-#   --torch       also install PyTorch (CPU wheels from download.pytorch.org
-#                 when reachable, otherwise PyPI's default build, which on
-#                 Linux x86_64 is the CUDA one: several GB)
+#   --torch       also install PyTorch from PyPI (`pip install torch`; PyPI has
+#                 no CPU-only torch for Linux x86_64, so this is the CUDA build
+#                 with its nvidia-* wheels: about 5.3 GB, 1-2 minutes; it runs
+#                 on the CPU without a GPU). mesaopt.torch needs it
 #   --jax         also install JAX (CPU)
 #   --python PY   interpreter to build the environment from (default /usr/bin/python3)
 #
@@ -33,7 +34,7 @@ while [[ $# -gt 0 ]]; do
     --python=*) PY="${1#*=}"; shift ;;
     --torch) WITH_TORCH=1; shift ;;
     --jax) WITH_JAX=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "python-env.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -76,16 +77,15 @@ VPY="$VENV/bin/python"
 # build gets a new temporary nanobind path every time and recompiles all).
 "$VPY" -m pip install -q numpy pytest "scikit-build-core>=0.10" "nanobind>=2.0"
 
-# Build parallelism: all cores unless CMAKE_BUILD_PARALLEL_LEVEL says otherwise.
-export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 1)}"
-echo "python-env.sh: building mesaopt (pip install $ROOT; the first build takes a few minutes)"
-"$VPY" -m pip install --no-build-isolation "$ROOT"
-
 if [[ $WITH_TORCH -eq 1 ]]; then
-  echo "python-env.sh: installing torch (CPU wheels from download.pytorch.org)"
-  if ! "$VPY" -m pip install -q --retries 1 --timeout 20 torch --index-url https://download.pytorch.org/whl/cpu; then
-    # PyPI's Linux x86_64 torch is the CUDA build: it pulls several GB of nvidia-* wheels.
-    echo "python-env.sh: download.pytorch.org not reachable; installing torch from PyPI (CUDA build, large)"
+  # PyPI's Linux x86_64 torch is the CUDA build: its nvidia-* wheels are
+  # dependencies it needs to import (a --no-deps install does not import), so
+  # this is a plain install, several GB. CPU-only wheels exist only on
+  # PyTorch's own index, which this project does not use.
+  if "$VPY" -c 'import torch' 2>/dev/null; then
+    echo "python-env.sh: torch $("$VPY" -c 'import torch; print(torch.__version__)') already installed"
+  else
+    echo "python-env.sh: installing torch from PyPI (CUDA build, about 5 GB; runs on the CPU)"
     "$VPY" -m pip install -q torch
   fi
 fi
@@ -94,5 +94,18 @@ if [[ $WITH_JAX -eq 1 ]]; then
   "$VPY" -m pip install -q "jax[cpu]" || "$VPY" -m pip install -q jax jaxlib
 fi
 
+# jax (and torch) first: with jax in the environment the build compiles the
+# XLA FFI handlers of mesaopt.jax (python/CMakeLists.txt).
+# Build parallelism: all cores unless CMAKE_BUILD_PARALLEL_LEVEL says otherwise.
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 1)}"
+echo "python-env.sh: building mesaopt (pip install $ROOT; the first build takes a few minutes)"
+"$VPY" -m pip install --no-build-isolation "$ROOT"
+
 "$VPY" -c 'import mesaopt, numpy; print("mesaopt", mesaopt.__version__, "simd", mesaopt.simd, "numpy", numpy.__version__)'
+if [[ $WITH_TORCH -eq 1 ]]; then
+  "$VPY" -c 'import torch, mesaopt.torch; print("torch", torch.__version__, "(mesaopt.torch imports)")'
+fi
+if [[ $WITH_JAX -eq 1 ]]; then
+  "$VPY" -c 'import jax, mesaopt.jax; print("jax", jax.__version__, "(mesaopt.jax imports)")'
+fi
 echo "python-env.sh: done. Run the tests with: $VENV/bin/python -m pytest $ROOT/python/tests -q"

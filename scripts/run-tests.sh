@@ -53,10 +53,12 @@ cmake --build "$build" -j "$jobs"
 ctest --test-dir "$build" --output-on-failure -j "$jobs" "${exclude[@]}"
 
 # The Python package (docs/python.md), in the plain pass: scripts/python-env.sh
-# builds it into .venv-py with NumPy and JAX from PyPI, then pytest runs its
-# tests (the NumPy API against NumPy references and finite differences, and
-# the JAX functions against jax.grad). MESAOPT_PYTHON=0 skips this part.
+# builds it into .venv-py with NumPy, JAX and PyTorch from PyPI (torch is the
+# CUDA build, about 5 GB and 1-2 minutes), then pytest runs its tests (the
+# NumPy API against NumPy references and finite differences, the JAX functions
+# against jax.grad, the PyTorch functions with gradcheck). MESAOPT_PYTHON=0
+# skips this part.
 if [ "${1:-}" != "--sanitize" ] && [ "${MESAOPT_PYTHON:-1}" != 0 ]; then
-  CMAKE_BUILD_PARALLEL_LEVEL="$jobs" bash scripts/python-env.sh --jax
+  CMAKE_BUILD_PARALLEL_LEVEL="$jobs" bash scripts/python-env.sh --jax --torch
   .venv-py/bin/python -m pytest python/tests -q
 fi

@@ -24,6 +24,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace mesaopt_py {
@@ -148,13 +149,14 @@ inline std::string strip_where(const char* where, const std::string& msg) {
 }
 
 // Runs body(i, worker) for every slice i in [0, n) on min(threads, n) threads
-// (the calling thread is worker 0), with the GIL released. Items are handed
-// out in index order (dynamic), and each item writes only its own outputs, so
-// results are bit-identical for any thread count. If items fail, the error of
-// the lowest failing index is rethrown (every lower index was already claimed
-// and runs to completion, so that index does not depend on timing).
+// (the calling thread is worker 0). Items are handed out in index order
+// (dynamic), and each item writes only its own outputs, so results are
+// bit-identical for any thread count. If items fail, the error of the lowest
+// failing index is rethrown (every lower index was already claimed and runs to
+// completion, so that index does not depend on timing). Does not touch the
+// GIL: run_slices below releases it; the XLA FFI handlers run without it.
 template <class Body>
-void run_slices(const char* where, long n, long H, int threads, Body&& body) {
+void for_slices(const char* where, long n, long H, int threads, Body&& body) {
   if (threads < 1) bad(std::string(where) + ": threads must be >= 1, got " + std::to_string(threads));
   const int team = int(std::max<long>(1, std::min<long>(threads, n)));
   std::atomic<long> next{0};
@@ -180,7 +182,6 @@ void run_slices(const char* where, long n, long H, int threads, Body&& body) {
     }
   };
   {
-    nb::gil_scoped_release release;
     std::vector<std::thread> pool;
     try {
       for (int w = 1; w < team; ++w) pool.emplace_back(work, w);
@@ -192,6 +193,13 @@ void run_slices(const char* where, long n, long H, int threads, Body&& body) {
     for (auto& t : pool) t.join();
   }
   if (err) rethrow_for_slice(where, err_index, H, err);
+}
+
+// for_slices with the GIL released (the NumPy bindings, called from Python).
+template <class Body>
+void run_slices(const char* where, long n, long H, int threads, Body&& body) {
+  nb::gil_scoped_release release;
+  for_slices(where, n, H, threads, std::forward<Body>(body));
 }
 
 // q, k (B, H, T, d), v (B, H, T, dv): the sizes of a call, read from q and v.

@@ -9,6 +9,9 @@ namespace mesaopt_py {
 void bind_linear(nb::module_& m);
 void bind_softmax(nb::module_& m);
 void bind_mesa(nb::module_& m);
+#if defined(MESAOPT_PY_JAX_FFI)
+void bind_jax_ffi(nb::module_& m);
+#endif
 }  // namespace mesaopt_py
 
 NB_MODULE(_core, m) {
@@ -33,4 +36,7 @@ NB_MODULE(_core, m) {
   mesaopt_py::bind_linear(m);
   mesaopt_py::bind_softmax(m);
   mesaopt_py::bind_mesa(m);
+#if defined(MESAOPT_PY_JAX_FFI)
+  mesaopt_py::bind_jax_ffi(m);  // XLA FFI handlers for mesaopt.jax (built when jaxlib's headers were found)
+#endif
 }

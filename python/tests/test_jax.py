@@ -63,3 +63,87 @@ def test_check_grads_and_vmap(rng):
     outs = jax.vmap(lambda q: mj.linear_attention(q, k, v))(qs)
     for i in range(3):
         assert np.array_equal(np.asarray(outs[i]), mesaopt.linear_attention_forward(qs[i], k, v))
+
+
+BACKENDS = ["callback"] + (["ffi"] if mj.HAS_FFI else [])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_ffi_and_callback_give_the_same_bits(rng, dtype):
+    """The two ways into C++ (XLA FFI handlers and pure_callback) run the same
+    op on the same buffers: forward and every gradient agree bit for bit, under
+    jit and vmap, for every thread count."""
+    if not mj.HAS_FFI:
+        pytest.skip("mesaopt was built without jax (no XLA FFI handlers)")
+    q, k, v = (x.astype(dtype) for x in make_inputs(rng, 2, 3, 7, 4, 5))
+    w = rng.standard_normal((2, 3, 7, 5)).astype(dtype)
+    lam = rng.uniform(0.5, 2.0, size=3).astype(dtype)
+    forget = rng.uniform(0.85, 1.0, size=3).astype(dtype)
+    fns = {
+        "linear": lambda b, t: (lambda q, k, v: mj.linear_attention(q, k, v, backend=b, threads=t)),
+        "softmax": lambda b, t: (lambda q, k, v: mj.softmax_attention(q, k, v, backend=b, threads=t)),
+        "mesa": lambda b, t: (lambda q, k, v: mj.mesa(q, k, v, lam, forget, backend=b, threads=t)),
+    }
+    for name, make in fns.items():
+        got = {}
+        for b in BACKENDS:
+            for t in (1, 2):
+                f = make(b, t)
+                out = jax.jit(f)(q, k, v)
+                grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(w * f(q, k, v)), argnums=(0, 1, 2)))(q, k, v)
+                got[(b, t)] = [np.asarray(out)] + [np.asarray(g) for g in grads]
+        first = got[("callback", 1)]
+        for key, arrays in got.items():
+            for a, b in zip(first, arrays):
+                assert a.dtype == np.dtype(dtype), (name, key)
+                if name == "softmax":
+                    # softmax's dq depends in the last bit on the alignment of the
+                    # q buffer (docs/python.md, "Bit-identical results"), which
+                    # differs between the two paths' buffers
+                    assert ref.rel_err(a, b) < 8 * np.finfo(dtype).eps, (name, key)
+                else:
+                    assert np.array_equal(a, b), (name, key)
+    # lam and forget gradients (summed over the batch in float64 by the NumPy API, in the
+    # array dtype by the FFI path: equal in float64, within rounding in float32)
+    g = {b: jax.grad(lambda lam, forget: jnp.sum(w * mj.mesa(q, k, v, lam, forget, backend=b)), argnums=(0, 1))(
+        lam, forget) for b in BACKENDS}
+    tol = 1e-14 if dtype == np.float64 else 1e-5
+    for a, b in zip(g["callback"], g["ffi"]):
+        assert ref.rel_err(np.asarray(a), np.asarray(b)) < tol
+    # vmap over a leading axis runs the FFI handler once per element
+    qs = np.stack([q, 2 * q])
+    outs = jax.vmap(lambda q: mj.mesa(q, k, v, lam, forget, backend="ffi"))(qs)
+    for i in range(2):
+        assert np.array_equal(np.asarray(outs[i]), mesaopt.mesa_forward(qs[i], k, v, lam, forget=forget))
+
+
+def test_jax_argument_errors(rng):
+    q, k, v = make_inputs(rng, 1, 2, 4, 3, 2)
+    with pytest.raises(ValueError, match="backend must be 'ffi', 'callback' or None"):
+        mj.mesa(q, k, v, 1.0, backend="xla")
+    with pytest.raises(ValueError, match=r"mesaopt.jax.mesa: k has shape \(1, 2, 4, 2\)"):
+        mj.mesa(q, k[..., :2], v, 1.0)
+    with pytest.raises(ValueError, match="v has shape"):
+        mj.linear_attention(q, k, v[:, :, :3])
+    with pytest.raises(ValueError, match="q must have 4 dimensions"):
+        mj.softmax_attention(q[0], k, v)
+    with pytest.raises(TypeError, match="must share one dtype"):
+        mj.linear_attention(q, k.astype(np.float32), v)
+    with pytest.raises(TypeError, match="dtype float32 or float64"):
+        mj.linear_attention(q.astype(np.int32), k, v)
+    with pytest.raises(ValueError, match=r"lam must be a float or an array of shape \(H,\) = \(2,\)"):
+        mj.mesa(q, k, v, np.ones(3))
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        mj.linear_attention(q, k, v, threads=0)
+    if not mj.HAS_FFI:
+        with pytest.raises(ValueError, match="backend='ffi' needs mesaopt built with jax installed"):
+            mj.mesa(q, k, v, 1.0, backend="ffi")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jax_bad_values_raise_with_the_ops_message(rng, backend):
+    """A value the op rejects (lam <= 0) inside jit surfaces with the op's message."""
+    q, k, v = make_inputs(rng, 1, 2, 4, 3, 2)
+    f = jax.jit(lambda lam: mj.mesa(q, k, v, lam, backend=backend))
+    with pytest.raises(Exception, match="lambda"):
+        jax.block_until_ready(f(np.array([1.0, -1.0])))
