@@ -18,6 +18,7 @@
 #include "ranks.hpp"
 #include "seed_sweep.hpp"
 
+#include <mesaopt/analysis.hpp>
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
 #include <mesaopt/tasks.hpp>
@@ -85,6 +86,7 @@ struct Options {
   std::string lambda;   // mesa lambda: "softplus" (of lambda_raw; default run) or "raw" (R_0 = lambda_raw I; --full)
   std::string decay;    // weight decay on "matrices" (default run) or "all" parameters (--full)
   bool clip_report = false;  // --clip-report: how often the activation clip binds (see clip_report)
+  bool compress = false;     // --compress: evaluate the trained linear models' compressed algorithms
   std::vector<std::string> models;
   std::string csv, history;
 };
@@ -124,6 +126,11 @@ void usage() {
       "  --clip-report      after training, print per block and position how often the +-4 activation\n"
       "                     clip binds on the held-out set, and add a row <model>/no-clip: the same\n"
       "                     trained weights evaluated without the clip\n"
+      "  --compress         after training, evaluate each linear model reduced to its compressed\n"
+      "                     algorithm (docs/analysis.md): rows <model>/compressed (CompressedAlg-K:\n"
+      "                     every 4x4 token-slot block of each head's products replaced by a scaled\n"
+      "                     identity) and, for linear-1L, linear-1L/prop1 (the paper's Proposition 1\n"
+      "                     model, 12 scalars)\n"
       "  --help             this text\n");
 }
 
@@ -179,6 +186,7 @@ Options parse(int argc, char** argv) {
     }
     else if (a == "--history") o.history = value();
     else if (a == "--clip-report") o.clip_report = true;
+    else if (a == "--compress") o.compress = true;
     else if (a == "--models") {
       std::stringstream ss(value());
       for (std::string m; std::getline(ss, m, ',');) {
@@ -380,6 +388,20 @@ examples::SeedRun run_seed(const Options& opt, unsigned long long seed, const st
       typename nn::Model<float>::Cache free_cache;
       const RowMatrix<double> free_pred = free.forward(eval_tokens, T, free_cache).cast<double>();
       run.rows.push_back({s.name + "/no-clip", "same weights", ml::loss_curve(free_pred, y, T)});
+    }
+    if (opt.compress && s.kind == nn::AttentionKind::linear) {
+      // The compressed algorithms (docs/analysis.md, docs/math.md M27-M28): the
+      // same model with each head's products reduced to scaled-identity blocks.
+      auto add_compressed = [&](const std::string& suffix, const analysis::CompressionOptions& co) {
+        const long scalars = analysis::compressed_scalar_count(model, co);
+        const auto compressed = analysis::compressed_model(model, co);
+        typename nn::Model<float>::Cache ccache;
+        const RowMatrix<double> cpred = compressed->forward(eval_tokens, T, ccache).cast<double>();
+        run.rows.push_back({s.name + suffix, examples::format_number("%.0f scalars", double(scalars)),
+                            ml::loss_curve(cpred, y, T)});
+      };
+      add_compressed("/compressed", analysis::compressed_alg_options(n));
+      if (s.layers == 1 && s.heads == 2) add_compressed("/prop1", analysis::proposition1_options(n));
     }
     run.histories.push_back({s.name, seed, r.losses});
     if (s.name == "linear-1L") {
