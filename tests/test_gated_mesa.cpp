@@ -346,7 +346,9 @@ TEST_CASE("gated mesa: chained backward passes over pieces give the whole sequen
   }
 }
 
-TEST_CASE("gated mesa gradients do not depend on the checkpoint interval", "[gated_mesa][grad]") {
+// opt.chunk = C > 0 selects the chunkwise forms (docs/math.md §9-§10): the
+// same numbers as token by token up to rounding, for C from 1 to beyond seq_len.
+TEST_CASE("gated mesa chunkwise forms give the token-by-token gradients", "[gated_mesa][grad]") {
   const long n = 17, d = 5, dv = 3;
   const Inputs in = make_inputs(n, d, dv, 31);
   const Cast<double> x(in);
@@ -466,6 +468,13 @@ TEST_CASE("gated mesa rejects bad input by name", "[gated_mesa][errors]") {
   CHECK(bwd(in.beta, opt) == "<no exception>");
   has(bwd(with(in.beta, 0, 0.5), opt), "beta differs");
   has(bwd(in.beta, options<double>(MesaSolver::cg)), "cache was made with solver = exact");
+  // a token-by-token cache with chunkwise options, and a chunkwise cache with another chunk size
+  has(bwd(in.beta, options<double>(MesaSolver::exact, 30, 2)), "cache was made with opt.chunk = 0 (token by token)");
+  mesaopt::gated_mesa_forward(in.q, in.k, in.v, in.beta, in.gamma, in.lam, options<double>(MesaSolver::exact, 30, 2),
+                              out, cache);
+  CHECK(bwd(in.beta, options<double>(MesaSolver::exact, 30, 2)) == "<no exception>");
+  has(bwd(in.beta, options<double>(MesaSolver::exact, 30, 3)), "cache was made with opt.chunk = 2 (chunkwise)");
+  has(bwd(in.beta, opt), "but opt.chunk is 0");
   Vector<double> db_short(n - 1);
   has(test::error_of([&] {
         mesaopt::gated_mesa_backward(in.q, in.k, in.v, in.beta, in.gamma, in.lam, opt, out, cache, dq, dk, dv_,

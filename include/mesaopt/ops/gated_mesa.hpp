@@ -33,10 +33,14 @@
 // and returns dlambda_diag = 0 (the gradient goes to grad_initial->R); the cg
 // solver uses Lambda at every token.
 //
-// Checkpoints: the forward saves the state every C tokens (C = opt.chunk when
-// > 0, else round(sqrt(seq_len))); the backward recomputes each chunk from its
-// checkpoint. opt.chunk does not change the forward's numbers (the chunkwise
-// GEMM form of the issue is not implemented yet: docs/gated_mesa.md).
+// Two forms (docs/gated_mesa.md, "Chunkwise forms"):
+// - opt.chunk = 0: token by token (M29-M36). The forward saves the state every
+//   round(sqrt(seq_len)) tokens; the backward recomputes each stretch from its
+//   checkpoint.
+// - opt.chunk = C > 0: chunkwise, C tokens at a time with GEMMs on C x d and
+//   C x C blocks (exact: ops/gated_mesa_chunkwise_exact.hpp, M44-M48; cg:
+//   ops/gated_mesa_chunkwise_cg.hpp, M49-M53). The same numbers up to rounding;
+//   the cache keeps the state at every chunk start.
 //
 // Precision (docs/gated_mesa.md): double matches the direct weighted ridge
 // solve to < 1e-10 (exact), and CG with d steps to < 1e-8 on well-conditioned
@@ -44,7 +48,10 @@
 // < 1e-4 in every gradient (T = 200, d = 16; the tested bounds).
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
+#include <mesaopt/common/parallel.hpp>  // ScopedSerialEigen
 #include <mesaopt/ops/checks.hpp>
+#include <mesaopt/ops/gated_mesa_chunkwise_cg.hpp>
+#include <mesaopt/ops/gated_mesa_chunkwise_exact.hpp>
 #include <mesaopt/ops/mesa.hpp>
 
 #include <Eigen/Cholesky>
@@ -69,7 +76,7 @@ enum class MesaSolver {
 template <class T>
 struct GatedMesaOptions {
   MesaSolver solver = MesaSolver::exact;
-  long chunk = 0;       // > 0: checkpoint interval C (the chunkwise form will use it); 0 = round(sqrt(seq_len))
+  long chunk = 0;       // 0: token by token; C > 0: chunkwise, C tokens per chunk (GEMM form)
   int cg_steps = 30;    // cg: the number of CG steps per solve (>= 1)
   T cg_tolerance = 0;   // cg: > 0 stops a solve early once the residual norm is <= cg_tolerance
 };
@@ -266,7 +273,8 @@ class GatedMesaCache {
   long length() const { return T_; }      // seq_len of the last complete forward, 0 before any
   long key_dim() const { return d_; }     // d
   long value_dim() const { return dv_; }  // dv
-  long chunk() const { return C_; }       // the checkpoint interval C
+  long chunk() const { return C_; }       // the checkpoint interval (the chunk size C of the chunkwise form)
+  bool chunkwise() const { return chunkwise_; }  // made by the chunkwise form (opt.chunk > 0)
   long num_checkpoints() const { return T_ > 0 ? (T_ + C_ - 1) / C_ : 0; }
   MesaSolver solver() const { return solver_; }
   bool has_initial_state() const { return has_initial_; }
@@ -285,6 +293,7 @@ class GatedMesaCache {
   int cg_steps_ = 0;
   T cg_tol_ = 0;
   bool has_initial_ = false;
+  bool chunkwise_ = false;
   Vector<T> beta_, gamma_, lam_;
   std::vector<RowMatrix<T>> ck_S_, ck_R_, ck_P_;
 };
@@ -381,6 +390,7 @@ struct GatedMesaCacheAccess {
       }
     }
     c.d_ = d, c.dv_ = dv, c.C_ = C;
+    c.chunkwise_ = false;
     c.solver_ = opt.solver;
     c.cg_steps_ = opt.cg_steps;
     c.cg_tol_ = opt.cg_tolerance;
@@ -400,6 +410,9 @@ struct GatedMesaCacheAccess {
       fail(where, "cache was made with solver = ", solver_name(c.solver_), ", cg_steps = ", c.cg_steps_,
            ", cg_tolerance = ", c.cg_tol_, " but opt has solver = ", solver_name(opt.solver),
            ", cg_steps = ", opt.cg_steps, ", cg_tolerance = ", opt.cg_tolerance);
+    if (c.chunkwise_ != (opt.chunk > 0) || (opt.chunk > 0 && c.C_ != std::min(opt.chunk, n)))
+      fail(where, "cache was made with opt.chunk = ", c.chunkwise_ ? c.C_ : 0L, " (", c.chunkwise_ ? "chunkwise" : "token by token",
+           ") but opt.chunk is ", opt.chunk, " (pass the forward's options)");
     if (c.beta_ != beta) fail(where, "beta differs from the beta the forward used");
     if (c.gamma_ != gamma) fail(where, "gamma differs from the gamma the forward used");
     if (c.lam_ != lambda_diag) fail(where, "lambda_diag differs from the lambda_diag the forward used");
@@ -413,6 +426,110 @@ struct GatedMesaCacheAccess {
       const RowMatrix<T>& used = opt.solver == MesaSolver::exact ? c.ck_R_[0] : c.ck_P_[0];
       if (Xs != used || initial->S != c.ck_S_[0])
         fail(where, "initial differs from the initial state the forward used (pass the same initial)");
+    }
+  }
+
+  // The chunkwise forms (opt.chunk = C > 0; docs/math.md §9-§10): the same
+  // outputs as the token-by-token sweep up to rounding, computed one chunk of C
+  // tokens at a time with GEMMs (exact: M44-M48; cg: M49-M53). The cache keeps
+  // the state at every chunk start, as the checkpoints of the sweep.
+  template <class T>
+  static void forward_chunkwise(const char* where, const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                                const ConstMatrixRef<T>& v, const ConstVectorRef<T>& beta,
+                                const ConstVectorRef<T>& gamma, const ConstVectorRef<T>& lambda_diag,
+                                const GatedMesaOptions<T>& opt, MatrixRef<T>& out, GatedMesaCache<T>& c,
+                                const GatedMesaState<T>* initial, GatedMesaState<T>* final) {
+    const long n = q.rows(), d = q.cols(), dv = v.cols();
+    const long C = checkpoint_interval(opt, n), nck = (n + C - 1) / C;
+    const bool exact = opt.solver == MesaSolver::exact;
+    // The chunks' GEMMs run on this thread: Eigen would otherwise spread each
+    // over OpenMP's default team (and pick its blocking, so its rounding, from
+    // the team size); callers parallelise over sequences and heads.
+    const ScopedSerialEigen serial;
+    c.T_ = 0;  // unusable until this forward completes
+    GatedMesaRunner<T> run;  // only for the initial state and its checks
+    run.solver = opt.solver;
+    gated_set_initial<T>(where, run, initial, lambda_diag, d, dv);
+    RowMatrix<T> S = std::move(run.S), X = exact ? std::move(run.R) : std::move(run.P);  // X = R or H
+    c.ck_S_.resize(std::size_t(nck));
+    c.ck_R_.resize(exact ? std::size_t(nck) : 0);
+    c.ck_P_.resize(exact ? 0 : std::size_t(nck));
+    for (long ck = 0; ck < nck; ++ck) {
+      const long t0 = ck * C, len = std::min(C, n - t0);
+      c.ck_S_[std::size_t(ck)] = S;
+      (exact ? c.ck_R_ : c.ck_P_)[std::size_t(ck)] = X;
+      try {
+        if (exact)
+          gated_exact_chunk_forward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
+                                       beta.segment(t0, len), gamma.segment(t0, len), S, X, out.middleRows(t0, len));
+        else
+          gated_cg_chunk_forward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
+                                    beta.segment(t0, len), gamma.segment(t0, len), lambda_diag, opt.cg_steps,
+                                    opt.cg_tolerance, S, X, out.middleRows(t0, len));
+      } catch (const MesaBreakdownError& e) {
+        throw MesaBreakdownError(std::string(where) + ": in the chunk of positions " + std::to_string(t0) + ".." +
+                                     std::to_string(t0 + len - 1) + ": " + e.what(),
+                                 t0 + e.position());
+      }
+    }
+    if (final != nullptr) {
+      final->S = S;
+      (exact ? final->R : final->H) = X;
+      (exact ? final->H : final->R).resize(0, 0);
+    }
+    c.d_ = d, c.dv_ = dv, c.C_ = C;
+    c.chunkwise_ = true;
+    c.solver_ = opt.solver;
+    c.cg_steps_ = opt.cg_steps;
+    c.cg_tol_ = opt.cg_tolerance;
+    c.has_initial_ = initial != nullptr;
+    c.beta_ = beta, c.gamma_ = gamma, c.lam_ = lambda_diag;
+    c.T_ = n;
+  }
+
+  template <class T>
+  static void backward_chunkwise(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                                 const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
+                                 const ConstVectorRef<T>& lambda_diag, const GatedMesaOptions<T>& opt,
+                                 const ConstMatrixRef<T>& dout, const GatedMesaCache<T>& c, MatrixRef<T>& dq,
+                                 MatrixRef<T>& dk, MatrixRef<T>& grad_v, VectorRef<T>& dbeta, VectorRef<T>& dgamma,
+                                 VectorRef<T>& dlambda, const GatedMesaState<T>* grad_final,
+                                 GatedMesaState<T>* grad_initial) {
+    const long n = q.rows(), d = q.cols(), dv = v.cols(), C = c.C_, nck = (n + C - 1) / C;
+    const bool exact = opt.solver == MesaSolver::exact;
+    const ScopedSerialEigen serial;  // as in forward_chunkwise
+    // dS, dX: the adjoints of the state after the current chunk (X = R or H), symmetric for X.
+    RowMatrix<T> dS = RowMatrix<T>::Zero(dv, d), dX = RowMatrix<T>::Zero(d, d);
+    if (grad_final != nullptr) {
+      dS = grad_final->S;
+      const RowMatrix<T>& g = exact ? grad_final->R : grad_final->H;
+      dX = (g + g.transpose()) / T(2);
+    }
+    dlambda.setZero();
+    for (long ck = nck - 1; ck >= 0; --ck) {
+      const long t0 = ck * C, len = std::min(C, n - t0);
+      const RowMatrix<T>& S0 = c.ck_S_[std::size_t(ck)];
+      const RowMatrix<T>& X0 = (exact ? c.ck_R_ : c.ck_P_)[std::size_t(ck)];
+      if (exact)
+        gated_exact_chunk_backward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
+                                      beta.segment(t0, len), gamma.segment(t0, len), S0, X0,
+                                      dout.middleRows(t0, len), dS, dX, dq.middleRows(t0, len),
+                                      dk.middleRows(t0, len), grad_v.middleRows(t0, len), dbeta.segment(t0, len),
+                                      dgamma.segment(t0, len));
+      else
+        gated_cg_chunk_backward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
+                                   beta.segment(t0, len), gamma.segment(t0, len), lambda_diag, opt.cg_steps,
+                                   opt.cg_tolerance, S0, X0, dout.middleRows(t0, len), dS, dX,
+                                   dq.middleRows(t0, len), dk.middleRows(t0, len), grad_v.middleRows(t0, len),
+                                   dbeta.segment(t0, len), dgamma.segment(t0, len), dlambda);
+      dX = (dX + dX.transpose()) / T(2);
+    }
+    // exact without an initial state: R_0 = Lambda^{-1}, so dLambda_j = -dR_0(j, j) / Lambda_j^2 (M36).
+    if (exact && !c.has_initial_) dlambda = -dX.diagonal().cwiseQuotient(lambda_diag.cwiseAbs2());
+    if (grad_initial != nullptr) {
+      grad_initial->S = dS;
+      (exact ? grad_initial->R : grad_initial->H) = dX;
+      (exact ? grad_initial->H : grad_initial->R).resize(0, 0);
     }
   }
 
@@ -547,7 +664,11 @@ void gated_mesa_forward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRef
   detail::check_output<T>(where, "out", out, q.rows(), v.cols());
   detail::check_output_distinct<T>(where, out, q, k, v);
   if (initial != nullptr) detail::check_gated_state(where, "initial", *initial, opt.solver, q.cols(), v.cols(), true);
-  detail::GatedMesaCacheAccess::forward<T>(where, q, k, v, beta, gamma, lambda_diag, opt, out, cache, initial, final);
+  if (opt.chunk > 0)
+    detail::GatedMesaCacheAccess::forward_chunkwise<T>(where, q, k, v, beta, gamma, lambda_diag, opt, out, cache, initial,
+                                                       final);
+  else
+    detail::GatedMesaCacheAccess::forward<T>(where, q, k, v, beta, gamma, lambda_diag, opt, out, cache, initial, final);
 }
 
 // Backward pass (M33-M36), given dout = dL/dout and the cache of
@@ -574,8 +695,12 @@ void gated_mesa_backward(ConstMatrixRef<T> q, ConstMatrixRef<T> k, ConstMatrixRe
   if (dlambda_diag.size() != d) detail::fail(where, "dlambda_diag has ", dlambda_diag.size(), " entries but d is ", d);
   detail::GatedMesaCacheAccess::check_cache<T>(where, cache, beta, gamma, lambda_diag, opt, n, d, dv, initial);
   if (grad_final != nullptr) detail::check_gated_state(where, "grad_final", *grad_final, opt.solver, d, dv, false);
-  detail::GatedMesaCacheAccess::backward<T>(q, k, v, beta, gamma, lambda_diag, opt, dout, cache, dq, dk, grad_v, dbeta,
-                                            dgamma, dlambda_diag, grad_final, grad_initial);
+  if (cache.chunkwise())
+    detail::GatedMesaCacheAccess::backward_chunkwise<T>(q, k, v, beta, gamma, lambda_diag, opt, dout, cache, dq, dk,
+                                                        grad_v, dbeta, dgamma, dlambda_diag, grad_final, grad_initial);
+  else
+    detail::GatedMesaCacheAccess::backward<T>(q, k, v, beta, gamma, lambda_diag, opt, dout, cache, dq, dk, grad_v, dbeta,
+                                              dgamma, dlambda_diag, grad_final, grad_initial);
 }
 
 // One decoding step (M29-M32 for one token): the state advances by
