@@ -79,6 +79,8 @@ struct Options {
   long probe_sequences = 200;
   double softmax_lr = 0, hybrid_lr = 0;  // 0: from the settings
   bool layer_norm = true;
+  bool gated = false;    // --gated: also train gated-mesa-2L
+  long gated_chunk = 0;  // --gated-chunk: the gated op's opt.chunk (0: token by token)
   std::vector<unsigned long long> seeds = {1};
   int threads = 0;
   std::string csv;
@@ -100,6 +102,11 @@ void usage() {
       "  --lr-softmax X      peak lr of the softmax-only model (0 < X <= 1)\n"
       "  --lr-hybrid X       peak lr of the hybrid model (0 < X <= 1)\n"
       "  --no-layer-norm     no pre-LN before the blocks' attention (default: pre-LN on every block)\n"
+      "  --gated             also train gated-mesa-2L: two MesaNet blocks (GatedMesaLayer: gates, short\n"
+      "                      convolution on q and k, cg solver with 30 steps; docs/gated_mesa.md), no\n"
+      "                      positional code, the hybrid's lr\n"
+      "  --gated-chunk C     the gated blocks' chunk size (0: token by token, the default; C > 0: the\n"
+      "                      chunkwise form)\n"
       "  --eval N            held-out evaluation sequences (default 1000)\n"
       "  --probe N           held-out sequences for the attention probe (default 200)\n"
       "  --seed N            seed of training data, initialisation and evaluation (default 1)\n"
@@ -157,6 +164,8 @@ Options parse(int argc, char** argv) {
     else if (a == "--lr-softmax") o.softmax_lr = positive(1.0);
     else if (a == "--lr-hybrid") o.hybrid_lr = positive(1.0);
     else if (a == "--no-layer-norm") o.layer_norm = false;
+    else if (a == "--gated") o.gated = true;
+    else if (a == "--gated-chunk") o.gated_chunk = long(integer(0, 1000000));
     else if (a == "--seed" || a == "--seeds") {
       o.seeds = examples::seeds_option(a, value(), bad_option);
     }
@@ -200,6 +209,7 @@ struct ModelSpec {
   std::string name;
   nn::ModelConfig config;
   double peak_lr;
+  bool probe = true;  // block 0 is a softmax block whose attention the report probes
 };
 
 // Share of block-0 attention mass per head on key t-1 and on key t, averaged
@@ -252,6 +262,12 @@ int main(int argc, char** argv) {
       for (long l = 1; l < opt.softmax_layers; ++l) blocks.push_back(block(nn::AttentionKind::softmax, 0, opt.layer_norm));
       specs.push_back({"softmax-" + std::to_string(opt.softmax_layers) + "L", model_config(n, blocks, opt.threads),
                        opt.softmax_lr > 0 ? opt.softmax_lr : st.softmax_lr});
+    }
+    if (opt.gated) {  // MesaNet's layer twice: its short convolution can build (s_{t-1}, s_t) itself
+      nn::BlockConfig g = block(nn::AttentionKind::gated_mesa, 0, opt.layer_norm);
+      g.mesa_chunk = opt.gated_chunk;
+      specs.push_back({"gated-mesa-2L", model_config(n, {g, g}, opt.threads),
+                       opt.hybrid_lr > 0 ? opt.hybrid_lr : st.hybrid_lr, false});
     }
 
     std::printf(
@@ -333,7 +349,7 @@ int main(int argc, char** argv) {
         const RowMatrix<double> pred = model.forward(eval_x, T, cache).cast<double>();
         run.rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
         run.histories.push_back({s.name, seed, r.losses});
-        shares.emplace_back(s.name, attention_shares(model, probe_x, T, 0));
+        if (s.probe) shares.emplace_back(s.name, attention_shares(model, probe_x, T, 0));
       }
       run.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
 
