@@ -350,6 +350,21 @@ struct GatedMesaCacheAccess {
     return std::clamp(static_cast<long>(std::lround(std::sqrt(double(n)))), 1L, n);
   }
 
+  // A forward that got this far makes the cache usable (T_ = n last).
+  template <class T>
+  static void complete(GatedMesaCache<T>& c, long n, long d, long dv, long C, bool chunkwise,
+                       const GatedMesaOptions<T>& opt, bool has_initial, const ConstVectorRef<T>& beta,
+                       const ConstVectorRef<T>& gamma, const ConstVectorRef<T>& lambda_diag) {
+    c.d_ = d, c.dv_ = dv, c.C_ = C;
+    c.chunkwise_ = chunkwise;
+    c.solver_ = opt.solver;
+    c.cg_steps_ = opt.cg_steps;
+    c.cg_tol_ = opt.cg_tolerance;
+    c.has_initial_ = has_initial;
+    c.beta_ = beta, c.gamma_ = gamma, c.lam_ = lambda_diag;
+    c.T_ = n;
+  }
+
   template <class T>
   static void forward(const char* where, const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
                       const ConstMatrixRef<T>& v, const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
@@ -389,14 +404,7 @@ struct GatedMesaCacheAccess {
         final->R.resize(0, 0);
       }
     }
-    c.d_ = d, c.dv_ = dv, c.C_ = C;
-    c.chunkwise_ = false;
-    c.solver_ = opt.solver;
-    c.cg_steps_ = opt.cg_steps;
-    c.cg_tol_ = opt.cg_tolerance;
-    c.has_initial_ = initial != nullptr;
-    c.beta_ = beta, c.gamma_ = gamma, c.lam_ = lambda_diag;
-    c.T_ = n;
+    complete<T>(c, n, d, dv, C, false, opt, initial != nullptr, beta, gamma, lambda_diag);
   }
 
   template <class T>
@@ -477,14 +485,7 @@ struct GatedMesaCacheAccess {
       (exact ? final->R : final->H) = X;
       (exact ? final->H : final->R).resize(0, 0);
     }
-    c.d_ = d, c.dv_ = dv, c.C_ = C;
-    c.chunkwise_ = true;
-    c.solver_ = opt.solver;
-    c.cg_steps_ = opt.cg_steps;
-    c.cg_tol_ = opt.cg_tolerance;
-    c.has_initial_ = initial != nullptr;
-    c.beta_ = beta, c.gamma_ = gamma, c.lam_ = lambda_diag;
-    c.T_ = n;
+    complete<T>(c, n, d, dv, C, true, opt, initial != nullptr, beta, gamma, lambda_diag);
   }
 
   template <class T>
