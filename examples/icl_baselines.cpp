@@ -26,7 +26,8 @@ void usage() {
       "  Evaluates the reference in-context learners on the linear dynamical system\n"
       "  with the paper's settings (n = 10, T = 50, W* Haar orthogonal, s_1 ~ U[-1,1]^n,\n"
       "  noise 0.01) and prints loss vs context position t.\n"
-      "  --seed N       evaluation seed (default 1); tuned hyperparameters use 250 sequences of seed N + 1000\n"
+      "  --seed N       evaluation seed (default 1); tuned hyperparameters use --tune sequences of seed N + 1000\n"
+      "  --tune N       sequences for tuning the learners' hyperparameters (default 250)\n"
       "  --sequences N  evaluation sequences (default 2000)\n"
       "  --csv FILE     also write method,position,loss rows (positions 1..T)\n"
       "  --threads N    threads (default: OpenMP default)\n");
@@ -45,6 +46,7 @@ int main(int argc, char** argv) {
   mesaopt::examples::Ranks ranks(argc, argv, "icl_baselines");
   unsigned long long seed = 1;
   long sequences = 2000;
+  long tune_sequences = 250;
   int threads = 0;
   std::string csv;
   for (int i = 1; i < argc; ++i) {
@@ -62,6 +64,8 @@ int main(int argc, char** argv) {
       seed = std::strtoull(need("--seed"), nullptr, 10);
     } else if (!std::strcmp(argv[i], "--sequences")) {
       sequences = std::strtol(need("--sequences"), nullptr, 10);
+    } else if (!std::strcmp(argv[i], "--tune")) {
+      tune_sequences = std::strtol(need("--tune"), nullptr, 10);
     } else if (!std::strcmp(argv[i], "--threads")) {
       threads = static_cast<int>(std::strtol(need("--threads"), nullptr, 10));
     } else if (!std::strcmp(argv[i], "--csv")) {
@@ -76,11 +80,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--sequences must be >= 1\n");
     return 2;
   }
+  if (tune_sequences < 1) {
+    std::fprintf(stderr, "--tune must be >= 1\n");
+    return 2;
+  }
 
   const mt::DynamicsConfig cfg;  // the paper's settings
   const long T = cfg.seq_len;
   const auto eval = mt::make_dynamics_batch<double>(cfg, sequences, seed, 0, threads);
-  const auto tune = mt::make_dynamics_batch<double>(cfg, 250, seed + 1000, 0, threads);
+  const auto tune = mt::make_dynamics_batch<double>(cfg, tune_sequences, seed + 1000, 0, threads);
   const M &x = eval.inputs, &y = eval.targets;
 
   std::vector<Row> rows;

@@ -77,6 +77,7 @@ struct Options {
   double steps_scale = 1;  // multiplies the per-model step counts
   double lr = 0;           // 0: per model from kSpecs
   long eval_sequences = 0;  // 0: kDefaultEval or kFullEval
+  long tune_sequences = 250;  // sequences that tune the learners' hyperparameters
   std::vector<unsigned long long> seeds;  // empty: {1}, or kPaperSeeds with --full
   int threads = 0;
   double init_std = 0.0002;  // docs/paper.md §2: N(0, 0.0002^2) for constructed tokens
@@ -108,6 +109,7 @@ void usage() {
       "  --batch B          sequences per step\n"
       "  --lr X             constant learning rate for every model\n"
       "  --eval N           held-out evaluation sequences per seed (default 1000; --full 1280)\n"
+      "  --tune N           sequences for tuning the learners' hyperparameters (default 250)\n"
       "  --seed N           seed of training data, initialisation and evaluation (default 1)\n"
       "  --seeds LIST       comma-separated seeds, run one after another; the table and the CSV\n"
       "                     give the mean over seeds and its standard error\n"
@@ -164,6 +166,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--steps-scale") o.steps_scale = number(1e-6);
     else if (a == "--lr") o.lr = number(1e-12);
     else if (a == "--eval") o.eval_sequences = static_cast<long>(number(1));
+    else if (a == "--tune") o.tune_sequences = static_cast<long>(number(1));
     else if (a == "--seed" || a == "--seeds") {
       if (!o.seeds.empty()) bad_option("give the seeds once (--seed N or --seeds LIST)");
       o.seeds = examples::seeds_option(a, value(), bad_option);
@@ -337,7 +340,7 @@ examples::SeedRun run_seed(const Options& opt, unsigned long long seed, const st
   // are tuned on a third set (as in icl_baselines).
   const long batch = opt.batch;
   const auto eval = mt::make_dynamics_batch<double>(dc, opt.eval_sequences, seed + 1000003, 0, opt.threads);
-  const auto tune = mt::make_dynamics_batch<double>(dc, 250, seed + 2000003, 0, opt.threads);
+  const auto tune = mt::make_dynamics_batch<double>(dc, opt.tune_sequences, seed + 2000003, 0, opt.threads);
   const bool element_clip = opt.clip == "element", mask_1l = opt.mask_1l == "on";
   const LambdaParametrization lambda =
       opt.lambda == "raw" ? LambdaParametrization::raw : LambdaParametrization::softplus;

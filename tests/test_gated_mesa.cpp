@@ -9,6 +9,7 @@
 #include <mesaopt/ops/gated_mesa_reference.hpp>
 #include <mesaopt/ops/mesa_reference.hpp>
 
+#include "gated_mesa_inputs.hpp"
 #include "gradcheck.hpp"
 #include "test_util.hpp"
 
@@ -29,43 +30,11 @@ using mesaopt::MesaSolver;
 using mesaopt::RowMatrix;
 using mesaopt::Vector;
 namespace test = mesaopt::test;
+using mesaopt::test::gated::Cast;
+using mesaopt::test::gated::Inputs;
+using mesaopt::test::gated::make_inputs;
 
 namespace {
-
-// Uniform entries in [lo, hi] from a fixed seed.
-Vector<double> uniform_vector(long n, std::uint64_t seed, double lo, double hi) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> u(lo, hi);
-  Vector<double> x(n);
-  for (long i = 0; i < n; ++i) x[i] = u(rng);
-  return x;
-}
-
-struct Inputs {
-  RowMatrix<double> q, k, v;
-  Vector<double> beta, gamma, lam;
-};
-
-// Gates in the interior of (0, 1] (so central differences stay inside), lambda_diag in [0.5, 1.5].
-Inputs make_inputs(long T, long d, long dv, std::uint64_t seed, double gamma_lo = 0.85) {
-  Inputs in;
-  in.q = test::random_matrix<double>(T, d, seed + 1, 1.0 / std::sqrt(double(d)));
-  in.k = test::random_matrix<double>(T, d, seed + 2, 1.0 / std::sqrt(double(d)));
-  in.v = test::random_matrix<double>(T, dv, seed + 3);
-  in.beta = uniform_vector(T, seed + 4, 0.3, 0.99);
-  in.gamma = uniform_vector(T, seed + 5, gamma_lo, 0.99);
-  in.lam = uniform_vector(d, seed + 6, 0.5, 1.5);
-  return in;
-}
-
-template <class T>
-struct Cast {
-  RowMatrix<T> q, k, v;
-  Vector<T> beta, gamma, lam;
-  explicit Cast(const Inputs& in)
-      : q(in.q.cast<T>()), k(in.k.cast<T>()), v(in.v.cast<T>()), beta(in.beta.cast<T>()),
-        gamma(in.gamma.cast<T>()), lam(in.lam.cast<T>()) {}
-};
 
 // max_t ||a_t - b_t|| / ||b_t||
 double max_row_relative(const RowMatrix<double>& a, const RowMatrix<double>& b) {

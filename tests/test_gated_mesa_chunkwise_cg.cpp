@@ -8,6 +8,7 @@
 #include <mesaopt/ops.hpp>
 #include <mesaopt/ops/gated_mesa_chunkwise_cg.hpp>
 
+#include "gated_mesa_inputs.hpp"
 #include "gradcheck.hpp"
 #include "test_util.hpp"
 
@@ -31,43 +32,12 @@ using mesaopt::MesaSolver;
 using mesaopt::RowMatrix;
 using mesaopt::Vector;
 namespace test = mesaopt::test;
+using mesaopt::test::gated::Cast;
+using mesaopt::test::gated::Inputs;
+using mesaopt::test::gated::make_inputs;
 
 namespace {
 
-Vector<double> uniform_vector(long n, std::uint64_t seed, double lo, double hi) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> u(lo, hi);
-  Vector<double> x(n);
-  for (long i = 0; i < n; ++i) x[i] = u(rng);
-  return x;
-}
-
-struct Inputs {
-  RowMatrix<double> q, k, v;
-  Vector<double> beta, gamma, lam;
-};
-
-// As tests/test_gated_mesa.cpp: gates inside (0, 1) (central differences stay
-// inside), lambda_diag in [0.5, 1.5], q and k of norm about 1: well conditioned.
-Inputs make_inputs(long n, long d, long dv, std::uint64_t seed, double gamma_lo = 0.85, double gamma_hi = 0.99) {
-  Inputs in;
-  in.q = test::random_matrix<double>(n, d, seed + 1, 1.0 / std::sqrt(double(d)));
-  in.k = test::random_matrix<double>(n, d, seed + 2, 1.0 / std::sqrt(double(d)));
-  in.v = test::random_matrix<double>(n, dv, seed + 3);
-  in.beta = uniform_vector(n, seed + 4, 0.3, 0.99);
-  in.gamma = uniform_vector(n, seed + 5, gamma_lo, gamma_hi);
-  in.lam = uniform_vector(d, seed + 6, 0.5, 1.5);
-  return in;
-}
-
-template <class T>
-struct Cast {
-  RowMatrix<T> q, k, v;
-  Vector<T> beta, gamma, lam;
-  explicit Cast(const Inputs& in)
-      : q(in.q.cast<T>()), k(in.k.cast<T>()), v(in.v.cast<T>()), beta(in.beta.cast<T>()),
-        gamma(in.gamma.cast<T>()), lam(in.lam.cast<T>()) {}
-};
 
 // A cg state: S random, H = B B^T positive semi-definite (exactly symmetric); or the empty one.
 GatedMesaState<double> make_state(long d, long dv, std::uint64_t seed, bool empty) {

@@ -9,6 +9,7 @@
 #include <mesaopt/ops.hpp>
 #include <mesaopt/ops/gated_mesa_chunkwise_exact.hpp>
 
+#include "gated_mesa_inputs.hpp"
 #include "gradcheck.hpp"
 #include "test_util.hpp"
 
@@ -29,33 +30,12 @@ using mesaopt::MesaSolver;
 using mesaopt::RowMatrix;
 using mesaopt::Vector;
 namespace test = mesaopt::test;
+using mesaopt::test::gated::Inputs;
+using mesaopt::test::gated::make_inputs;
+using mesaopt::test::gated::uniform_vector;
 namespace detail = mesaopt::detail;
 
 namespace {
-
-Vector<double> uniform_vector(long n, std::uint64_t seed, double lo, double hi) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> u(lo, hi);
-  Vector<double> x(n);
-  for (long i = 0; i < n; ++i) x[i] = u(rng);
-  return x;
-}
-
-struct Inputs {
-  RowMatrix<double> q, k, v;
-  Vector<double> beta, gamma;
-};
-
-// As tests/test_gated_mesa.cpp: keys and queries of norm about 1, gates inside (0, 1].
-Inputs make_inputs(long T, long d, long dv, std::uint64_t seed, double gamma_lo = 0.85) {
-  Inputs in;
-  in.q = test::random_matrix<double>(T, d, seed + 1, 1.0 / std::sqrt(double(d)));
-  in.k = test::random_matrix<double>(T, d, seed + 2, 1.0 / std::sqrt(double(d)));
-  in.v = test::random_matrix<double>(T, dv, seed + 3);
-  in.beta = uniform_vector(T, seed + 4, 0.3, 0.99);
-  in.gamma = uniform_vector(T, seed + 5, gamma_lo, 0.99);
-  return in;
-}
 
 // A random state (S, R SPD) or the empty one (S = 0, R = Lambda^{-1}).
 GatedMesaState<double> make_state(long d, long dv, std::uint64_t seed, bool empty) {
@@ -372,7 +352,11 @@ TEST_CASE("gated exact chunk: breakdown at the recurrence's position", "[gated_m
 TEST_CASE("gated exact chunk: float breaks down where the gates outrun its precision",
           "[gated_mesa][chunkwise][errors]") {
   // float, C = 16 > d = 2, gamma = 0.3 (g_C = 4e-9): A = D^{-1} + K R0 K^T is rank 2 plus a diagonal that
-  // falls to 1e-8, so the later pivots drown in rounding and one turns negative: MesaBreakdownError.
+  // falls to 1e-8, so the later pivots drown in rounding. Whether one of them turns negative depends on
+  // the rounding (GCC -O3 with FMA contraction: yes, at token 15; clang -O1: no), so the float part
+  // checks only what holds either way: a breakdown, if any, comes after the first d tokens, and
+  // without one the outputs are finite (docs/gated_mesa_chunkwise_exact.md, "Precision and limits":
+  // such chunks can be wrong without an exception).
   const long C = 16, d = 2, dv = 3;
   const Inputs in = make_inputs(C, d, dv, 71);
   const RowMatrix<float> q = in.q.cast<float>(), k = in.k.cast<float>(), v = in.v.cast<float>();
@@ -387,7 +371,10 @@ TEST_CASE("gated exact chunk: float breaks down where the gates outrun its preci
     message = e.what();
   }
   INFO(message);
-  CHECK(position >= d);  // the first d pivots see a full-rank block
+  if (position >= 0)
+    CHECK(position >= d);  // the first d pivots see a full-rank block
+  else
+    CHECK(out.allFinite());
   // In double the same chunk is well within range and agrees with the recurrence.
   GatedMesaState<double> init, fin;
   init.S = RowMatrix<double>::Zero(dv, d), init.R = RowMatrix<double>::Identity(d, d);

@@ -70,7 +70,7 @@ struct GatedMesaLayerConfig {
   MesaSolver solver = MesaSolver::cg;  // GatedMesaOptions::solver (MesaNet: cg)
   int cg_steps = 30;              // GatedMesaOptions::cg_steps (MesaNet: 30); >= 1
   double cg_tolerance = 0.0;      // GatedMesaOptions::cg_tolerance; >= 0 (0: always cg_steps steps)
-  long chunk = 0;                 // GatedMesaOptions::chunk (checkpoint interval); 0 = automatic
+  long chunk = 0;                 // GatedMesaOptions::chunk: 0 = token by token; C > 0 = chunkwise, C tokens per chunk
   int num_threads = 0;            // threads for forward/backward; <= 0: default_num_threads()
 };
 
@@ -115,7 +115,7 @@ inline void check_gated_mesa_layer_config(const char* where, const GatedMesaLaye
   if (c.cg_steps < 1) fail(where, "config.cg_steps must be at least 1, got ", c.cg_steps);
   if (!(std::isfinite(c.cg_tolerance) && c.cg_tolerance >= 0))
     fail(where, "config.cg_tolerance must be finite and >= 0, got ", c.cg_tolerance);
-  if (c.chunk < 0) fail(where, "config.chunk must be >= 0 (0 = automatic), got ", c.chunk);
+  if (c.chunk < 0) fail(where, "config.chunk must be >= 0 (0 = token by token, C > 0 = chunkwise), got ", c.chunk);
 }
 
 // silu(z) = z sigmoid(z) and its derivative sigmoid(z) (1 + z (1 - sigmoid(z))) (M38).

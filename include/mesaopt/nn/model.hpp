@@ -71,7 +71,7 @@ struct BlockConfig {
   LambdaParametrization lambda_parametrization = LambdaParametrization::softplus;
   bool learn_forget = false;  // mesa: learnable forget factor
   double forget_init = 1.0;   // mesa: gamma, (0, 1]; (0, 1) when learn_forget
-  long mesa_chunk = 0;        // mesa, gated_mesa: backward checkpoint interval, 0 = automatic
+  long mesa_chunk = 0;        // mesa: backward checkpoint interval (0 = automatic); gated_mesa: GatedMesaOptions::chunk (0 = token by token, C > 0 = chunkwise)
   // gated_mesa (GatedMesaLayerConfig, docs/gated_mesa.md "The layer"); defaults as MesaNet's layer.
   long gated_conv_size = 4;            // short convolution + SiLU on q and k; 0 = off
   double gated_lambda_floor = 0.25;    // lambda = softplus(lambda_raw) + floor; > 0

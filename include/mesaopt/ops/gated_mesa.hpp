@@ -100,7 +100,7 @@ template <class T>
 void check_gated_options(const char* where, const GatedMesaOptions<T>& opt) {
   if (opt.solver != MesaSolver::exact && opt.solver != MesaSolver::cg)
     fail(where, "opt.solver must be MesaSolver::exact or MesaSolver::cg, got ", static_cast<int>(opt.solver));
-  if (opt.chunk < 0) fail(where, "opt.chunk must be >= 0 (0 = automatic), got ", opt.chunk);
+  if (opt.chunk < 0) fail(where, "opt.chunk must be >= 0 (0 = token by token, C > 0 = chunkwise), got ", opt.chunk);
   if (opt.cg_steps < 1) fail(where, "opt.cg_steps must be at least 1, got ", opt.cg_steps);
   if (!(std::isfinite(opt.cg_tolerance) && opt.cg_tolerance >= T(0)))
     fail(where, "opt.cg_tolerance must be finite and >= 0, got ", opt.cg_tolerance);
