@@ -523,7 +523,7 @@ struct GatedMesaCacheAccess {
                                    opt.cg_tolerance, S0, X0, dout.middleRows(t0, len), dS, dX,
                                    dq.middleRows(t0, len), dk.middleRows(t0, len), grad_v.middleRows(t0, len),
                                    dbeta.segment(t0, len), dgamma.segment(t0, len), dlambda);
-      dX = (dX + dX.transpose()) / T(2);
+      // dX is now the adjoint of the chunk's start state, symmetric as both chunk backwards return it.
     }
     // exact without an initial state: R_0 = Lambda^{-1}, so dLambda_j = -dR_0(j, j) / Lambda_j^2 (M36).
     if (exact && !c.has_initial_) dlambda = -dX.diagonal().cwiseQuotient(lambda_diag.cwiseAbs2());
