@@ -258,16 +258,6 @@ class MesaFunction(torch.autograd.Function):
 # Functions
 
 
-def _threads(where, threads):
-    if threads is None:
-        return None
-    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, numbers.Integral):
-        raise TypeError(f"{where}: threads must be an int >= 1 or None, got {type(threads).__name__}")
-    if threads < 1:
-        raise ValueError(f"{where}: threads must be >= 1, got {threads}")
-    return int(threads)
-
-
 def linear_attention(q, k, v, *, threads=None):
     """Causal linear attention o_t = sum_{i<=t} (k_i . q_t) v_i (no softmax, no scaling).
 
@@ -276,14 +266,14 @@ def linear_attention(q, k, v, *, threads=None):
     """
     where = "mesaopt.torch.linear_attention"
     _sequence(where, q, k, v)
-    return LinearAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), _threads(where, threads))
+    return LinearAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), _m._check_threads(where, threads))
 
 
 def softmax_attention(q, k, v, *, threads=None):
     """Causal softmax attention with scale 1/sqrt(d); q, k (B, H, T, d), v (B, H, T, dv) -> (B, H, T, dv)."""
     where = "mesaopt.torch.softmax_attention"
     _sequence(where, q, k, v)
-    return SoftmaxAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), _threads(where, threads))
+    return SoftmaxAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), _m._check_threads(where, threads))
 
 
 def mesa(q, k, v, lam, forget=None, *, regularizer="decaying", chunk=0, threads=None):
@@ -305,13 +295,11 @@ def mesa(q, k, v, lam, forget=None, *, regularizer="decaying", chunk=0, threads=
     if forget is not None:
         forget_t = _per_head(where, "forget", forget, H, dt)
         _check_values(where, "forget", forget, forget_t, lambda x: (x > 0) & (x <= 1), "lie in (0, 1]")
-    if regularizer not in ("decaying", "constant"):
-        raise ValueError(f"{where}: regularizer must be 'decaying' or 'constant', got {regularizer!r}")
-    if isinstance(chunk, (bool, np.bool_)) or not isinstance(chunk, numbers.Integral):
-        raise TypeError(f"{where}: chunk must be an int >= 0, got {type(chunk).__name__}")
+    _m._regularizer(where, regularizer)
+    chunk = _m._chunk(where, chunk)
     return MesaFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), lam_t.contiguous(),
-                              None if forget_t is None else forget_t.contiguous(), regularizer, int(chunk),
-                              _threads(where, threads))
+                              None if forget_t is None else forget_t.contiguous(), regularizer, chunk,
+                              _m._check_threads(where, threads))
 
 
 # ---------------------------------------------------------------------------

@@ -202,6 +202,24 @@ void run_slices(const char* where, long n, long H, int threads, Body&& body) {
   for_slices(where, n, H, threads, std::forward<Body>(body));
 }
 
+// The mesa regulariser from the code the Python layer passes (0 decaying, 1 constant).
+inline mesaopt::MesaRegularizer regularizer_of(const char* where, long r) {
+  if (r == 0) return mesaopt::MesaRegularizer::decaying;
+  if (r == 1) return mesaopt::MesaRegularizer::constant;
+  bad(std::string(where) + ": regularizer must be 0 (decaying) or 1 (constant), got " + std::to_string(r));
+}
+
+// The mesa op's options for head h: lam and forget hold one value per head.
+template <class T>
+mesaopt::MesaOptions<T> mesa_options(const T* lam, const T* forget, long h, mesaopt::MesaRegularizer reg, long chunk) {
+  mesaopt::MesaOptions<T> opt;
+  opt.lambda = lam[h];
+  opt.forget = forget[h];
+  opt.chunk = chunk;
+  opt.regularizer = reg;
+  return opt;
+}
+
 // q, k (B, H, T, d), v (B, H, T, dv): the sizes of a call, read from q and v.
 struct Dims {
   long B, H, T, d, dv;

@@ -153,16 +153,6 @@ ffi::Error softmax_bwd(In<D> q, In<D> k, In<D> v, In<D> g, Out<D> dq, Out<D> dk,
 // mesa: lam, forget (H,); the backward writes dlam, dforget per slice (B, H),
 // summed over the batch by the caller (in a fixed order, as the NumPy API does).
 
-template <class T>
-mesaopt::MesaOptions<T> mesa_options(const T* lam, const T* forget, long h, int64_t regularizer, int64_t chunk) {
-  mesaopt::MesaOptions<T> opt;
-  opt.lambda = lam[h];
-  opt.forget = forget[h];
-  opt.chunk = long(chunk);
-  opt.regularizer = regularizer == 1 ? mesaopt::MesaRegularizer::constant : mesaopt::MesaRegularizer::decaying;
-  return opt;
-}
-
 template <ffi::DataType D>
 ffi::Error mesa_fwd(In<D> q, In<D> k, In<D> v, In<D> lam, In<D> forget, Out<D> out, int64_t regularizer,
                     int64_t chunk, int64_t threads) {
@@ -173,9 +163,10 @@ ffi::Error mesa_fwd(In<D> q, In<D> k, In<D> v, In<D> lam, In<D> forget, Out<D> o
     check_shape(where, "k", k, {s.B, s.H, s.T, s.d});
     check_shape(where, "lam", lam, {s.H});
     check_shape(where, "forget", forget, {s.H});
+    const mesaopt::MesaRegularizer reg = regularizer_of(where, long(regularizer));
     std::vector<mesaopt::MesaCache<T>> scratch(std::size_t(team_of(threads)));
     for_slices(where, s.B * s.H, s.H, team_of(threads), [&](long i, int w) {
-      const auto opt = mesa_options(lam.typed_data(), forget.typed_data(), i % s.H, regularizer, chunk);
+      const auto opt = mesa_options(lam.typed_data(), forget.typed_data(), i % s.H, reg, long(chunk));
       mesaopt::mesa_forward<T>(CMap<T>(q.typed_data() + i * s.T * s.d, s.T, s.d),
                                CMap<T>(k.typed_data() + i * s.T * s.d, s.T, s.d),
                                CMap<T>(v.typed_data() + i * s.T * s.dv, s.T, s.dv), opt,
@@ -195,13 +186,14 @@ ffi::Error mesa_bwd(In<D> q, In<D> k, In<D> v, In<D> lam, In<D> forget, In<D> g,
     check_shape(where, "lam", lam, {s.H});
     check_shape(where, "forget", forget, {s.H});
     check_shape(where, "dout", g, {s.B, s.H, s.T, s.dv});
+    const mesaopt::MesaRegularizer reg = regularizer_of(where, long(regularizer));
     const std::size_t team = std::size_t(team_of(threads));
     std::vector<mesaopt::MesaCache<T>> scratch(team);
     std::vector<mesaopt::RowMatrix<T>> outs(team);
     for_slices(where, s.B * s.H, s.H, team_of(threads), [&](long i, int w) {
       const long a = i * s.T * s.d, b = i * s.T * s.dv;
       const CMap<T> qi(q.typed_data() + a, s.T, s.d), ki(k.typed_data() + a, s.T, s.d), vi(v.typed_data() + b, s.T, s.dv);
-      const auto opt = mesa_options(lam.typed_data(), forget.typed_data(), i % s.H, regularizer, chunk);
+      const auto opt = mesa_options(lam.typed_data(), forget.typed_data(), i % s.H, reg, long(chunk));
       auto& c = scratch[std::size_t(w)];
       auto& o = outs[std::size_t(w)];
       o.resize(s.T, s.dv);

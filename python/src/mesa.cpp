@@ -44,20 +44,9 @@ MesaBatchCache<T>* get_cache(const char* where, nb::handle h) {
 }
 
 
-MesaRegularizer regularizer_of(const char* where, int r) {
-  if (r == 0) return MesaRegularizer::decaying;
-  if (r == 1) return MesaRegularizer::constant;
-  bad(std::string(where) + ": regularizer must be 0 (decaying) or 1 (constant), got " + std::to_string(r));
-}
-
 template <class T>
 MesaOptions<T> options(const View<T>& lam, const View<T>& forget, long h, MesaRegularizer reg, long chunk) {
-  MesaOptions<T> opt;
-  opt.lambda = lam.ptr[h];
-  opt.forget = forget.ptr[h];
-  opt.chunk = chunk;
-  opt.regularizer = reg;
-  return opt;
+  return mesa_options(lam.ptr, forget.ptr, h, reg, chunk);
 }
 
 template <class T>
