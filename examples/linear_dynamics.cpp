@@ -31,6 +31,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <sstream>
 #include <string>
@@ -90,6 +92,11 @@ struct Options {
   bool compress = false;     // --compress: evaluate the trained linear models' compressed algorithms
   std::vector<std::string> models;
   std::string csv, history;
+  // --checkpoint DIR: each (model, seed) training saves DIR/<model>_s<seed>.ckpt
+  // every checkpoint_every steps and at its end, and resumes from that file
+  // when it exists (train/trainer.hpp: exact resume, bit for bit).
+  std::string checkpoint_dir;
+  long checkpoint_every = 500;
 };
 
 void usage() {
@@ -133,6 +140,12 @@ void usage() {
       "                     every 4x4 token-slot block of each head's products replaced by a scaled\n"
       "                     identity) and, for linear-1L, linear-1L/prop1 (the paper's Proposition 1\n"
       "                     model, 12 scalars)\n"
+      "  --checkpoint DIR   save each model's training to DIR/<model>_s<seed>.ckpt every\n"
+      "                     --checkpoint-every steps (default 500) and at its end, and resume from\n"
+      "                     that file if it exists: an interrupted run, started again with the same\n"
+      "                     options, continues where it stopped and gives the same results bit for bit\n"
+      "                     (a finished model is loaded instead of trained; the directory must exist)\n"
+      "  --checkpoint-every N  see --checkpoint\n"
       "  --help             this text\n");
 }
 
@@ -190,6 +203,12 @@ Options parse(int argc, char** argv) {
     else if (a == "--history") o.history = value();
     else if (a == "--clip-report") o.clip_report = true;
     else if (a == "--compress") o.compress = true;
+    else if (a == "--checkpoint") {
+      o.checkpoint_dir = value();
+      if (!std::filesystem::is_directory(o.checkpoint_dir))
+        bad_option("--checkpoint needs an existing directory, got '" + o.checkpoint_dir + "'");
+    }
+    else if (a == "--checkpoint-every") o.checkpoint_every = static_cast<long>(number(1));
     else if (a == "--models") {
       std::stringstream ss(value());
       for (std::string m; std::getline(ss, m, ',');) {
@@ -364,7 +383,21 @@ examples::SeedRun run_seed(const Options& opt, unsigned long long seed, const st
     tc.decay = opt.decay == "all" ? train::DecayScope::all : train::DecayScope::matrices;
     tc.threads = opt.threads;  // workers of the sharded steps (automatic shards, docs/training.md)
     tc.process_group = group;
+    if (!opt.checkpoint_dir.empty()) {
+      tc.checkpoint_path = opt.checkpoint_dir + "/" + s.name + "_s" + std::to_string(seed) + ".ckpt";
+      tc.checkpoint_every = opt.checkpoint_every;
+    }
     train::Trainer<float> trainer(model, source, tc);
+    if (!tc.checkpoint_path.empty() && std::ifstream(tc.checkpoint_path).good()) {
+      trainer.resume(tc.checkpoint_path);  // refuses a file of another model or training setting
+      if (trainer.step() > steps)
+        throw std::invalid_argument("checkpoint '" + tc.checkpoint_path + "' is at step " +
+                                    std::to_string(trainer.step()) + ", beyond this run's " + std::to_string(steps) +
+                                    " steps");
+      std::printf("  resumed %-9s from %s at step %ld of %ld\n", s.name.c_str(), tc.checkpoint_path.c_str(),
+                  trainer.step(), steps);
+      std::fflush(stdout);
+    }
     const auto r = trainer.run();
     const std::size_t tail = std::min<std::size_t>(50, r.losses.size());
     double last = 0;
