@@ -570,3 +570,7 @@ def _float_dtype(where, dtype):
     if dt not in _DTYPES:
         raise TypeError(f"{where}: dtype must be float32 or float64, got {dt}")
     return dt
+
+
+# The paper's task and reference learners (NumPy in, NumPy out; docs/python.md).
+from . import learners, tasks  # noqa: E402  (they use _check_threads above)

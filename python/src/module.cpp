@@ -9,6 +9,7 @@ namespace mesaopt_py {
 void bind_linear(nb::module_& m);
 void bind_softmax(nb::module_& m);
 void bind_mesa(nb::module_& m);
+void bind_learners(nb::module_& m);
 #if defined(MESAOPT_PY_JAX_FFI)
 void bind_jax_ffi(nb::module_& m);
 #endif
@@ -36,6 +37,7 @@ NB_MODULE(_core, m) {
   mesaopt_py::bind_linear(m);
   mesaopt_py::bind_softmax(m);
   mesaopt_py::bind_mesa(m);
+  mesaopt_py::bind_learners(m);  // the task and the reference learners (mesaopt.tasks, mesaopt.learners)
 #if defined(MESAOPT_PY_JAX_FFI)
   mesaopt_py::bind_jax_ffi(m);  // XLA FFI handlers for mesaopt.jax (built when jaxlib's headers were found)
 #endif
