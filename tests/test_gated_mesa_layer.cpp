@@ -329,6 +329,98 @@ TEST_CASE("GatedMesaLayer: float agrees with double", "[gated_mesa_layer]") {
   }
 }
 
+TEST_CASE("GatedMesaLayer: stepping token by token gives the forward's outputs", "[gated_mesa_layer][step]") {
+  struct Case {
+    long B, T, D, H, d, dv, K;
+  };
+  // K = 4 with T > K and T < K - 1 (a window never full), K = 2 (one-slot
+  // window), K = 1 (no window), K = 0 (no convolution); odd sizes.
+  const Case cases[] = {{2, 9, 5, 2, 3, 2, 4}, {1, 2, 4, 1, 3, 3, 4}, {3, 6, 6, 3, 2, 3, 2},
+                        {2, 5, 4, 2, 3, 2, 1}, {2, 7, 5, 2, 3, 4, 0}};
+  std::uint64_t seed = 300;
+  for (MesaSolver solver : {MesaSolver::cg, MesaSolver::exact})
+    for (const Case& cs : cases)
+      for (long chunk : {0L, 3L}) {  // the layer's forward chunkwise or not; step runs token by token
+        INFO("B " << cs.B << " T " << cs.T << " D " << cs.D << " H " << cs.H << " d " << cs.d << " dv " << cs.dv
+                  << " K " << cs.K << " solver " << mesaopt::detail::solver_name(solver) << " chunk " << chunk);
+        GatedMesaLayerConfig c = make_config(cs.D, cs.H, cs.d, cs.dv, cs.K, solver);
+        c.chunk = chunk;
+        GatedMesaLayer<double> layer(c);
+        randomize(layer, seed += 3);
+        const RowMatrix<double> x = random_matrix<double>(cs.B * cs.T, cs.D, seed + 1);
+        mesaopt::GatedMesaLayerCache<double> cache;
+        const RowMatrix<double> y = layer.forward(x, cs.T, cache);
+        for (int threads : {1, 2}) {
+          layer.set_num_threads(threads);
+          auto state = layer.initial_state(cs.B);
+          RowMatrix<double> x_t(cs.B, cs.D), y_t(cs.B, cs.D), stepped(cs.B * cs.T, cs.D);
+          for (long t = 0; t < cs.T; ++t) {
+            for (long b = 0; b < cs.B; ++b) x_t.row(b) = x.row(b * cs.T + t);
+            layer.step(x_t, state, y_t);
+            for (long b = 0; b < cs.B; ++b) stepped.row(b * cs.T + t) = y_t.row(b);
+          }
+          CHECK(state.tokens == cs.T);
+          CHECK(relative_rms(stepped, y) < 1e-12);
+          for (long r = 0; r < y.rows(); ++r) CHECK((stepped.row(r) - y.row(r)).norm() <= 1e-11 * (1 + y.row(r).norm()));
+        }
+        // The step's state is the op's: its S equals the op's final state of the whole sequence.
+        auto state = layer.initial_state(cs.B);
+        RowMatrix<double> x_t(cs.B, cs.D), y_t(cs.B, cs.D);
+        for (long t = 0; t < cs.T; ++t) {
+          for (long b = 0; b < cs.B; ++b) x_t.row(b) = x.row(b * cs.T + t);
+          layer.step(x_t, state, y_t);
+        }
+        CHECK(state.heads.size() == std::size_t(cs.B * cs.H));
+        for (const auto& st : state.heads) CHECK(st.S.allFinite());
+      }
+}
+
+TEST_CASE("GatedMesaLayer: float steps agree with the double forward", "[gated_mesa_layer][step]") {
+  const GatedMesaLayerConfig c = make_config(6, 2, 4, 3, 4, MesaSolver::cg);
+  GatedMesaLayer<double> ld(c);
+  GatedMesaLayer<float> lf(c);
+  randomize(ld, 41);
+  std::vector<ParameterView<double>> pd;
+  std::vector<ParameterView<float>> pf;
+  ld.parameters(pd, "");
+  lf.parameters(pf, "");
+  for (std::size_t i = 0; i < pd.size(); ++i)
+    for (std::size_t j = 0; j < pd[i].size; ++j) pf[i].value[j] = float(pd[i].value[j]);
+  const long B = 2, T = 8;
+  const RowMatrix<double> x = random_matrix<double>(B * T, 6, 42);
+  mesaopt::GatedMesaLayerCache<double> cache;
+  const RowMatrix<double> y = ld.forward(x, T, cache);
+  auto state = lf.initial_state(B);
+  RowMatrix<float> x_t(B, 6), y_t(B, 6);
+  RowMatrix<double> stepped(B * T, 6);
+  for (long t = 0; t < T; ++t) {
+    for (long b = 0; b < B; ++b) x_t.row(b) = x.row(b * T + t).cast<float>();
+    lf.step(x_t, state, y_t);
+    for (long b = 0; b < B; ++b) stepped.row(b * T + t) = y_t.row(b).cast<double>();
+  }
+  CHECK(relative_rms(stepped, y) < 1e-4);
+}
+
+TEST_CASE("GatedMesaLayer: bad step arguments throw std::invalid_argument naming them", "[gated_mesa_layer][step][errors]") {
+  GatedMesaLayer<double> layer(make_config(5, 2, 3, 2, 4, MesaSolver::cg));
+  GatedMesaLayer<double> other(make_config(5, 3, 3, 2, 4, MesaSolver::cg));
+  auto state = layer.initial_state(2);
+  RowMatrix<double> x_t = random_matrix<double>(2, 5, 1), y_t(2, 5);
+  CHECK_THROWS_WITH(layer.initial_state(0), Contains("B"));
+  CHECK_THROWS_WITH(layer.step(random_matrix<double>(3, 5, 2), state, y_t), Contains("x_t"));
+  CHECK_THROWS_WITH(layer.step(random_matrix<double>(2, 4, 2), state, y_t), Contains("x_t"));
+  RowMatrix<double> bad_y(2, 4);
+  CHECK_THROWS_WITH(layer.step(x_t, state, bad_y), Contains("y_t"));
+  auto foreign = other.initial_state(2);
+  CHECK_THROWS_AS(layer.step(x_t, foreign, y_t), std::invalid_argument);
+  CHECK_THROWS_WITH(layer.step(x_t, foreign, y_t), Contains("initial_state"));
+  mesaopt::GatedMesaLayerState<double> empty;
+  CHECK_THROWS_WITH(layer.step(x_t, empty, y_t), Contains("state"));
+  x_t(1, 2) = NAN;
+  CHECK_THROWS_WITH(layer.step(x_t, state, y_t), Contains("x_t has a non-finite entry"));
+  CHECK(state.tokens == 0);  // nothing advanced
+}
+
 TEST_CASE("GatedMesaLayer: bad configs and inputs throw std::invalid_argument naming the field",
           "[gated_mesa_layer][errors]") {
   const GatedMesaLayerConfig good = make_config(5, 2, 3, 2, 4, MesaSolver::cg);

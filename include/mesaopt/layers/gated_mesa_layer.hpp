@@ -35,7 +35,13 @@
 // Shapes: x is (B*T, D), sequence-major. Backward ADDS into the parameter
 // gradients and writes dx. Sums over the batch and heads (shared parameters)
 // are taken in a fixed order, so results do not depend on the thread count.
-// No carried state (streaming / step) yet: docs/gated_mesa.md.
+//
+// Decoding (docs/gated_mesa.md, "Decoding"): initial_state(B) and step(x_t,
+// state, y_t) run B sequences one token at a time. The state holds, per
+// sequence, the raw q~ | k~ of its last K - 1 tokens (the short convolution's
+// window) and, per sequence and head, the op's state (S and R or H, M36);
+// stepping through a sequence gives forward's outputs (to rounding; the tests
+// compare). The layer's forward itself starts every sequence empty.
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parameters.hpp>
@@ -97,6 +103,18 @@ struct GatedMesaLayerCache {
   RowMatrix<T> dlambda;       // (B*H, d)
 };
 
+// The decoding state of B sequences (GatedMesaLayer::initial_state, step).
+template <class T>
+struct GatedMesaLayerState {
+  long batch = 0;   // B
+  long tokens = 0;  // tokens consumed so far by every sequence
+  // (B, (K-1) 2 H d): per sequence, the raw q~ | k~ (M37; the first 2 H d
+  // columns of QKV) of its last K - 1 tokens, oldest first; unused slots of a
+  // sequence shorter than K - 1 tokens are zero and skipped. No columns when K <= 1.
+  RowMatrix<T> window;
+  std::vector<GatedMesaState<T>> heads;  // B*H op states, item b*H + h
+};
+
 namespace detail {
 
 inline void check_gated_mesa_layer_config(const char* where, const GatedMesaLayerConfig& c) {
@@ -139,6 +157,7 @@ class GatedMesaLayer : public AttentionProjections<T> {
   using Scalar = T;
   using Config = GatedMesaLayerConfig;
   using Cache = GatedMesaLayerCache<T>;
+  using State = GatedMesaLayerState<T>;
   static constexpr const char* kName = "GatedMesaLayer";
 
   explicit GatedMesaLayer(const Config& config)
@@ -256,7 +275,6 @@ class GatedMesaLayer : public AttentionProjections<T> {
     cache.rms.resize(N, H);
     cache.u.resize(N, H * dv);
     cache.heads.resize(std::size_t(B * H));
-    const T eps = static_cast<T>(config_.norm_eps);
 
     detail::parallel_for_rethrow(B * H, threads, [&](std::ptrdiff_t item) {
       const long b = long(item) / H, h = long(item) % H, r0 = b * T_;
@@ -267,12 +285,8 @@ class GatedMesaLayer : public AttentionProjections<T> {
         if (K > 0) {
           auto pre = cache.conv.block(r0, col, T_, d);
           for (long t = 0; t < T_; ++t)
-            for (long i = 0; i < d; ++i) {
-              T acc = 0;
-              for (long j = std::max(0L, K - 1 - t); j < K; ++j) acc += conv_(col + i, j) * raw(t - K + 1 + j, i);
-              pre(t, i) = acc;                      // M38: causal depthwise convolution
-              out(t, i) = detail::silu_value(acc);  // M38: SiLU
-            }
+            convolve_token(col, std::max(0L, K - 1 - t), [&](long j) { return &raw(t - K + 1 + j, 0); }, &pre(t, 0),
+                           &out(t, 0));
         } else {
           out = raw;
         }
@@ -297,11 +311,7 @@ class GatedMesaLayer : public AttentionProjections<T> {
       } catch (const std::invalid_argument& e) {  // gates out of range (a diverged gate parameter)
         detail::fail(where, "sequence b = ", b, ", head h = ", h, ": ", e.what());
       }
-      for (long t = 0; t < T_; ++t) {  // M42
-        const T r = T(1) / std::sqrt(o.row(t).squaredNorm() / T(dv) + eps);
-        cache.rms(r0 + t, h) = r;
-        cache.u.block(r0 + t, h * dv, 1, dv) = (o.row(t).array() * r * norm_w_.transpose().array()).matrix();
-      }
+      for (long t = 0; t < T_; ++t) cache.rms(r0 + t, h) = rms_norm_token(o.row(t), cache.u.block(r0 + t, h * dv, 1, dv));
     });
     Base::project_out(cache.u, y, threads);  // M43
     cache.num_heads = H;
@@ -316,6 +326,97 @@ class GatedMesaLayer : public AttentionProjections<T> {
     RowMatrix<T> y(x.rows(), x.cols());
     forward(x, seq_len, cache, y);
     return y;
+  }
+
+  // The state of B empty sequences: S = 0 and, for the exact solver,
+  // R = Lambda^{-1} (P_0 = Lambda, M29), for cg H = 0. The exact solver's R_0
+  // is taken from lambda_raw now: make the state after setting the parameters.
+  State initial_state(long B) const {
+    const char* where = "GatedMesaLayer::initial_state";
+    detail::check_positive_size(where, "B", B);
+    check_parameters(where);
+    const long H = config_.H, d = config_.d, dv = config_.dv;
+    State s;
+    s.batch = B;
+    s.tokens = 0;
+    s.window = RowMatrix<T>::Zero(B, window_columns());
+    s.heads.resize(std::size_t(B * H));
+    for (long item = 0; item < B * H; ++item) {
+      GatedMesaState<T>& st = s.heads[std::size_t(item)];
+      st.S = RowMatrix<T>::Zero(dv, d);
+      if (config_.solver == MesaSolver::exact) {
+        const Vector<T> lam = lambda(item % H);
+        st.R = RowMatrix<T>::Zero(d, d);
+        for (long i = 0; i < d; ++i) st.R(i, i) = T(1) / lam[i];
+      } else {
+        st.H = RowMatrix<T>::Zero(d, d);
+      }
+    }
+    return s;
+  }
+
+  // One token of each of the state's B sequences: x_t (B, D) row b = the next
+  // input of sequence b; writes y_t (B, D) (M37-M43 at that position) and
+  // advances the state. The op runs token by token whatever config.chunk says.
+  void step(ConstMatrixRef<T> x_t, State& state, MatrixRef<T> y_t) {
+    const char* where = "GatedMesaLayer::step";
+    const long H = config_.H, d = config_.d, dv = config_.dv, K = config_.conv_size, B = state.batch;
+    if (B < 1 || state.tokens < 0 || long(state.heads.size()) != B * H || state.window.rows() != B ||
+        state.window.cols() != window_columns())
+      detail::fail(where, "state is not a state of this layer (batch ", B, ", ", state.heads.size(), " head states, window ",
+                   state.window.rows(), " x ", state.window.cols(), "; expected batch >= 1, batch * H = batch * ", H,
+                   " head states, window batch x ", window_columns(), "): make it with initial_state(B)");
+    detail::check_shape(where, "x_t", x_t, B, config_.D);
+    detail::check_shape(where, "y_t", y_t, B, config_.D);
+    if (!x_t.allFinite()) detail::fail(where, "x_t has a non-finite entry");
+    check_parameters(where);
+    const int threads = detail::resolve_num_threads(config_.num_threads);
+    detail::ScopedSerialEigen serial_eigen;
+    const GatedMesaOptions<T> opt = options();
+    const long t = state.tokens, qk_cols = 2 * H * d;
+
+    RowMatrix<T> qkv;
+    Base::project_qkv(x_t, qkv, threads);  // M37
+    RowMatrix<T> logits = x_t * gate_w_.transpose();  // M40
+    logits.rowwise() += gate_b_.transpose();
+    RowMatrix<T> qk(B, qk_cols), pre(B, qk_cols), inv_norm(B, 2 * H), u(B, H * dv);
+    detail::parallel_for_rethrow(B * H, threads, [&](std::ptrdiff_t item) {
+      const long b = long(item) / H, h = long(item) % H;
+      for (int s = 0; s < 2; ++s) {
+        const long col = s * H * d + h * d;
+        if (K > 0)  // M38: tokens t-K+1 .. t-1 from the window, t from this step's projection
+          convolve_token(col, std::max(0L, K - 1 - t),
+                         [&](long j) { return j == K - 1 ? &qkv(b, col) : &state.window(b, j * qk_cols + col); },
+                         &pre(b, col), &qk(b, col));
+        else
+          qk.block(b, col, 1, d) = qkv.block(b, col, 1, d);
+        detail::l2_normalize_rows_forward<T>(qk.block(b, col, 1, d), &inv_norm(b, s * H + h), 2 * H);  // M39
+      }
+      const T beta = static_cast<T>(detail::sigmoid(double(logits(b, h))));       // M40
+      const T gamma = static_cast<T>(detail::sigmoid(double(logits(b, H + h))));  // M40
+      Vector<T> o(dv);
+      try {
+        gated_mesa_step<T>(qk.row(b).segment(h * d, d).transpose(), qk.row(b).segment(H * d + h * d, d).transpose(),
+                           qkv.row(b).segment(this->v_col(h), dv).transpose(), beta, gamma, lambda(h), opt,
+                           state.heads[std::size_t(item)], o);  // M29-M32
+      } catch (const MesaBreakdownError& e) {
+        throw MesaBreakdownError(std::string(where) + ": sequence b = " + std::to_string(b) + ", head h = " +
+                                     std::to_string(h) + ", token " + std::to_string(t) + ": " + e.what(),
+                                 t, b, h);
+      } catch (const std::invalid_argument& e) {
+        detail::fail(where, "sequence b = ", b, ", head h = ", h, ": ", e.what());
+      }
+      rms_norm_token(o.transpose(), u.block(b, h * dv, 1, dv));  // M42
+    });
+    Base::project_out(u, y_t, threads);  // M43
+    if (K > 1) {  // the window moves by one token
+      const long W = window_columns();
+      for (long b = 0; b < B; ++b) {
+        if (K > 2) state.window.block(b, 0, 1, W - qk_cols) = state.window.block(b, qk_cols, 1, W - qk_cols).eval();
+        state.window.block(b, W - qk_cols, 1, qk_cols) = qkv.block(b, 0, 1, qk_cols);
+      }
+    }
+    ++state.tokens;
   }
 
   // dy is dL/dy (B*T, D); writes dx (B*T, D) and ADDS into the parameter
@@ -429,6 +530,30 @@ class GatedMesaLayer : public AttentionProjections<T> {
   static const Config& checked(const Config& c) {
     detail::check_gated_mesa_layer_config(kName, c);
     return c;
+  }
+
+  long window_columns() const { return config_.conv_size > 1 ? (config_.conv_size - 1) * 2 * config_.H * config_.d : 0; }
+
+  // M38 at one token t for the d channels of q or k of one head (col: their
+  // column in QKV and row of their conv weights): pre_i = sum_j conv(col + i, j)
+  // raw_{t-K+1+j, i} over j = first .. K-1 (the tokens that exist),
+  // out_i = silu(pre_i). raw_row(j) points at token t-K+1+j's d raw values.
+  template <class RawRow>
+  void convolve_token(long col, long first, RawRow&& raw_row, T* pre, T* out) const {
+    for (long i = 0; i < config_.d; ++i) {
+      T acc = 0;
+      for (long j = first; j < config_.conv_size; ++j) acc += conv_(col + i, j) * raw_row(j)[i];
+      pre[i] = acc;                      // causal depthwise convolution
+      out[i] = detail::silu_value(acc);  // SiLU
+    }
+  }
+
+  // M42 for one head's output o (1, dv): u = o r w_norm with r = 1/sqrt(|o|^2/dv + eps); returns r.
+  template <class O, class U>
+  T rms_norm_token(const O& o, U&& u) const {
+    const T r = T(1) / std::sqrt(o.squaredNorm() / T(config_.dv) + static_cast<T>(config_.norm_eps));
+    u = (o.array() * r * norm_w_.transpose().array()).matrix();
+    return r;
   }
 
   // A diverged update can make a parameter non-finite: name it before any work.
