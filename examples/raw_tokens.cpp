@@ -19,6 +19,7 @@
 // warm-up 1000 to 8e-4 / hybrid 3e-4, cosine to 1e-5).
 #include "curve_report.hpp"
 #include "ranks.hpp"
+#include "raw_token_models.hpp"
 #include "seed_sweep.hpp"
 
 #include <mesaopt/learners.hpp>
@@ -40,35 +41,21 @@
 using namespace mesaopt;
 namespace ml = mesaopt::learners;
 namespace mt = mesaopt::tasks;
+namespace raw_token = mesaopt::examples::raw_token;
 
 namespace {
 
-// docs/paper.md §2: width 40, 4 heads, key size 20. Value size 20 (= key size, as
-// in the constructed-token models). The positional code concatenated to the
-// first block's input has kPositionalDim columns (sin/cos pairs at 10
-// frequencies from 1 to ~1e-4 rad/step: the fastest pairs tell neighbours
-// apart, which is what attending to t-1 needs).
-constexpr long kWidth = 40, kHeads = 4, kKeySize = 20, kValueSize = 20, kPositionalDim = 20;
-constexpr double kInitStd = 0.05;      // docs/paper.md §2: N(0, 0.05^2) for full models
-constexpr double kWeightDecay = 0.05;  // docs/paper.md §3
-constexpr double kLrFloor = 1e-5;      // docs/paper.md §3: cosine decay to 1e-5
-
-struct Settings {
-  long batch, steps, warmup;
-  double softmax_lr, hybrid_lr;
-};
-// Paper: batch 256, 10000 steps, warm-up 1000, peak 8e-4 (hybrid 3e-4).
-constexpr Settings kFull{256, 10000, 1000, 8e-4, 3e-4};
-// Reduced: 8x smaller batch, 8x fewer steps, a proportionally short warm-up
-// and a higher peak lr (measured to train both models in this budget).
-// Measured (1000 steps, seed 1, 300 held-out sequences): without LayerNorm
-// softmax-2L reached avg 1.05 (lr 3e-3) and 1.35 (lr 1e-3) with a t = 1 loss of
-// 2.33; with pre-LN 0.57; the hybrid 0.200-0.203 either way. At batch 32 and
-// 1000 steps the hybrid's t = 50 loss stayed at 0.0165 (paper 0.0023) and the
-// attention probe was ambiguous; batch 64 and 3000 steps (342 s of training)
-// gave hybrid avg 0.1850 / t = 50 0.0023, softmax-3L 0.3265 / 0.0886, and
-// block-0 heads with 0.64 of their mass on t-1.
-constexpr Settings kDefault{64, 3000, 300, 3e-3, 2e-3};
+using raw_token::kDefault;
+using raw_token::kFull;
+using raw_token::kHeads;
+using raw_token::kInitStd;
+using raw_token::kKeySize;
+using raw_token::kLrFloor;
+using raw_token::kPositionalDim;
+using raw_token::kValueSize;
+using raw_token::kWeightDecay;
+using raw_token::kWidth;
+using raw_token::Settings;
 
 struct Options {
   bool full = false;
@@ -178,33 +165,6 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-nn::BlockConfig block(nn::AttentionKind kind, long positional_dim, bool layer_norm) {
-  nn::BlockConfig b;
-  b.layer_norm = layer_norm;
-  b.attention = kind;
-  b.heads = kHeads;
-  b.key_size = kKeySize;
-  b.value_size = kValueSize;
-  b.positional_dim = positional_dim;
-  return b;
-}
-
-// Embed Dense n -> 40, blocks, Dense read-out 40 -> n. Pre-LN before each
-// attention (default; it made the softmax-only model train in the reduced
-// budget, see kDefault), no MLP (attention-only blocks as in docs/paper.md §2's
-// dynamics runs; it also keeps the default run short), no clipping.
-nn::ModelConfig model_config(long n, const std::vector<nn::BlockConfig>& blocks, int threads) {
-  nn::ModelConfig mc;
-  mc.input_dim = n;
-  mc.width = kWidth;
-  mc.output_dim = n;
-  mc.embed = true;
-  mc.readout_slice = false;
-  mc.blocks = blocks;
-  mc.num_threads = threads;
-  return mc;
-}
-
 struct ModelSpec {
   std::string name;
   nn::ModelConfig config;
@@ -253,20 +213,15 @@ int main(int argc, char** argv) {
     const long warmup = std::min(steps, opt.steps > 0 ? std::max(1L, steps / 10) : st.warmup);
 
     std::vector<ModelSpec> specs;
-    specs.push_back({"softmax+mesa-2L",
-                     model_config(n, {block(nn::AttentionKind::softmax, kPositionalDim, opt.layer_norm), block(nn::AttentionKind::mesa, 0, opt.layer_norm)},
-                                  opt.threads),
+    specs.push_back({"softmax+mesa-2L", raw_token::model_config(n, raw_token::hybrid_blocks(opt.layer_norm), opt.threads),
                      opt.hybrid_lr > 0 ? opt.hybrid_lr : st.hybrid_lr});
-    {
-      std::vector<nn::BlockConfig> blocks{block(nn::AttentionKind::softmax, kPositionalDim, opt.layer_norm)};
-      for (long l = 1; l < opt.softmax_layers; ++l) blocks.push_back(block(nn::AttentionKind::softmax, 0, opt.layer_norm));
-      specs.push_back({"softmax-" + std::to_string(opt.softmax_layers) + "L", model_config(n, blocks, opt.threads),
-                       opt.softmax_lr > 0 ? opt.softmax_lr : st.softmax_lr});
-    }
+    specs.push_back({"softmax-" + std::to_string(opt.softmax_layers) + "L",
+                     raw_token::model_config(n, raw_token::softmax_blocks(opt.softmax_layers, opt.layer_norm), opt.threads),
+                     opt.softmax_lr > 0 ? opt.softmax_lr : st.softmax_lr});
     if (opt.gated) {  // MesaNet's layer twice: its short convolution can build (s_{t-1}, s_t) itself
-      nn::BlockConfig g = block(nn::AttentionKind::gated_mesa, 0, opt.layer_norm);
+      nn::BlockConfig g = raw_token::block(nn::AttentionKind::gated_mesa, 0, opt.layer_norm);
       g.mesa_chunk = opt.gated_chunk;
-      specs.push_back({"gated-mesa-2L", model_config(n, {g, g}, opt.threads),
+      specs.push_back({"gated-mesa-2L", raw_token::model_config(n, {g, g}, opt.threads),
                        opt.hybrid_lr > 0 ? opt.hybrid_lr : st.hybrid_lr, false});
     }
 
@@ -279,25 +234,9 @@ int main(int argc, char** argv) {
         batch, steps, kWeightDecay, warmup, kLrFloor, kInitStd, opt.layer_norm ? "on" : "off");
 
     const std::vector<unsigned long long>& seeds = opt.seeds;
-    auto make_source = [&](std::uint64_t data_seed) -> train::BatchSource<float> {
-      return [dc, batch, data_seed, threads = opt.threads](long step) {
-        const auto db = mt::make_dynamics_batch<float>(dc, batch, data_seed, std::uint64_t(step) * batch, threads);
-        train::TrainBatch<float> tb;
-        tb.inputs = db.inputs;  // raw s_t
-        tb.targets = db.targets;
-        tb.seq_len = db.seq_len;
-        return tb;
-      };
-    };
+    auto make_source = [&](std::uint64_t data_seed) { return raw_token::batch_source(dc, batch, data_seed, opt.threads); };
     auto trainer_config = [&](double peak_lr, long total) {
-      train::TrainerConfig tc;
-      tc.steps = total;
-      tc.adam = train::adamw_config(kWeightDecay);  // AdamW (0.9, 0.999, 1e-8)
-      tc.schedule = train::warmup_cosine_schedule(peak_lr, std::min(warmup, total), total, kLrFloor);
-      tc.clip_norm = 1.0;
-      tc.threads = opt.threads;  // workers of the sharded steps (automatic shards: min(batch, 8))
-      tc.progress = false;
-      return tc;
+      return raw_token::trainer_config(peak_lr, warmup, total, opt.threads);
     };
 
     if (opt.full) {  // time 3 steps of each model (after one warm-up step) and extrapolate
@@ -322,7 +261,7 @@ int main(int argc, char** argv) {
     auto run_one = [&](unsigned long long seed, train::ProcessGroup* group) {
       examples::SeedRun run;
       // Held-out data: seeds disjoint from the training stream.
-      const auto eval = mt::make_dynamics_batch<double>(dc, opt.eval_sequences, seed + 1000003, 0, opt.threads);
+      const auto eval = raw_token::held_out(dc, opt.eval_sequences, seed, raw_token::kEvalOffset, opt.threads);
       const RowMatrix<float> eval_x = eval.inputs.cast<float>();
       const RowMatrix<float> probe_x = eval_x.topRows(probe_n * T);
       const RowMatrix<double>&x = eval.inputs, &y = eval.targets;
