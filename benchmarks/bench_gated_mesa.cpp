@@ -1,5 +1,6 @@
 // The gated mesa op (include/mesaopt/ops/gated_mesa.hpp, docs/gated_mesa.md),
-// float, single thread, one head of one sequence per iteration: the
+// float, one head of one sequence per iteration (single thread, except the
+// threads cases at the end): the
 // token-by-token recurrent form (opt.chunk = 0) against the chunkwise form
 // (opt.chunk = C = 64), for both solvers (exact: Sherman-Morrison / chunkwise
 // Woodbury; cg: MesaNet's objective, 30 CG steps), T in {256, 1024, 4096} and
@@ -17,6 +18,8 @@
 //
 // Run (as quoted in docs/gated_mesa.md):
 //   ./build/benchmarks/bench_gated_mesa --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+// The one-long-sequence cases on 1 and 2 threads (opt.threads; names end in /threads:N, wall time):
+//   ./build/benchmarks/bench_gated_mesa --benchmark_filter='threads:' --benchmark_repetitions=3
 // The JAX peer of the chunkwise cg form: benchmarks/peers/gated_mesa_cg_jax.py.
 #include <benchmark/benchmark.h>
 #include <mesaopt/ops/gated_mesa.hpp>
@@ -60,13 +63,14 @@ struct Problem {
   Vec beta, gamma, lam, dbeta, dgamma, dlam;
   mesaopt::GatedMesaOptions<float> opt;
   mesaopt::GatedMesaCache<float> cache;
-  Problem(long T, long d, MesaSolver solver, long chunk)
+  Problem(long T, long d, MesaSolver solver, long chunk, int threads = 1)
       : q(random_rows(T, d, 1, true)), k(random_rows(T, d, 2, true)), v(random_rows(T, d, 3, false)), out(T, d),
         dout(random_rows(T, d, 4, false)), dq(T, d), dk(T, d), dv(T, d), beta(uniform(T, 5, 0.3f, 1.0f)),
         gamma(uniform(T, 6, 0.9f, 1.0f)), lam(uniform(d, 7, 0.25f, 1.0f)), dbeta(T), dgamma(T), dlam(d) {
     opt.solver = solver;
     opt.chunk = chunk;
     opt.cg_steps = kCgSteps;
+    opt.threads = threads;
   }
   void forward() { mesaopt::gated_mesa_forward<float>(q, k, v, beta, gamma, lam, opt, out, cache); }
   void backward() {
@@ -128,6 +132,43 @@ void BM_fwdbwd(benchmark::State& state) {
   set_counters(state, T, flops(solver, chunk, double(d), true));
 }
 
+// One long sequence on opt.threads threads (intra-sequence parallelism,
+// docs/gated_mesa.md, "Threads"): B*H = 1, T = 16384, d = dv = 64, chunkwise
+// (C = 64), threads = range(2). Rates are per wall second (UseRealTime): the
+// point is the wall-clock gain of a second thread. Flops are credited as for
+// one thread (the split adds no arithmetic), so peak_frac is against ONE core's
+// peak and may exceed 1/threads' share. Issue 15's target: threads = 2 at least
+// 1.7x threads = 1 forward + backward.
+template <MesaSolver solver>
+void BM_forward_threads(benchmark::State& state) {
+  const long T = state.range(0), d = state.range(1);
+  Problem p(T, d, solver, kChunk, int(state.range(2)));
+  for (auto _ : state) {
+    p.forward();
+    benchmark::DoNotOptimize(p.out.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, T, flops(solver, kChunk, double(d), false));
+}
+
+template <MesaSolver solver>
+void BM_fwdbwd_threads(benchmark::State& state) {
+  const long T = state.range(0), d = state.range(1);
+  Problem p(T, d, solver, kChunk, int(state.range(2)));
+  for (auto _ : state) {
+    p.forward();
+    p.backward();
+    benchmark::DoNotOptimize(p.dq.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, T, flops(solver, kChunk, double(d), true));
+}
+
+void long_sequence(benchmark::internal::Benchmark* b) {
+  for (long threads : {1L, 2L}) b->Args({16384, 64, threads});
+  b->ArgNames({"T", "d", "threads"})->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
 void grid(benchmark::internal::Benchmark* b) {
   for (long T : {256L, 1024L, 4096L})
     for (long d : {32L, 64L, 128L}) b->Args({T, d});
@@ -142,6 +183,10 @@ BENCHMARK(BM_forward<MesaSolver::cg, 0>)->Name("cg_recurrent_forward")->Apply(gr
 BENCHMARK(BM_forward<MesaSolver::cg, kChunk>)->Name("cg_chunkwise_forward")->Apply(grid);
 BENCHMARK(BM_fwdbwd<MesaSolver::cg, 0>)->Name("cg_recurrent_fwdbwd")->Apply(grid);
 BENCHMARK(BM_fwdbwd<MesaSolver::cg, kChunk>)->Name("cg_chunkwise_fwdbwd")->Apply(grid);
+BENCHMARK(BM_forward_threads<MesaSolver::cg>)->Name("cg_chunkwise_forward")->Apply(long_sequence);
+BENCHMARK(BM_fwdbwd_threads<MesaSolver::cg>)->Name("cg_chunkwise_fwdbwd")->Apply(long_sequence);
+BENCHMARK(BM_forward_threads<MesaSolver::exact>)->Name("exact_chunkwise_forward")->Apply(long_sequence);
+BENCHMARK(BM_fwdbwd_threads<MesaSolver::exact>)->Name("exact_chunkwise_fwdbwd")->Apply(long_sequence);
 
 }  // namespace
 

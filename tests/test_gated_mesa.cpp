@@ -337,6 +337,81 @@ TEST_CASE("gated mesa chunkwise forms give the token-by-token gradients", "[gate
   }
 }
 
+// opt.threads > 1 splits one sequence's chunkwise form over threads (the
+// chunk-start states one after another, the chunks' solves in parallel;
+// docs/gated_mesa.md, "Threads"): every output, the final state and every
+// gradient must be bit-identical to one thread, for both solvers, with a
+// partial last chunk, with and without an initial state and a final-state
+// gradient, with fewer chunks than threads, and with a CG tolerance (solves of
+// uneven length).
+TEMPLATE_TEST_CASE("gated mesa chunkwise: threads give bit-identical results", "[gated_mesa][threads]", float,
+                   double) {
+  using T = TestType;
+  const auto cast_state = [](const GatedMesaState<double>& s) {
+    GatedMesaState<T> r;
+    r.S = s.S.cast<T>(), r.R = s.R.cast<T>(), r.H = s.H.cast<T>();
+    return r;
+  };
+  struct Case {
+    long n, d, dv, C;
+    T tol;
+  };
+  for (const Case cs : {Case{203, 16, 8, 32, T(0)}, Case{50, 5, 7, 7, T(0)}, Case{40, 6, 3, 32, T(0)},
+                        Case{130, 12, 12, 16, T(1e-3)}}) {
+    const Inputs in = make_inputs(cs.n, cs.d, cs.dv, 71 + std::uint64_t(cs.n));
+    const Cast<T> x(in);
+    const RowMatrix<T> dout = test::random_matrix<double>(cs.n, cs.dv, 72).template cast<T>();
+    for (MesaSolver solver : {MesaSolver::exact, MesaSolver::cg}) {
+      for (bool with_state : {false, true}) {
+        const GatedMesaState<T> init = cast_state(random_state(solver, cs.d, cs.dv, 73));
+        GatedMesaState<double> gf = random_state(solver, cs.d, cs.dv, 75);
+        if (solver == MesaSolver::exact) gf.R *= 0.01;
+        const GatedMesaState<T> gfin = cast_state(gf);
+        const GatedMesaState<T>* ip = with_state ? &init : nullptr;
+        const GatedMesaState<T>* gp = with_state ? &gfin : nullptr;
+        GatedMesaOptions<T> opt = options<T>(solver, 12, cs.C);
+        opt.cg_tolerance = cs.tol;
+        GatedMesaCache<T> cache1;
+        GatedMesaState<T> fin1;
+        const RowMatrix<T> out1 = forward(x, opt, cache1, ip, &fin1);
+        const Grads<T> g1 = backward(x, opt, dout, ip, gp);
+        for (int threads : {2, 3}) {
+          INFO(mesaopt::detail::solver_name(solver) << " n=" << cs.n << " C=" << cs.C << " state=" << with_state
+                                                    << " threads=" << threads);
+          opt.threads = threads;
+          GatedMesaCache<T> cache;
+          GatedMesaState<T> fin;
+          const RowMatrix<T> out = forward(x, opt, cache, ip, &fin);
+          CHECK(out == out1);
+          CHECK(fin.S == fin1.S);
+          CHECK(fin.R == fin1.R);
+          CHECK(fin.H == fin1.H);
+          CHECK(cache.bytes() == cache1.bytes());
+          const Grads<T> g = backward(x, opt, dout, ip, gp);
+          CHECK(g.dq == g1.dq);
+          CHECK(g.dk == g1.dk);
+          CHECK(g.dv == g1.dv);
+          CHECK(g.dbeta == g1.dbeta);
+          CHECK(g.dgamma == g1.dgamma);
+          CHECK(g.dlam == g1.dlam);
+          CHECK(g.ginit.S == g1.ginit.S);
+          CHECK(g.ginit.R == g1.ginit.R);
+          CHECK(g.ginit.H == g1.ginit.H);
+          // The thread count is not part of the cache: a backward with other threads than its forward.
+          RowMatrix<T> dq(cs.n, cs.d), dk(cs.n, cs.d), dv(cs.n, cs.dv);
+          Vector<T> db(cs.n), dg(cs.n), dl(cs.d);
+          GatedMesaOptions<T> opt1 = opt;
+          opt1.threads = 1;
+          mesaopt::gated_mesa_backward(x.q, x.k, x.v, x.beta, x.gamma, x.lam, opt1, dout, cache, dq, dk, dv, db, dg,
+                                       dl, ip, gp);
+          CHECK(dq == g1.dq);
+          CHECK(dg == g1.dgamma);
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("gated mesa float agrees with double", "[gated_mesa][precision]") {
   const long n = 200, d = 16, dv = 8;
   Inputs in = make_inputs(n, d, dv, 41, 0.9);
@@ -400,6 +475,14 @@ TEST_CASE("gated mesa rejects bad input by name", "[gated_mesa][errors]") {
   bad = opt;
   bad.chunk = -1;
   has(fwd(in.beta, in.gamma, in.lam, bad), "opt.chunk");
+  bad = opt;
+  bad.chunk = 2;
+  bad.threads = 0;
+  has(fwd(in.beta, in.gamma, in.lam, bad), "opt.threads must be at least 1 (1 = serial), got 0");
+  bad.threads = -3;
+  has(fwd(in.beta, in.gamma, in.lam, bad), "opt.threads must be at least 1 (1 = serial), got -3");
+  bad.chunk = 0;  // checked token by token too, where it is otherwise ignored
+  has(fwd(in.beta, in.gamma, in.lam, bad), "opt.threads");
   bad = opt;
   bad.solver = static_cast<MesaSolver>(7);
   has(fwd(in.beta, in.gamma, in.lam, bad), "opt.solver");

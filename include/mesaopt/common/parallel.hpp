@@ -4,7 +4,9 @@
 // Each item writes only its own outputs, so results are bit-identical for any
 // thread count; reductions across items are done by the caller in a fixed order.
 #include <cstddef>
+#include <exception>
 #include <type_traits>
+#include <vector>
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -92,6 +94,112 @@ void parallel_for_dynamic(std::ptrdiff_t n, int num_threads, Body&& body) {
 }
 
 namespace detail {
+
+// A three-stage pipeline over n items: pre(i) and post(i) may run on any
+// thread and in parallel with other items' stages, seq(i) runs strictly in
+// item order (seq(i) after seq(i - 1)), and each item's stages run in the order
+// pre(i), seq(i), post(i). This is the shape of a scan whose carried value is
+// cheap to advance but whose per-item work is not: seq carries the value from
+// item to item, pre prepares what seq(i) needs without the carried value, post
+// finishes item i with it. Any stage may be a no-op. `window` >= 1 bounds how
+// far ahead the pipeline runs: pre(i) starts only after post(i - window) has
+// finished, so a caller may keep per-item scratch in window slots (i % window).
+//
+// With OpenMP: seq runs on the calling thread (the team's master, which
+// creates the tasks), in order, so the critical path never changes thread; pre
+// and post are OpenMP tasks with dependences, run by the other threads, and by
+// the calling thread while it waits for pre(i) (taskwait depend). No busy waiting of our own: idle threads wait
+// in the OpenMP runtime. Serial in item order (pre, seq, post of item 0, then
+// of item 1, ...) for one thread or item, or without OpenMP. Every stage sees
+// its inputs exactly as in the serial order, so results are bit-identical for
+// any thread count as long as each stage writes only its own item's outputs
+// and seq alone touches the carried value. An exception from a stage is
+// caught, the pipeline stops creating work after a failed pre or seq, and the
+// exception the serial order would have thrown first (lowest item; pre, then
+// seq, then post) is rethrown after the loop.
+template <class Pre, class Seq, class Post>
+void ordered_pipeline(std::ptrdiff_t n, int num_threads, std::ptrdiff_t window, Pre&& pre, Seq&& seq, Post&& post) {
+#if defined(_OPENMP)
+  const int team = parallel_team_size(n, num_threads);
+  if (team > 1) {
+    if (window < 1) window = 1;
+    const std::size_t un = static_cast<std::size_t>(n);
+    std::vector<char> pre_dep(un), post_dep(un);  // dependence addresses: pre(i) done, post(i) done
+    std::vector<std::exception_ptr> err_pre(un), err_post(un);
+    std::exception_ptr err_seq;
+    std::ptrdiff_t failed = n;  // the item whose pre or seq failed (n: none)
+    char* pd = pre_dep.data();
+    char* qd = post_dep.data();
+    // master, not single: the thread that creates the tasks is then always the
+    // calling one (with single, a worker thread's dependence table leaked in
+    // GCC 12's libgomp under LeakSanitizer). The other threads wait for tasks
+    // in the region's closing barrier, which also ends every task.
+#pragma omp parallel num_threads(team)
+#pragma omp master
+    {
+      for (std::ptrdiff_t i = 0; i < n && i < window; ++i) {
+#pragma omp task firstprivate(i) shared(pre, err_pre) depend(out : pd[i:1])
+        {
+          try {
+            pre(i);
+          } catch (...) {
+            err_pre[static_cast<std::size_t>(i)] = std::current_exception();
+          }
+        }
+      }
+      for (std::ptrdiff_t i = 0; i < n; ++i) {
+#pragma omp taskwait depend(in : pd[i:1])
+        const std::size_t u = static_cast<std::size_t>(i);
+        if (err_pre[u]) {
+          failed = i;
+          break;
+        }
+        try {
+          seq(i);
+        } catch (...) {
+          err_seq = std::current_exception();
+          failed = i;
+          break;
+        }
+#pragma omp task firstprivate(i, u) shared(post, err_post) depend(out : qd[i:1])
+        {
+          try {
+            post(i);
+          } catch (...) {
+            err_post[u] = std::current_exception();
+          }
+        }
+        if (i + window < n) {
+          const std::ptrdiff_t j = i + window;
+#pragma omp task firstprivate(j) shared(pre, err_pre) depend(in : qd[i:1]) depend(out : pd[j:1])
+          {
+            try {
+              pre(j);
+            } catch (...) {
+              err_pre[static_cast<std::size_t>(j)] = std::current_exception();
+            }
+          }
+        }
+      }
+    }  // the region's closing barrier: every task has finished
+    for (std::ptrdiff_t i = 0; i < n; ++i) {
+      const std::size_t u = static_cast<std::size_t>(i);
+      if (err_pre[u]) std::rethrow_exception(err_pre[u]);
+      if (i == failed && err_seq) std::rethrow_exception(err_seq);
+      if (err_post[u]) std::rethrow_exception(err_post[u]);
+    }
+    return;
+  }
+#else
+  (void)num_threads;
+#endif
+  (void)window;
+  for (std::ptrdiff_t i = 0; i < n; ++i) {
+    pre(i);
+    seq(i);
+    post(i);
+  }
+}
 
 // Eigen multithreads a large GEMM with OpenMP when it is called
 // outside a parallel region, and then picks its cache blocking (the order of

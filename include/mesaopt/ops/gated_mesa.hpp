@@ -40,7 +40,10 @@
 // - opt.chunk = C > 0: chunkwise, C tokens at a time with GEMMs on C x d and
 //   C x C blocks (exact: ops/gated_mesa_chunkwise_exact.hpp, M44-M48; cg:
 //   ops/gated_mesa_chunkwise_cg.hpp, M49-M53). The same numbers up to rounding;
-//   the cache keeps the state at every chunk start.
+//   the cache keeps the state at every chunk start. opt.threads > 1 runs one
+//   sequence's chunks on several threads: the state recurrence between chunks
+//   chunk after chunk, the chunks' solves in parallel (detail::ordered_pipeline);
+//   bit-identical results for any thread count (docs/gated_mesa.md, "Threads").
 //
 // Precision (docs/gated_mesa.md): double matches the direct weighted ridge
 // solve to < 1e-10 (exact), and CG with d steps to < 1e-8 on well-conditioned
@@ -79,6 +82,8 @@ struct GatedMesaOptions {
   long chunk = 0;       // 0: token by token; C > 0: chunkwise, C tokens per chunk (GEMM form)
   int cg_steps = 30;    // cg: the number of CG steps per solve (>= 1)
   T cg_tolerance = 0;   // cg: > 0 stops a solve early once the residual norm is <= cg_tolerance
+  int threads = 1;      // chunkwise form: threads for one sequence (>= 1; 1 = serial); the results do not
+                        // depend on it (bit-identical); ignored token by token (opt.chunk = 0)
 };
 
 // The carried state (docs/math.md §8, M36). S (dv x d) always; R = P^{-1}
@@ -102,6 +107,7 @@ void check_gated_options(const char* where, const GatedMesaOptions<T>& opt) {
     fail(where, "opt.solver must be MesaSolver::exact or MesaSolver::cg, got ", static_cast<int>(opt.solver));
   if (opt.chunk < 0) fail(where, "opt.chunk must be >= 0 (0 = token by token, C > 0 = chunkwise), got ", opt.chunk);
   if (opt.cg_steps < 1) fail(where, "opt.cg_steps must be at least 1, got ", opt.cg_steps);
+  if (opt.threads < 1) fail(where, "opt.threads must be at least 1 (1 = serial), got ", opt.threads);
   if (!(std::isfinite(opt.cg_tolerance) && opt.cg_tolerance >= T(0)))
     fail(where, "opt.cg_tolerance must be finite and >= 0, got ", opt.cg_tolerance);
 }
@@ -462,22 +468,71 @@ struct GatedMesaCacheAccess {
     c.ck_S_.resize(std::size_t(nck));
     c.ck_R_.resize(exact ? std::size_t(nck) : 0);
     c.ck_P_.resize(exact ? 0 : std::size_t(nck));
-    for (long ck = 0; ck < nck; ++ck) {
-      const long t0 = ck * C, len = std::min(C, n - t0);
-      c.ck_S_[std::size_t(ck)] = S;
-      (exact ? c.ck_R_ : c.ck_P_)[std::size_t(ck)] = X;
-      try {
-        if (exact)
-          gated_exact_chunk_forward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
-                                       beta.segment(t0, len), gamma.segment(t0, len), S, X, out.middleRows(t0, len));
-        else
-          gated_cg_chunk_forward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
-                                    beta.segment(t0, len), gamma.segment(t0, len), lambda_diag, opt.cg_steps,
-                                    opt.cg_tolerance, S, X, out.middleRows(t0, len));
-      } catch (const MesaBreakdownError& e) {
-        throw MesaBreakdownError(std::string(where) + ": in the chunk of positions " + std::to_string(t0) + ".." +
-                                     std::to_string(t0 + len - 1) + ": " + e.what(),
-                                 t0 + e.position());
+    const auto rethrow_in_chunk = [&](const MesaBreakdownError& e, long t0, long len) {
+      throw MesaBreakdownError(std::string(where) + ": in the chunk of positions " + std::to_string(t0) + ".." +
+                                   std::to_string(t0 + len - 1) + ": " + e.what(),
+                               t0 + e.position());
+    };
+    if (opt.threads > 1 && nck > 1) {
+      // Intra-sequence parallelism (docs/gated_mesa.md, "Threads"): the state
+      // recurrence between chunks runs chunk after chunk on one thread (seq),
+      // each chunk's outputs, given its start state, on any thread (post).
+      // Every chunk computes what the serial loop below computes, so the
+      // results do not depend on the thread count.
+      const std::ptrdiff_t window = 4 * std::ptrdiff_t(opt.threads);
+      std::vector<GatedExactChunk<T>> slots(exact ? std::size_t(window) : 0);  // exact: the factor, seq to post
+      ordered_pipeline(
+          nck, opt.threads, window, [](std::ptrdiff_t) {},
+          [&](std::ptrdiff_t ck) {  // seq: the chunk's start state, then the state after it (M47 / M49)
+            const long t0 = ck * C, len = std::min(C, n - t0);
+            c.ck_S_[std::size_t(ck)] = S;
+            (exact ? c.ck_R_ : c.ck_P_)[std::size_t(ck)] = X;
+            if (exact) {
+              GatedExactChunk<T>& ch = slots[std::size_t(ck % window)];
+              try {
+                ch.factor("gated_exact_chunk_forward", k.middleRows(t0, len), beta.segment(t0, len),
+                          gamma.segment(t0, len), X);
+              } catch (const MesaBreakdownError& e) {
+                rethrow_in_chunk(e, t0, len);
+              }
+              RowMatrix<T> G = ch.Kt;  // the state consumes its copy; the outputs need K R0 too
+              gated_exact_chunk_state<T>(ch, k.middleRows(t0, len), v.middleRows(t0, len), G, S, X);
+            } else {
+              gated_cg_chunk_state<T>(k.middleRows(t0, len), v.middleRows(t0, len), beta.segment(t0, len),
+                                      gamma.segment(t0, len), S, X);
+            }
+          },
+          [&](std::ptrdiff_t ck) {  // post: the chunk's outputs from its start state (M46 / M50-M51)
+            const ScopedSerialEigen serial_here;
+            const long t0 = ck * C, len = std::min(C, n - t0);
+            const RowMatrix<T>& S0 = c.ck_S_[std::size_t(ck)];
+            if (exact) {
+              GatedExactChunk<T>& ch = slots[std::size_t(ck % window)];
+              ch.solves(q.middleRows(t0, len), c.ck_R_[std::size_t(ck)], false);
+              gated_exact_chunk_output<T>(ch, v.middleRows(t0, len), S0, out.middleRows(t0, len));
+            } else {
+              gated_cg_chunk_output<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
+                                       beta.segment(t0, len), gamma.segment(t0, len), lambda_diag, opt.cg_steps,
+                                       opt.cg_tolerance, S0, c.ck_P_[std::size_t(ck)], out.middleRows(t0, len));
+            }
+          });
+    } else {
+      for (long ck = 0; ck < nck; ++ck) {
+        const long t0 = ck * C, len = std::min(C, n - t0);
+        c.ck_S_[std::size_t(ck)] = S;
+        (exact ? c.ck_R_ : c.ck_P_)[std::size_t(ck)] = X;
+        try {
+          if (exact)
+            gated_exact_chunk_forward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
+                                         beta.segment(t0, len), gamma.segment(t0, len), S, X,
+                                         out.middleRows(t0, len));
+          else
+            gated_cg_chunk_forward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
+                                      beta.segment(t0, len), gamma.segment(t0, len), lambda_diag, opt.cg_steps,
+                                      opt.cg_tolerance, S, X, out.middleRows(t0, len));
+        } catch (const MesaBreakdownError& e) {
+          rethrow_in_chunk(e, t0, len);
+        }
       }
     }
     if (final != nullptr) {
@@ -507,23 +562,88 @@ struct GatedMesaCacheAccess {
       dX = (g + g.transpose()) / T(2);
     }
     dlambda.setZero();
-    for (long ck = nck - 1; ck >= 0; --ck) {
-      const long t0 = ck * C, len = std::min(C, n - t0);
-      const RowMatrix<T>& S0 = c.ck_S_[std::size_t(ck)];
-      const RowMatrix<T>& X0 = (exact ? c.ck_R_ : c.ck_P_)[std::size_t(ck)];
-      if (exact)
-        gated_exact_chunk_backward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
-                                      beta.segment(t0, len), gamma.segment(t0, len), S0, X0,
-                                      dout.middleRows(t0, len), dS, dX, dq.middleRows(t0, len),
-                                      dk.middleRows(t0, len), grad_v.middleRows(t0, len), dbeta.segment(t0, len),
-                                      dgamma.segment(t0, len));
-      else
-        gated_cg_chunk_backward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
-                                   beta.segment(t0, len), gamma.segment(t0, len), lambda_diag, opt.cg_steps,
-                                   opt.cg_tolerance, S0, X0, dout.middleRows(t0, len), dS, dX,
-                                   dq.middleRows(t0, len), dk.middleRows(t0, len), grad_v.middleRows(t0, len),
-                                   dbeta.segment(t0, len), dgamma.segment(t0, len), dlambda);
-      // dX is now the adjoint of the chunk's start state, symmetric as both chunk backwards return it.
+    if (opt.threads > 1 && nck > 1) {
+      // Intra-sequence parallelism (docs/gated_mesa.md, "Threads"), the chunks
+      // from the last one: pre, on any thread, the work that needs only the
+      // chunk's start state and dout (exact: the recomputed forward and F; cg:
+      // the two CG solves); seq, chunk after chunk, the state adjoints (exact:
+      // the rest of M48; cg: M53's dS_0, dH_0 and dlambda's share); post (cg),
+      // on any thread, the inputs' gradients given the state adjoints. The same
+      // expressions as the serial loop below: the results do not depend on the
+      // thread count.
+      const std::ptrdiff_t window = 4 * std::ptrdiff_t(opt.threads);
+      struct Slot {
+        GatedExactChunk<T> ch;  // exact
+        RowMatrix<T> F;         // exact
+        RowMatrix<T> X, U;      // cg: the solves
+        RowMatrix<T> dS, dX;    // cg: the adjoints of the state after the chunk
+      };
+      std::vector<Slot> slots(static_cast<std::size_t>(window));
+      const auto chunk_of = [&](std::ptrdiff_t i) { return nck - 1 - long(i); };
+      ordered_pipeline(
+          nck, opt.threads, window,
+          [&](std::ptrdiff_t i) {  // pre
+            const ScopedSerialEigen serial_here;
+            const long ck = chunk_of(i), t0 = ck * C, len = std::min(C, n - t0);
+            Slot& sl = slots[std::size_t(i % window)];
+            const RowMatrix<T>& X0 = (exact ? c.ck_R_ : c.ck_P_)[std::size_t(ck)];
+            if (exact)
+              gated_exact_chunk_backward_prepare<T>(q.middleRows(t0, len), k.middleRows(t0, len),
+                                                    beta.segment(t0, len), gamma.segment(t0, len), X0, sl.ch, sl.F);
+            else
+              gated_cg_chunk_backward_solves<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
+                                                beta.segment(t0, len), gamma.segment(t0, len), lambda_diag,
+                                                opt.cg_steps, opt.cg_tolerance, c.ck_S_[std::size_t(ck)], X0,
+                                                dout.middleRows(t0, len), sl.X, sl.U);
+          },
+          [&](std::ptrdiff_t i) {  // seq: dS, dX from after the chunk to before it
+            const long ck = chunk_of(i), t0 = ck * C, len = std::min(C, n - t0);
+            Slot& sl = slots[std::size_t(i % window)];
+            if (exact) {
+              gated_exact_chunk_backward_sweep<T>(
+                  sl.ch, sl.F, q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
+                  beta.segment(t0, len), gamma.segment(t0, len), c.ck_S_[std::size_t(ck)],
+                  c.ck_R_[std::size_t(ck)], dout.middleRows(t0, len), dS, dX, dq.middleRows(t0, len),
+                  dk.middleRows(t0, len), grad_v.middleRows(t0, len), dbeta.segment(t0, len),
+                  dgamma.segment(t0, len));
+            } else {
+              sl.dS = dS;
+              sl.dX = dX;
+              gated_cg_chunk_backward_state<T>(beta.segment(t0, len), gamma.segment(t0, len),
+                                               dout.middleRows(t0, len), sl.X, sl.U, dS, dX, dlambda);
+            }
+          },
+          [&](std::ptrdiff_t i) {  // post (cg): the inputs' gradients
+            if (exact) return;
+            const ScopedSerialEigen serial_here;
+            const long ck = chunk_of(i), t0 = ck * C, len = std::min(C, n - t0);
+            Slot& sl = slots[std::size_t(i % window)];
+            gated_cg_chunk_backward_grads<T>(k.middleRows(t0, len), v.middleRows(t0, len), beta.segment(t0, len),
+                                             gamma.segment(t0, len), c.ck_S_[std::size_t(ck)],
+                                             c.ck_P_[std::size_t(ck)], dout.middleRows(t0, len), sl.X, sl.U, sl.dS,
+                                             sl.dX, dq.middleRows(t0, len), dk.middleRows(t0, len),
+                                             grad_v.middleRows(t0, len), dbeta.segment(t0, len),
+                                             dgamma.segment(t0, len));
+          });
+    } else {
+      for (long ck = nck - 1; ck >= 0; --ck) {
+        const long t0 = ck * C, len = std::min(C, n - t0);
+        const RowMatrix<T>& S0 = c.ck_S_[std::size_t(ck)];
+        const RowMatrix<T>& X0 = (exact ? c.ck_R_ : c.ck_P_)[std::size_t(ck)];
+        if (exact)
+          gated_exact_chunk_backward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
+                                        beta.segment(t0, len), gamma.segment(t0, len), S0, X0,
+                                        dout.middleRows(t0, len), dS, dX, dq.middleRows(t0, len),
+                                        dk.middleRows(t0, len), grad_v.middleRows(t0, len), dbeta.segment(t0, len),
+                                        dgamma.segment(t0, len));
+        else
+          gated_cg_chunk_backward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
+                                     beta.segment(t0, len), gamma.segment(t0, len), lambda_diag, opt.cg_steps,
+                                     opt.cg_tolerance, S0, X0, dout.middleRows(t0, len), dS, dX,
+                                     dq.middleRows(t0, len), dk.middleRows(t0, len), grad_v.middleRows(t0, len),
+                                     dbeta.segment(t0, len), dgamma.segment(t0, len), dlambda);
+        // dX is now the adjoint of the chunk's start state, symmetric as both chunk backwards return it.
+      }
     }
     // exact without an initial state: R_0 = Lambda^{-1}, so dLambda_j = -dR_0(j, j) / Lambda_j^2 (M36).
     if (exact && !c.has_initial_) dlambda = -dX.diagonal().cwiseQuotient(lambda_diag.cwiseAbs2());

@@ -15,6 +15,13 @@
 //
 // H must be symmetric (the op's states are). The backward recomputes the
 // chunk's solves, so a caller keeps only the chunk-start states.
+//
+// Both are also split into parts (gated_cg_chunk_output / _state and
+// gated_cg_chunk_backward_solves / _state / _grads) for the op's
+// intra-sequence parallelism (opt.threads): the state recurrence between chunks
+// is a few GEMMs and runs chunk after chunk; the CG solves of different chunks
+// depend only on their own chunk's start state (and, backward, dout) and run
+// in parallel. The parts evaluate the same expressions as the whole functions.
 #include <mesaopt/common/matrix.hpp>
 
 #include <Eigen/Core>
@@ -103,13 +110,17 @@ void solve(const RowMatrix<T>& B, const ConstMatrixRef<T>& k, const RowMatrix<T>
 
 }  // namespace gated_cg_chunk_impl
 
-// One chunk of C = q.rows() tokens from state (S, H): writes out (C x dv) and
-// replaces S, H by the state after the chunk (M49-M51).
+// The outputs of one chunk of C = q.rows() tokens from the state (S, H) before
+// it (M50-M51); S and H are only read. With gated_cg_chunk_state this is
+// gated_cg_chunk_forward split in two: the outputs of a chunk depend only on
+// its own tokens and its start state, so once the start states are known
+// (gated_cg_chunk_state, cheap) the chunks' outputs (the CG solves, nearly all
+// the work) can run in parallel (opt.threads, docs/gated_mesa.md).
 template <class T>
-void gated_cg_chunk_forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                            const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
-                            const ConstVectorRef<T>& lambda_diag, int cg_steps, T cg_tolerance, RowMatrix<T>& S,
-                            RowMatrix<T>& H, MatrixRef<T> out) {
+void gated_cg_chunk_output(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                           const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
+                           const ConstVectorRef<T>& lambda_diag, int cg_steps, T cg_tolerance, const RowMatrix<T>& S,
+                           const RowMatrix<T>& H, MatrixRef<T> out) {
   namespace impl = gated_cg_chunk_impl;
   const long C = q.rows();
   if (C == 0) return;
@@ -123,6 +134,20 @@ void gated_cg_chunk_forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
   XK.array() *= W.array();
   out.noalias() = XK * v;
   out.noalias() += c.asDiagonal() * (X * S.transpose());
+}
+
+// Replaces (S, H) by the state after the chunk of C = k.rows() tokens (M49):
+// S_C = c_C S_0 + V^T diag(w) K, H_C = c_C H_0 + K^T diag(w) K (w = last row
+// of W). Two GEMMs of C x d x (d + dv); no solve.
+template <class T>
+void gated_cg_chunk_state(const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const ConstVectorRef<T>& beta,
+                          const ConstVectorRef<T>& gamma, RowMatrix<T>& S, RowMatrix<T>& H) {
+  namespace impl = gated_cg_chunk_impl;
+  const long C = k.rows();
+  if (C == 0) return;
+  RowMatrix<T> D, W;
+  Vector<T> c;
+  impl::decays<T>(beta, gamma, D, c, W);
   // (M49) The state after the chunk: the last row of W holds its weights.
   const T cC = c[C - 1];
   const Vector<T> w = W.row(C - 1).transpose();
@@ -135,23 +160,43 @@ void gated_cg_chunk_forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
   H = (Hn + Hn.transpose()) / T(2);
 }
 
-// Backward of one chunk (M52-M53). S0, H0: the state before the chunk. dS, dH:
-// on entry the adjoints of the state after the chunk (zero if none), on return
-// the adjoints of S0, H0 (dH symmetric, as the recursion's grad_initial->H).
-// Writes (overwrites) dq, dk, dv, dbeta, dgamma; ADDS to dlambda (d entries).
-// The solve is differentiated as an exact linear solve (as the recursion and
-// MesaNet do): the gradient of the computed output when the CG has converged.
+// One chunk of C = q.rows() tokens from state (S, H): writes out (C x dv) and
+// replaces S, H by the state after the chunk (M49-M51).
 template <class T>
-void gated_cg_chunk_backward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                             const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
-                             const ConstVectorRef<T>& lambda_diag, int cg_steps, T cg_tolerance,
-                             const RowMatrix<T>& S0, const RowMatrix<T>& H0, const ConstMatrixRef<T>& dout,
-                             RowMatrix<T>& dS, RowMatrix<T>& dH, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv,
-                             VectorRef<T> dbeta, VectorRef<T> dgamma, VectorRef<T> dlambda) {
+void gated_cg_chunk_forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                            const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
+                            const ConstVectorRef<T>& lambda_diag, int cg_steps, T cg_tolerance, RowMatrix<T>& S,
+                            RowMatrix<T>& H, MatrixRef<T> out) {
+  gated_cg_chunk_output<T>(q, k, v, beta, gamma, lambda_diag, cg_steps, cg_tolerance, S, H, out);
+  gated_cg_chunk_state<T>(k, v, beta, gamma, S, H);
+}
+
+// The chunk backward (M52-M53) in three parts, so that a sequence's chunks can
+// share the work over threads (gated_mesa_backward with opt.threads > 1):
+//
+//   gated_cg_chunk_backward_solves: the two CG solves (X, U), nearly all the
+//     work; they need only the chunk's inputs, its start state and dout, not the
+//     adjoints of the later chunks, so the chunks' solves can run in parallel;
+//   gated_cg_chunk_backward_state: the adjoints of the state before the chunk
+//     from those after it (and dlambda's share), a few GEMMs: the sequential
+//     part, chunk after chunk from the last one;
+//   gated_cg_chunk_backward_grads: every input's gradient, given the adjoints
+//     of the state after the chunk; the chunks again in parallel.
+//
+// gated_cg_chunk_backward is the three in a row. Each part evaluates the same
+// expressions the one-piece backward did, so a split run gives the same bits.
+
+// X (row t = x_t = A_t^{-1} q_t, M50) and U (row t = u_t = A_t^{-1} S_t^T g_t, M52), by the forward's CG.
+template <class T>
+void gated_cg_chunk_backward_solves(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                                    const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
+                                    const ConstVectorRef<T>& lambda_diag, int cg_steps, T cg_tolerance,
+                                    const RowMatrix<T>& S0, const RowMatrix<T>& H0, const ConstMatrixRef<T>& dout,
+                                    RowMatrix<T>& X, RowMatrix<T>& U) {
   namespace impl = gated_cg_chunk_impl;
   const long C = q.rows();
   if (C == 0) return;
-  RowMatrix<T> D, W, X, U;
+  RowMatrix<T> D, W;
   Vector<T> c;
   impl::decays<T>(beta, gamma, D, c, W);
   const bool h0_zero = (H0.array() == T(0)).all();
@@ -159,10 +204,59 @@ void gated_cg_chunk_backward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>
 
   // (M52) dx_t = S_t^T g_t for all t without forming S_t, then u_t = A_t^{-1} dx_t by the same CG.
   const RowMatrix<T> GS0 = dout * S0;             // row t: g_t^T S0
-  RowMatrix<T> GV = dout * v.transpose();         // (g_t . v_s)
+  const RowMatrix<T> GV = dout * v.transpose();   // (g_t . v_s)
   RowMatrix<T> DX = (W.array() * GV.array()).matrix() * k;
   DX.noalias() += c.asDiagonal() * GS0;
   impl::solve<T>(DX, k, W, c, H0, h0_zero, lambda_diag, cg_steps, cg_tolerance, U);
+}
+
+// dS, dH: on entry the adjoints of the state after the chunk, on return those
+// of the state before it (M53; dH symmetric). ADDS the chunk's share to dlambda
+// (M52). X, U: from gated_cg_chunk_backward_solves.
+template <class T>
+void gated_cg_chunk_backward_state(const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
+                                   const ConstMatrixRef<T>& dout, const RowMatrix<T>& X, const RowMatrix<T>& U,
+                                   RowMatrix<T>& dS, RowMatrix<T>& dH, VectorRef<T> dlambda) {
+  namespace impl = gated_cg_chunk_impl;
+  const long C = gamma.size();
+  if (C == 0) return;
+  RowMatrix<T> D, W;
+  Vector<T> c;
+  impl::decays<T>(beta, gamma, D, c, W);
+  // (M52, as M35) Lambda enters every A_t directly, not through the decayed sums.
+  dlambda -= (U.array() * X.array()).colwise().sum().matrix().transpose();
+
+  // (M53) The adjoints of the state before the chunk.
+  const T cC = c[C - 1];
+  const RowMatrix<T> cX = c.asDiagonal() * X;
+  RowMatrix<T> dS0 = cC * dS;
+  dS0.noalias() += dout.transpose() * cX;
+  RowMatrix<T> UX = U.transpose() * cX;                            // sum_t c_t u_t x_t^T
+  RowMatrix<T> dH0 = (cC / T(2)) * (dH + dH.transpose());
+  dH0 -= (UX + UX.transpose()) / T(2);
+  dS.swap(dS0);
+  dH.swap(dH0);
+}
+
+// Writes (overwrites) dq, dk, dv, dbeta, dgamma, given the adjoints dS, dH of
+// the state after the chunk (zero if none; only read) and X, U from
+// gated_cg_chunk_backward_solves.
+template <class T>
+void gated_cg_chunk_backward_grads(const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                                   const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
+                                   const RowMatrix<T>& S0, const RowMatrix<T>& H0, const ConstMatrixRef<T>& dout,
+                                   const RowMatrix<T>& X, const RowMatrix<T>& U, const RowMatrix<T>& dS,
+                                   const RowMatrix<T>& dH, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv,
+                                   VectorRef<T> dbeta, VectorRef<T> dgamma) {
+  namespace impl = gated_cg_chunk_impl;
+  const long C = k.rows();
+  if (C == 0) return;
+  RowMatrix<T> D, W;
+  Vector<T> c;
+  impl::decays<T>(beta, gamma, D, c, W);
+  const bool h0_zero = (H0.array() == T(0)).all();
+  const RowMatrix<T> GS0 = dout * S0;             // row t: g_t^T S0 (as in the solves)
+  RowMatrix<T> GV = dout * v.transpose();         // (g_t . v_s)
   dq = U;
 
   // (M52) The pair products of the adjoints: the gradient of the chunk's loss
@@ -206,20 +300,26 @@ void gated_cg_chunk_backward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>
   RowMatrix<T> Rg = dD * Dprev.transpose();
   Rg.noalias() += dc * cprev.transpose();
   dgamma = (D.array() * Rg.array()).colwise().sum().transpose();
+}
 
-  // (M52, as M35) Lambda enters every A_t directly, not through the decayed sums.
-  dlambda -= (U.array() * X.array()).colwise().sum().matrix().transpose();
-
-  // (M53) The adjoints of the state before the chunk.
-  const T cC = c[C - 1];
-  const RowMatrix<T> cX = c.asDiagonal() * X;
-  RowMatrix<T> dS0 = cC * dS;
-  dS0.noalias() += dout.transpose() * cX;
-  RowMatrix<T> UX = U.transpose() * cX;                            // sum_t c_t u_t x_t^T
-  RowMatrix<T> dH0 = (cC / T(2)) * (dH + dH.transpose());
-  dH0 -= (UX + UX.transpose()) / T(2);
-  dS.swap(dS0);
-  dH.swap(dH0);
+// Backward of one chunk (M52-M53). S0, H0: the state before the chunk. dS, dH:
+// on entry the adjoints of the state after the chunk (zero if none), on return
+// the adjoints of S0, H0 (dH symmetric, as the recursion's grad_initial->H).
+// Writes (overwrites) dq, dk, dv, dbeta, dgamma; ADDS to dlambda (d entries).
+// The solve is differentiated as an exact linear solve (as the recursion and
+// MesaNet do): the gradient of the computed output when the CG has converged.
+template <class T>
+void gated_cg_chunk_backward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                             const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
+                             const ConstVectorRef<T>& lambda_diag, int cg_steps, T cg_tolerance,
+                             const RowMatrix<T>& S0, const RowMatrix<T>& H0, const ConstMatrixRef<T>& dout,
+                             RowMatrix<T>& dS, RowMatrix<T>& dH, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv,
+                             VectorRef<T> dbeta, VectorRef<T> dgamma, VectorRef<T> dlambda) {
+  if (q.rows() == 0) return;
+  RowMatrix<T> X, U;
+  gated_cg_chunk_backward_solves<T>(q, k, v, beta, gamma, lambda_diag, cg_steps, cg_tolerance, S0, H0, dout, X, U);
+  gated_cg_chunk_backward_grads<T>(k, v, beta, gamma, S0, H0, dout, X, U, dS, dH, dq, dk, dv, dbeta, dgamma);
+  gated_cg_chunk_backward_state<T>(beta, gamma, dout, X, U, dS, dH, dlambda);
 }
 
 }  // namespace mesaopt::detail

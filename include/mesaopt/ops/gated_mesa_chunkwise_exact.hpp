@@ -96,9 +96,10 @@ struct GatedExactChunk {
   RowMatrix<T> Z;   // L^{-T} W (C x C, upper triangular): column t = z_t = A_t^{-1} K_t R0 q_t
   RowMatrix<T> X;   // Q R0 - Z^T Kt (C x d): row t = (P~_t^{-1} q_t)^T, P~_t = P_t / g_t
 
-  void compute(const char* where, const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
-               const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma, const RowMatrix<T>& R0,
-               bool keep_W) {
+  // The gate products, K R0 and the Cholesky factor of A (M44-M45): what both
+  // the outputs and the state after the chunk need.
+  void factor(const char* where, const ConstMatrixRef<T>& k, const ConstVectorRef<T>& beta,
+              const ConstVectorRef<T>& gamma, const RowMatrix<T>& R0) {
     gated_chunk_gates<T>(beta, gamma, g, r, e, omega);
     // R_C carries 1/g_C (M47) and e_s = g_s / beta_s is A's diagonal (M45): a
     // subnormal g_s would make them inf or 0 without any pivot failing.
@@ -115,6 +116,10 @@ struct GatedExactChunk {
     L.noalias() = Kt * k.transpose();
     L.diagonal() += e;
     gated_chunk_cholesky<T>(where, L, e);
+  }
+
+  // Every token's solve from the factor (M46): Z, X (and W if keep_W).
+  void solves(const ConstMatrixRef<T>& q, const RowMatrix<T>& R0, bool keep_W) {
     // (M46) all z_t at once: the leading t x t block of L factors A_t, and that
     // of L^{-1} is L_t^{-1}; triu keeps column t to the first t keys.
     Z.noalias() = Kt * q.transpose();
@@ -125,24 +130,30 @@ struct GatedExactChunk {
     X.noalias() = q * R0;
     X.noalias() -= Z.transpose().template triangularView<Eigen::Lower>() * Kt;
   }
+
+  void compute(const char* where, const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+               const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma, const RowMatrix<T>& R0,
+               bool keep_W) {
+    factor(where, k, beta, gamma, R0);
+    solves(q, R0, keep_W);
+  }
 };
 
-// One chunk of C = q.rows() tokens from the state (S, R) (R = P^{-1},
-// symmetric positive definite): writes out (C x dv) and replaces S, R by the
-// state after the chunk (M44-M47). Throws MesaBreakdownError (position within
-// the chunk) where the recurrence would (M45), and where the product of the
-// chunk's gates leaves the normal range.
+// The outputs of a chunk whose factor and solves are done (M46): O = X S0^T +
+// Z^T V, the g_t of S_t and P_t cancel in o_t. S is the state before the chunk.
 template <class T>
-void gated_exact_chunk_forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                               const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma, RowMatrix<T>& S,
-                               RowMatrix<T>& R, MatrixRef<T> out) {
-  const char* where = "gated_exact_chunk_forward";
-  const long C = q.rows();
-  GatedExactChunk<T> ch;
-  ch.compute(where, q, k, beta, gamma, R, false);
-  // (M46) O = X S0^T + Z^T V: the g_t of S_t and P_t cancel in o_t.
+void gated_exact_chunk_output(const GatedExactChunk<T>& ch, const ConstMatrixRef<T>& v, const RowMatrix<T>& S,
+                              MatrixRef<T> out) {
   out.noalias() = ch.X * S.transpose();
   out.noalias() += ch.Z.transpose().template triangularView<Eigen::Lower>() * v;
+}
+
+// Replaces (S, R) by the state after a factored chunk (M47). G: on entry K R0
+// (ch.Kt or a copy of it), overwritten (scratch).
+template <class T>
+void gated_exact_chunk_state(const GatedExactChunk<T>& ch, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                             RowMatrix<T>& G, RowMatrix<T>& S, RowMatrix<T>& R) {
+  const long C = k.rows();
   // (M47) R_C = (R0 - Kt^T A^{-1} Kt) / g_C, evaluated in the Joseph form
   // M R0 M^T + G^T D^{-1} G (G = A^{-1} Kt, M = I - G^T K): a sum of two
   // positive semi-definite terms. The plain difference cancels R0's large
@@ -151,7 +162,6 @@ void gated_exact_chunk_forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<
   // (docs/gated_mesa_chunkwise_exact.md, "Precision and limits").
   const T gC = ch.g[C - 1];
   const long d = R.rows();
-  RowMatrix<T>& G = ch.Kt;
   ch.L.template triangularView<Eigen::Lower>().solveInPlace(G);
   ch.L.transpose().template triangularView<Eigen::Upper>().solveInPlace(G);
   RowMatrix<T> M = RowMatrix<T>::Identity(d, d);
@@ -172,6 +182,35 @@ void gated_exact_chunk_forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<
   S.noalias() += v.transpose() * (ch.omega.asDiagonal() * k);
 }
 
+// One chunk of C = q.rows() tokens from the state (S, R) (R = P^{-1},
+// symmetric positive definite): writes out (C x dv) and replaces S, R by the
+// state after the chunk (M44-M47). Throws MesaBreakdownError (position within
+// the chunk) where the recurrence would (M45), and where the product of the
+// chunk's gates leaves the normal range.
+template <class T>
+void gated_exact_chunk_forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                               const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma, RowMatrix<T>& S,
+                               RowMatrix<T>& R, MatrixRef<T> out) {
+  const char* where = "gated_exact_chunk_forward";
+  GatedExactChunk<T> ch;
+  ch.compute(where, q, k, beta, gamma, R, false);
+  gated_exact_chunk_output<T>(ch, v, S, out);
+  gated_exact_chunk_state<T>(ch, k, v, ch.Kt, S, R);
+}
+
+template <class T>
+void gated_exact_chunk_backward_prepare(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                                        const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
+                                        const RowMatrix<T>& R0, GatedExactChunk<T>& ch, RowMatrix<T>& F);
+template <class T>
+void gated_exact_chunk_backward_sweep(const GatedExactChunk<T>& ch, const RowMatrix<T>& F,
+                                      const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                                      const ConstMatrixRef<T>& v, const ConstVectorRef<T>& beta,
+                                      const ConstVectorRef<T>& gamma, const RowMatrix<T>& S0, const RowMatrix<T>& R0,
+                                      const ConstMatrixRef<T>& dout, RowMatrix<T>& dS, RowMatrix<T>& dR,
+                                      MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv, VectorRef<T> dbeta,
+                                      VectorRef<T> dgamma);
+
 // Backward of one chunk (M48). S0, R0: the state before the chunk. dS, dR: on
 // entry dL/dS_C and dL/dR_C (zero matrices if none; dR is used as sym(dR), as
 // gated_mesa_backward's grad_final->R), on return dL/dS0 and dL/dR0 (symmetric,
@@ -183,16 +222,41 @@ void gated_exact_chunk_backward(const ConstMatrixRef<T>& q, const ConstMatrixRef
                                 const RowMatrix<T>& S0, const RowMatrix<T>& R0, const ConstMatrixRef<T>& dout,
                                 RowMatrix<T>& dS, RowMatrix<T>& dR, MatrixRef<T> dq, MatrixRef<T> dk,
                                 MatrixRef<T> dv, VectorRef<T> dbeta, VectorRef<T> dgamma) {
-  const char* where = "gated_exact_chunk_backward";
-  const long C = q.rows();
   GatedExactChunk<T> ch;
-  ch.compute(where, q, k, beta, gamma, R0, true);
+  RowMatrix<T> F;
+  gated_exact_chunk_backward_prepare<T>(q, k, beta, gamma, R0, ch, F);
+  gated_exact_chunk_backward_sweep<T>(ch, F, q, k, v, beta, gamma, S0, R0, dout, dS, dR, dq, dk, dv, dbeta, dgamma);
+}
+
+// gated_exact_chunk_backward in two parts, for the op's threads (opt.threads):
+// _prepare recomputes the chunk's forward (M44-M46) and F = L^{-1} K R0 from
+// the chunk's start state alone, so the chunks' preparations can run in
+// parallel; _sweep is the rest of M48, which needs the adjoints of the state
+// after the chunk and so runs chunk after chunk from the last one. Together
+// they evaluate the same expressions as the one-piece backward.
+template <class T>
+void gated_exact_chunk_backward_prepare(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                                        const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
+                                        const RowMatrix<T>& R0, GatedExactChunk<T>& ch, RowMatrix<T>& F) {
+  ch.compute("gated_exact_chunk_backward", q, k, beta, gamma, R0, true);
+  F = ch.Kt;
+  ch.L.template triangularView<Eigen::Lower>().solveInPlace(F);
+}
+
+// The rest of M48 from a prepared chunk (ch, F); arguments as gated_exact_chunk_backward.
+template <class T>
+void gated_exact_chunk_backward_sweep(const GatedExactChunk<T>& ch, const RowMatrix<T>& F,
+                                      const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                                      const ConstMatrixRef<T>& v, const ConstVectorRef<T>& beta,
+                                      const ConstVectorRef<T>& gamma, const RowMatrix<T>& S0, const RowMatrix<T>& R0,
+                                      const ConstMatrixRef<T>& dout, RowMatrix<T>& dS, RowMatrix<T>& dR,
+                                      MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv, VectorRef<T> dbeta,
+                                      VectorRef<T> dgamma) {
+  const long C = q.rows();
   const T gC = ch.g[C - 1];
   const RowMatrix<T>& L = ch.L;
   const RowMatrix<T>& Kt = ch.Kt;
   const RowMatrix<T>& Z = ch.Z;
-  RowMatrix<T> F = Kt;
-  L.template triangularView<Eigen::Lower>().solveInPlace(F);
 
   // S_C = g_C S0 + V^T diag(omega) K: the adjoint Sbar reaches S0, V, K, omega and g_C.
   const RowMatrix<T> Sbar = dS;
