@@ -15,6 +15,7 @@
 // with one seed the ranks train each model together, data-parallel. Either way
 // the numbers equal those of one process.
 #include "curve_report.hpp"
+#include "option_reader.hpp"
 #include "ranks.hpp"
 #include "seed_sweep.hpp"
 
@@ -149,42 +150,31 @@ void usage() {
       "  --help             this text\n");
 }
 
-[[noreturn]] void bad_option(const std::string& msg) {
-  std::fprintf(stderr, "linear_dynamics: %s (see --help)\n", msg.c_str());
-  std::exit(2);
-}
+[[noreturn]] void bad_option(const std::string& msg) { examples::option_error("linear_dynamics", msg); }
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) bad_option(a + " needs a value");
-      return argv[++i];
-    };
-    auto number = [&](double lo) {
-      const std::string v = value();
-      char* end = nullptr;
-      const double x = std::strtod(v.c_str(), &end);
-      if (end == v.c_str() || *end != '\0' || !std::isfinite(x) || x < lo)
-        bad_option(a + " needs a number >= " + std::to_string(lo) + ", got '" + v + "'");
-      return x;
-    };
+  examples::OptionReader args("linear_dynamics", argc, argv);
+  while (args.next()) {
+    const std::string& a = args.flag();
+    auto value = [&] { return args.value(); };
+    auto number = [&](double lo) { return args.number(lo); };
+    auto integer = [&](long long lo) { return args.integer(lo, 1000000000000LL); };
     if (a == "--help" || a == "-h") {
       usage();
       std::exit(0);
     } else if (a == "--full") o.full = true;
-    else if (a == "--batch") o.batch = static_cast<long>(number(1));
-    else if (a == "--steps") o.steps = static_cast<long>(number(1));
+    else if (a == "--batch") o.batch = static_cast<long>(integer(1));
+    else if (a == "--steps") o.steps = static_cast<long>(integer(1));
     else if (a == "--steps-scale") o.steps_scale = number(1e-6);
     else if (a == "--lr") o.lr = number(1e-12);
-    else if (a == "--eval") o.eval_sequences = static_cast<long>(number(1));
-    else if (a == "--tune") o.tune_sequences = static_cast<long>(number(1));
+    else if (a == "--eval") o.eval_sequences = static_cast<long>(integer(1));
+    else if (a == "--tune") o.tune_sequences = static_cast<long>(integer(1));
     else if (a == "--seed" || a == "--seeds") {
       if (!o.seeds.empty()) bad_option("give the seeds once (--seed N or --seeds LIST)");
       o.seeds = examples::seeds_option(a, value(), bad_option);
     }
-    else if (a == "--threads") o.threads = static_cast<int>(number(0));
+    else if (a == "--threads") o.threads = static_cast<int>(integer(0));
     else if (a == "--csv") o.csv = value();
     else if (a == "--clip") {
       o.clip = value();
@@ -208,7 +198,7 @@ Options parse(int argc, char** argv) {
       if (!std::filesystem::is_directory(o.checkpoint_dir))
         bad_option("--checkpoint needs an existing directory, got '" + o.checkpoint_dir + "'");
     }
-    else if (a == "--checkpoint-every") o.checkpoint_every = static_cast<long>(number(1));
+    else if (a == "--checkpoint-every") o.checkpoint_every = static_cast<long>(integer(1));
     else if (a == "--models") {
       std::stringstream ss(value());
       for (std::string m; std::getline(ss, m, ',');) {

@@ -18,6 +18,7 @@
 // steps per replaced block). --full: the paper's model training (batch 256,
 // 10000 steps, warm-up 1000 to 8e-4, cosine to 1e-5) and 1000 steps per block.
 #include "curve_report.hpp"
+#include "option_reader.hpp"
 #include "ranks.hpp"
 #include "raw_token_models.hpp"
 #include "seed_sweep.hpp"
@@ -101,37 +102,16 @@ void usage() {
       kFullBlockSteps, kReduced.batch, kReduced.steps, kReduced.warmup, kReduced.softmax_lr, kReducedBlockSteps);
 }
 
-[[noreturn]] void bad_option(const std::string& msg) {
-  std::fprintf(stderr, "linearize: %s (see --help)\n", msg.c_str());
-  std::exit(2);
-}
+[[noreturn]] void bad_option(const std::string& msg) { examples::option_error("linearize", msg); }
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) bad_option(a + " needs a value");
-      return argv[++i];
-    };
-    auto integer = [&](long long lo, long long hi) {
-      const std::string v = value();
-      char* end = nullptr;
-      errno = 0;
-      const long long x = std::strtoll(v.c_str(), &end, 10);
-      if (end == v.c_str() || *end != '\0' || errno == ERANGE || x < lo || x > hi)
-        bad_option(a + " needs an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got '" + v +
-                   "'");
-      return x;
-    };
-    auto positive = [&](double hi) {
-      const std::string v = value();
-      char* end = nullptr;
-      const double x = std::strtod(v.c_str(), &end);
-      if (end == v.c_str() || *end != '\0' || !std::isfinite(x) || x <= 0 || x > hi)
-        bad_option(a + " needs a number in (0, " + std::to_string(hi) + "], got '" + v + "'");
-      return x;
-    };
+  examples::OptionReader args("linearize", argc, argv);
+  while (args.next()) {
+    const std::string& a = args.flag();
+    auto value = [&] { return args.value(); };
+    auto integer = [&](long long lo, long long hi) { return args.integer(lo, hi); };
+    auto positive = [&](double hi) { return args.number(0, hi, true); };
     if (a == "--help" || a == "-h") {
       usage();
       std::exit(0);

@@ -18,6 +18,7 @@
 // in about 6 minutes on 2 cores. --full: the paper's settings (batch 256, 10000 steps,
 // warm-up 1000 to 8e-4 / hybrid 3e-4, cosine to 1e-5).
 #include "curve_report.hpp"
+#include "option_reader.hpp"
 #include "ranks.hpp"
 #include "raw_token_models.hpp"
 #include "seed_sweep.hpp"
@@ -67,7 +68,11 @@ struct Options {
   double softmax_lr = 0, hybrid_lr = 0;  // 0: from the settings
   bool layer_norm = true;
   bool gated = false;    // --gated: also train gated-mesa-2L
+  bool only_gated = false;  // --only-gated: train gated-mesa-2L alone
   long gated_chunk = 0;  // --gated-chunk: the gated op's opt.chunk (0: token by token)
+  MesaSolver gated_solver = MesaSolver::cg;  // --gated-solver
+  int gated_cg_steps = 30;                   // --gated-cg-steps
+  double gated_lr = 0;                       // --lr-gated; 0: the hybrid's
   std::vector<unsigned long long> seeds = {1};
   int threads = 0;
   std::string csv;
@@ -94,6 +99,12 @@ void usage() {
       "                      positional code, the hybrid's lr\n"
       "  --gated-chunk C     the gated blocks' chunk size (0: token by token, the default; C > 0: the\n"
       "                      chunkwise form)\n"
+      "  --gated-solver S    the gated blocks' solver: cg (MesaNet's, the default) or exact (the\n"
+      "                      decaying-ridge Sherman-Morrison recursion, docs/gated_mesa.md; its forget\n"
+      "                      gates start at 0.95 instead of 1/2, where float breaks down)\n"
+      "  --gated-cg-steps N  CG steps per solve of the cg solver (default 30, MesaNet's)\n"
+      "  --lr-gated X        peak lr of gated-mesa-2L (0 < X <= 1; default: the hybrid's)\n"
+      "  --only-gated        train gated-mesa-2L alone (implies --gated; no attention probe)\n"
       "  --eval N            held-out evaluation sequences (default 1000)\n"
       "  --probe N           held-out sequences for the attention probe (default 200)\n"
       "  --seed N            seed of training data, initialisation and evaluation (default 1)\n"
@@ -106,39 +117,16 @@ void usage() {
       kDefault.batch, kDefault.steps, kDefault.warmup, kDefault.softmax_lr, kDefault.hybrid_lr);
 }
 
-[[noreturn]] void bad_option(const std::string& msg) {
-  std::fprintf(stderr, "raw_tokens: %s (see --help)\n", msg.c_str());
-  std::exit(2);
-}
+[[noreturn]] void bad_option(const std::string& msg) { examples::option_error("raw_tokens", msg); }
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) bad_option(a + " needs a value");
-      return argv[++i];
-    };
-    // A whole decimal integer in [lo, hi].
-    auto integer = [&](long long lo, long long hi) {
-      const std::string v = value();
-      char* end = nullptr;
-      errno = 0;
-      const long long x = std::strtoll(v.c_str(), &end, 10);
-      if (end == v.c_str() || *end != '\0' || errno == ERANGE || x < lo || x > hi)
-        bad_option(a + " needs an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got '" + v +
-                   "'");
-      return x;
-    };
-    // A finite number in (0, hi].
-    auto positive = [&](double hi) {
-      const std::string v = value();
-      char* end = nullptr;
-      const double x = std::strtod(v.c_str(), &end);
-      if (end == v.c_str() || *end != '\0' || !std::isfinite(x) || x <= 0 || x > hi)
-        bad_option(a + " needs a number in (0, " + std::to_string(hi) + "], got '" + v + "'");
-      return x;
-    };
+  examples::OptionReader args("raw_tokens", argc, argv);
+  while (args.next()) {
+    const std::string& a = args.flag();
+    auto value = [&] { return args.value(); };
+    auto integer = [&](long long lo, long long hi) { return args.integer(lo, hi); };
+    auto positive = [&](double hi) { return args.number(0, hi, true); };
     if (a == "--help" || a == "-h") {
       usage();
       std::exit(0);
@@ -153,6 +141,13 @@ Options parse(int argc, char** argv) {
     else if (a == "--no-layer-norm") o.layer_norm = false;
     else if (a == "--gated") o.gated = true;
     else if (a == "--gated-chunk") o.gated_chunk = long(integer(0, 1000000));
+    else if (a == "--only-gated") o.gated = o.only_gated = true;
+    else if (a == "--gated-solver") {
+      const std::string v = value();
+      if (v != "cg" && v != "exact") bad_option("--gated-solver needs cg or exact, got '" + v + "'");
+      o.gated_solver = v == "cg" ? MesaSolver::cg : MesaSolver::exact;
+    } else if (a == "--gated-cg-steps") o.gated_cg_steps = int(integer(1, 100000));
+    else if (a == "--lr-gated") o.gated_lr = positive(1.0);
     else if (a == "--seed" || a == "--seeds") {
       o.seeds = examples::seeds_option(a, value(), bad_option);
     }
@@ -213,16 +208,27 @@ int main(int argc, char** argv) {
     const long warmup = std::min(steps, opt.steps > 0 ? std::max(1L, steps / 10) : st.warmup);
 
     std::vector<ModelSpec> specs;
-    specs.push_back({"softmax+mesa-2L", raw_token::model_config(n, raw_token::hybrid_blocks(opt.layer_norm), opt.threads),
-                     opt.hybrid_lr > 0 ? opt.hybrid_lr : st.hybrid_lr});
-    specs.push_back({"softmax-" + std::to_string(opt.softmax_layers) + "L",
-                     raw_token::model_config(n, raw_token::softmax_blocks(opt.softmax_layers, opt.layer_norm), opt.threads),
-                     opt.softmax_lr > 0 ? opt.softmax_lr : st.softmax_lr});
+    if (!opt.only_gated) {
+      specs.push_back({"softmax+mesa-2L",
+                       raw_token::model_config(n, raw_token::hybrid_blocks(opt.layer_norm), opt.threads),
+                       opt.hybrid_lr > 0 ? opt.hybrid_lr : st.hybrid_lr});
+      specs.push_back(
+          {"softmax-" + std::to_string(opt.softmax_layers) + "L",
+           raw_token::model_config(n, raw_token::softmax_blocks(opt.softmax_layers, opt.layer_norm), opt.threads),
+           opt.softmax_lr > 0 ? opt.softmax_lr : st.softmax_lr});
+    }
     if (opt.gated) {  // MesaNet's layer twice: its short convolution can build (s_{t-1}, s_t) itself
       nn::BlockConfig g = raw_token::block(nn::AttentionKind::gated_mesa, 0, opt.layer_norm);
       g.mesa_chunk = opt.gated_chunk;
+      g.gated_solver = opt.gated_solver;
+      // The exact solver's regulariser decays with the forget gate: at MesaNet's
+      // initial gamma = sigmoid(0) = 1/2 its state R_t grows like 2^t and float
+      // breaks down within T = 50 (measured: at t = 48 in the first step), so it
+      // starts at gamma = sigmoid(3) = 0.95 instead.
+      if (opt.gated_solver == MesaSolver::exact) g.gated_forget_bias_init = 3.0;
+      g.gated_cg_steps = opt.gated_cg_steps;
       specs.push_back({"gated-mesa-2L", raw_token::model_config(n, {g, g}, opt.threads),
-                       opt.hybrid_lr > 0 ? opt.hybrid_lr : st.hybrid_lr, false});
+                       opt.gated_lr > 0 ? opt.gated_lr : opt.hybrid_lr > 0 ? opt.hybrid_lr : st.hybrid_lr, false});
     }
 
     std::printf(
@@ -304,6 +310,7 @@ int main(int argc, char** argv) {
         std::snprintf(line, sizeof line, format, values...);
         run.report += line;
       };
+      if (shares.empty()) return run;  // --only-gated: no softmax block 0 to probe
       append("block 0 (softmax + positions) attention mass, mean over positions t = 2..%ld and %ld held-out "
              "sequences\n(uniform causal attention would give %.3f on each of t-1 and t)\n",
              T, probe_n, uniform_prev);

@@ -28,6 +28,7 @@
 // the Bayes-optimal one), least squares, tuned 1-step GD and the noise floor,
 // and fits the step size of 1-step GD to linear-1L's predictions.
 #include "curve_report.hpp"
+#include "option_reader.hpp"
 #include "ranks.hpp"
 #include "seed_sweep.hpp"
 
@@ -129,37 +130,16 @@ void usage() {
       "  --help             this text\n");
 }
 
-[[noreturn]] void bad_option(const std::string& msg) {
-  std::fprintf(stderr, "regression_fewshot: %s (see --help)\n", msg.c_str());
-  std::exit(2);
-}
+[[noreturn]] void bad_option(const std::string& msg) { examples::option_error("regression_fewshot", msg); }
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) bad_option(a + " needs a value");
-      return argv[++i];
-    };
-    // A finite number in [lo, hi].
-    auto number = [&](double lo, double hi) {
-      const std::string v = value();
-      char* end = nullptr;
-      const double x = std::strtod(v.c_str(), &end);
-      if (end == v.c_str() || *end != '\0' || !std::isfinite(x) || x < lo || x > hi) {
-        std::ostringstream m;
-        m << a << " needs a number in [" << lo << ", " << hi << "], got '" << v << "'";
-        bad_option(m.str());
-      }
-      return x;
-    };
-    // A whole number in [lo, hi].
-    auto integer = [&](long lo, long hi) {
-      const double x = number(double(lo), double(hi));
-      if (x != std::floor(x)) bad_option(a + " needs a whole number, got '" + argv[i] + "'");
-      return static_cast<long>(x);
-    };
+  examples::OptionReader args("regression_fewshot", argc, argv);
+  while (args.next()) {
+    const std::string& a = args.flag();
+    auto value = [&] { return args.value(); };
+    auto number = [&](double lo, double hi) { return args.number(lo, hi); };
+    auto integer = [&](long lo, long hi) { return long(args.integer(lo, hi)); };
     if (a == "--help" || a == "-h") {
       usage();
       std::exit(0);
