@@ -35,6 +35,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -73,6 +74,7 @@ struct Options {
   MesaSolver gated_solver = MesaSolver::cg;  // --gated-solver
   int gated_cg_steps = 30;                   // --gated-cg-steps
   double gated_lr = 0;                       // --lr-gated; 0: the hybrid's
+  double gated_forget_bias = std::numeric_limits<double>::quiet_NaN();  // --gated-forget-bias; NaN: the solver's default
   std::vector<unsigned long long> seeds = {1};
   int threads = 0;
   std::string csv;
@@ -104,6 +106,8 @@ void usage() {
       "                      gates start at 0.95 instead of 1/2, where float breaks down)\n"
       "  --gated-cg-steps N  CG steps per solve of the cg solver (default 30, MesaNet's)\n"
       "  --lr-gated X        peak lr of gated-mesa-2L (0 < X <= 1; default: the hybrid's)\n"
+      "  --gated-forget-bias X  initial bias of the forget gates, gamma = sigmoid(X) at x = 0\n"
+      "                      (-20 <= X <= 20; default 0 for cg, MesaNet's, and 3 for exact)\n"
       "  --only-gated        train gated-mesa-2L alone (implies --gated; no attention probe)\n"
       "  --eval N            held-out evaluation sequences (default 1000)\n"
       "  --probe N           held-out sequences for the attention probe (default 200)\n"
@@ -148,6 +152,7 @@ Options parse(int argc, char** argv) {
       o.gated_solver = v == "cg" ? MesaSolver::cg : MesaSolver::exact;
     } else if (a == "--gated-cg-steps") o.gated_cg_steps = int(integer(1, 100000));
     else if (a == "--lr-gated") o.gated_lr = positive(1.0);
+    else if (a == "--gated-forget-bias") o.gated_forget_bias = args.number(-20.0, 20.0);
     else if (a == "--seed" || a == "--seeds") {
       o.seeds = examples::seeds_option(a, value(), bad_option);
     }
@@ -226,6 +231,7 @@ int main(int argc, char** argv) {
       // breaks down within T = 50 (measured: at t = 48 in the first step), so it
       // starts at gamma = sigmoid(3) = 0.95 instead.
       if (opt.gated_solver == MesaSolver::exact) g.gated_forget_bias_init = 3.0;
+      if (!std::isnan(opt.gated_forget_bias)) g.gated_forget_bias_init = opt.gated_forget_bias;
       g.gated_cg_steps = opt.gated_cg_steps;
       specs.push_back({"gated-mesa-2L", raw_token::model_config(n, {g, g}, opt.threads),
                        opt.gated_lr > 0 ? opt.gated_lr : opt.hybrid_lr > 0 ? opt.hybrid_lr : st.hybrid_lr, false});
