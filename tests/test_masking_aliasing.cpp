@@ -13,8 +13,11 @@
 
 #include "test_util.hpp"
 
+#include <array>
+#include <cstdint>
 #include <limits>
 #include <stdexcept>
+#include <vector>
 
 // Everything of this file lives in its own namespace, so that test files can be
 // compiled together in one translation unit (tests/CMakeLists.txt, unity groups).
@@ -225,6 +228,70 @@ TEMPLATE_TEST_CASE("outputs that alias inputs are rejected", "[aliasing]", float
   linear_attention_forward<T>(q, k, v, expected);
   linear_attention_forward<T>(buf.leftCols(d), k, v, buf.rightCols(d));
   CHECK(RowMatrix<T>(buf.rightCols(d)) == expected);
+}
+
+// Outputs must not depend on where the caller's memory starts. NumPy hands the
+// Python package arrays 16 bytes apart from a 32-byte boundary as often as not;
+// the softmax backward used to accumulate dq straight into such memory, and
+// Eigen's small products peel unaligned leading entries off their vectorised
+// loop, so dq changed in the last bits with the address (found by
+// torch.autograd.gradcheck's reentrancy check, 2026-12-04).
+namespace {
+// A (rows x cols) row-major view that starts `offset` scalars past an aligned
+// boundary of `buf`.
+template <class T>
+Eigen::Map<RowMatrix<T>> view_at(std::vector<T>& buf, long rows, long cols, long offset) {
+  buf.assign(std::size_t(rows * cols + 64), T(0));
+  T* base = buf.data();
+  while (reinterpret_cast<std::uintptr_t>(base) % 64 != 0) ++base;
+  return Eigen::Map<RowMatrix<T>>(base + offset, rows, cols);
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("the ops give the same bits wherever their outputs start", "[aliasing][alignment]", float,
+                   double) {
+  using T = TestType;
+  for (const auto& [n, d, dv] : {std::array<long, 3>{7, 4, 2}, {37, 5, 3}, {150, 8, 8}, {130, 16, 4}}) {
+    CAPTURE(n, d, dv);
+    const RowMatrix<T> q = random_matrix<T>(n, d, 1, 0.5), k = random_matrix<T>(n, d, 2, 0.5);
+    const RowMatrix<T> v = random_matrix<T>(n, dv, 3), g = random_matrix<T>(n, dv, 4);
+    std::vector<T> b0, b1, b2, b3;
+    // out, dq, dk, dv of one op at one offset (copied out of the buffers).
+    using Results = std::array<RowMatrix<T>, 4>;
+    const auto run = [&](long off, int op) {
+      auto out = view_at(b0, n, dv, off);
+      auto dq = view_at(b1, n, d, off);
+      auto dk = view_at(b2, n, d, off);
+      auto gv = view_at(b3, n, dv, off);
+      if (op == 0) {
+        linear_attention_forward<T>(q, k, v, out);
+        linear_attention_backward<T>(q, k, v, g, dq, dk, gv);
+      } else if (op == 1) {
+        SoftmaxCache<T> c;
+        const SoftmaxAttentionOptions opt{};  // the defaults the Python package uses
+        softmax_attention_forward<T>(q, k, v, opt, out, c);
+        softmax_attention_backward<T>(q, k, v, opt, g, c, dq, dk, gv);
+      } else {
+        MesaCache<T> c;
+        const MesaOptions<T> opt{};
+        mesa_forward<T>(q, k, v, opt, out, c);
+        mesa_backward<T>(q, k, v, opt, g, c, dq, dk, gv);
+      }
+      return Results{out, dq, dk, gv};
+    };
+    for (int op = 0; op < 3; ++op) {
+      CAPTURE(op);
+      const Results ref = run(0, op);
+      for (long off = 1; off < 8; ++off) {
+        CAPTURE(off);
+        const Results r = run(off, op);
+        for (int j = 0; j < 4; ++j) {
+          CAPTURE(j);
+          CHECK(r[std::size_t(j)] == ref[std::size_t(j)]);
+        }
+      }
+    }
+  }
 }
 
 }  // namespace mesaopt_test_masking_aliasing

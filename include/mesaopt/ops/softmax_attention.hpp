@@ -178,7 +178,11 @@ void softmax_backward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
   const Vector<T> D = (dout.array() * sc.out.array()).rowwise().sum();
   RowMatrix<T> Pm(Br, Bc), dP(Br, Bc);
   RowMatrix<T> dKb(Bc, d), dVb(Bc, dv);
-  dq.setZero();
+  // dq sums over key tiles in a buffer of our own, copied out at the end: the
+  // small products vectorise their destination with alignment peeling, so
+  // accumulating into the caller's memory made dq depend on where that memory
+  // starts (a NumPy output 8 bytes past a 32-byte boundary gave other bits).
+  RowMatrix<T> dq_sum = RowMatrix<T>::Zero(n, d);
   for (long c0 = 0; c0 < nk; c0 += Bc) {
     const long bc = std::min(Bc, nk - c0);
     const auto Kb = K.middleRows(c0, bc);
@@ -223,12 +227,13 @@ void softmax_backward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
         row.head(n_valid).array() = Pb.row(i).head(n_valid).array() * (row.head(n_valid).array() - D(r0 + i)) * scale;
         row.tail(bc - n_valid).setZero();
       }
-      detail::masked_product(dPb, [](long) { return 0L; }, valid, Kb, dq.middleRows(r0, br), /*accumulate=*/true);
+      detail::masked_product(dPb, [](long) { return 0L; }, valid, Kb, dq_sum.middleRows(r0, br), /*accumulate=*/true);
       detail::masked_product(dPb.transpose(), first_query, all_queries, Qb, dK, /*accumulate=*/true);
     }
     dK_all.middleRows(c0, bc) = dK;
     dV_all.middleRows(c0, bc) = dV;
   }
+  dq = dq_sum;
 }
 
 }  // namespace detail
