@@ -9,8 +9,10 @@
     layer = mt.MesaAttention(dim=40, heads=4, head_dim=20)   # (B, T, dim) -> (B, T, dim)
 
 The functions are ``torch.autograd.Function``s whose forward and backward call
-the NumPy functions of ``mesaopt`` (mesa_forward / mesa_backward and the others)
-on the tensors' memory (no copy for contiguous inputs). The forward of softmax
+the ops of ``mesaopt`` (the NumPy functions for linear and softmax attention, the
+compiled mesa_forward / mesa_backward for mesa, whose arguments mesa() checks)
+on the tensors' memory (no copy for contiguous inputs); with nothing to
+differentiate, mesa() calls the op without an autograd node. The forward of softmax
 and mesa keeps the op's cache (``return_cache=True``) on the autograd context,
 so the backward does not recompute the forward (docs/python.md, "Backward:
 cache or recompute"); the first backward releases it (a second backward through
@@ -240,11 +242,13 @@ class MesaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, lam, forget, regularizer, chunk, threads):
-        lam_np = _np(lam)
-        forget_np = None if forget is None else _np(forget)
-        out, cache = _m.mesa_forward(_np(q), _np(k), _np(v), lam_np, forget=forget_np, return_cache=True,
-                                     regularizer=regularizer, chunk=chunk, threads=threads)
-        ctx.kw = dict(regularizer=regularizer, chunk=chunk, threads=threads)
+        # The compiled op directly, not mesaopt.mesa_forward: mesa() has checked the
+        # arguments already, and the per-call overhead is what separates small
+        # problems from the C++ speed (docs/python.md, "Against the C++ benchmark").
+        # The compiled function checks shapes, dtypes and values again.
+        threads = _m._check_threads("mesaopt.torch.MesaFunction", threads)
+        out, cache = _mesa_forward_core(q, k, v, lam, forget, regularizer, chunk, threads, True)
+        ctx.kw = (regularizer, chunk, threads)
         ctx.cache = _hold(cache)
         ctx.has_forget = forget is not None
         if forget is None:
@@ -259,11 +263,45 @@ class MesaFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         q, k, v, lam = saved[:4]
         forget = saved[4] if ctx.has_forget else None
-        res = _m.mesa_backward(_np(q), _np(k), _np(v), _np(lam), _np(dout),
-                               forget=None if forget is None else _np(forget), cache=ctx.cache.take(), **ctx.kw)
-        dq, dk, dv, dlam = (torch.from_numpy(np.asarray(x)) for x in res[:4])
-        dforget = torch.from_numpy(np.asarray(res[4])) if forget is not None else None
-        return dq, dk, dv, dlam, dforget, None, None, None
+        regularizer, chunk, threads = ctx.kw
+        qn, kn, vn = _np(q), _np(k), _np(v)
+        B, H, T, d = qn.shape
+        dv, dt = vn.shape[3], qn.dtype
+        cache = ctx.cache.take()
+        if cache is not None and cache.regularizer != regularizer:  # pragma: no cover - the Function keeps both
+            raise ValueError(f"mesaopt.torch.MesaFunction: cache made with regularizer {cache.regularizer!r}")
+        dq = np.empty((B, H, T, d), dtype=dt)
+        dk = np.empty((B, H, T, d), dtype=dt)
+        gv = np.empty((B, H, T, dv), dtype=dt)
+        dlam = np.empty((B, H), dtype=np.float64)
+        dforget = np.empty((B, H), dtype=np.float64) if forget is not None else None
+        _m._fn("mesa_backward", dt)(qn, kn, vn, _np(lam), _forget_array(forget, H, dt),
+                                    _m._regularizer("mesaopt.torch.MesaFunction", regularizer), chunk,
+                                    _np(dout), cache, None, None, None, None, dq, dk, gv, dlam, dforget, None, None,
+                                    threads)
+        # per-slice (B, H) parameter gradients, summed over the batch in float64
+        dlam_t = torch.from_numpy(dlam.sum(axis=0).astype(dt))
+        dforget_t = torch.from_numpy(dforget.sum(axis=0).astype(dt)) if forget is not None else None
+        return (torch.from_numpy(dq), torch.from_numpy(dk), torch.from_numpy(gv), dlam_t, dforget_t, None, None,
+                None)
+
+
+def _forget_array(forget, H, dt):
+    """The per-head forget factors as the compiled op takes them (ones for None: no forgetting)."""
+    return np.ones(H, dtype=dt) if forget is None else _np(forget)
+
+
+def _mesa_forward_core(q, k, v, lam, forget, regularizer, chunk, threads, with_cache):
+    """The compiled mesa forward on checked, contiguous tensors; returns (out array, cache or None)."""
+    qn, kn, vn = _np(q), _np(k), _np(v)
+    B, H, T, _ = qn.shape
+    dt = qn.dtype
+    out = np.empty((B, H, T, vn.shape[3]), dtype=dt)
+    cache = _m._mesa_cache_type(dt)() if with_cache else None
+    _m._fn("mesa_forward", dt)(qn, kn, vn, _np(lam), _forget_array(forget, H, dt),
+                               _m._regularizer("mesaopt.torch.MesaFunction", regularizer), chunk, out, None, None,
+                               None, None, cache, threads)
+    return out, cache
 
 
 # ---------------------------------------------------------------------------
@@ -311,9 +349,13 @@ def mesa(q, k, v, lam, forget=None, *, regularizer="decaying", chunk=0, threads=
                       "lie in (0, 1]")
     _m._regularizer(where, regularizer)
     chunk = _m._chunk(where, chunk)
-    return MesaFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), lam_t.contiguous(),
-                              None if forget_t is None else forget_t.contiguous(), regularizer, chunk,
-                              _m._check_threads(where, threads))
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), lam_t.contiguous(),
+            None if forget_t is None else forget_t.contiguous(), regularizer, chunk, _m._check_threads(where, threads))
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args[:5])):
+        # Nothing to differentiate (torch.no_grad(), or no input requires grad): the
+        # op alone, without an autograd node or a cache for a backward that cannot come.
+        return torch.from_numpy(_mesa_forward_core(*args, False)[0])
+    return MesaFunction.apply(*args)
 
 
 # ---------------------------------------------------------------------------
