@@ -216,6 +216,9 @@ def test_no_grad_and_integration_with_torch_ops():
     with torch.no_grad():
         out = mt.mesa(q, k, v, 1.0)
     assert not out.requires_grad
+    # without grad the op runs alone (no autograd node, no cache): the same bits
+    assert torch.equal(out, mt.mesa(q, k, v, 1.0).detach())
+    assert torch.equal(mt.mesa(q.detach(), k.detach(), v.detach(), 1.0, 0.9), mt.mesa(q, k, v, 1.0, 0.9).detach())
     # gradients of lam through softplus and of inputs through a preceding op
     raw = torch.zeros(2, dtype=F64, requires_grad=True)
     x = torch.randn(1, 2, 4, 3, dtype=F64, requires_grad=True)
