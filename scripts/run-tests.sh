@@ -33,7 +33,7 @@ if [ "${1:-}" = "--sanitize" ]; then
   build=build-sanitize
   cmake -S . -B "$build" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" -DMESAOPT_SANITIZE=address,undefined \
-    -DMESAOPT_BUILD_BENCHMARKS=$ci -DMESAOPT_BUILD_EXAMPLES=$ci >/dev/null
+    -DMESAOPT_BUILD_BENCHMARKS=$ci -DMESAOPT_BENCHMARKS_UNOPTIMIZED=$ci -DMESAOPT_BUILD_EXAMPLES=$ci >/dev/null
   exclude=(-E '^install_and_consume$')
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 else
@@ -57,7 +57,7 @@ ctest --test-dir "$build" --output-on-failure -j "$jobs" "${exclude[@]}"
 # tests (the NumPy API against NumPy references and finite differences, the JAX
 # functions against jax.grad). MESAOPT_TORCH=1 also installs PyTorch (PyPI's
 # CUDA build, about 5 GB and 1-2 minutes) and so runs the mesaopt.torch tests
-# (gradcheck); CI leaves it out to stay within its time budget.
+# (gradcheck); .ci/run sets it.
 # MESAOPT_PYTHON=0 skips this part.
 if [ "${1:-}" != "--sanitize" ] && [ "${MESAOPT_PYTHON:-1}" != 0 ]; then
   torch=()
