@@ -71,10 +71,15 @@ struct Options {
   bool gated = false;    // --gated: also train gated-mesa-2L
   bool only_gated = false;  // --only-gated: train gated-mesa-2L alone
   long gated_chunk = 0;  // --gated-chunk: the gated op's opt.chunk (0: token by token)
-  MesaSolver gated_solver = MesaSolver::cg;  // --gated-solver
+  MesaSolver gated_solver = MesaSolver::exact;  // --gated-solver
   int gated_cg_steps = 30;                   // --gated-cg-steps
   double gated_lr = 0;                       // --lr-gated; 0: the hybrid's
   double gated_forget_bias = std::numeric_limits<double>::quiet_NaN();  // --gated-forget-bias; NaN: the solver's default
+  // Unit-norm keys make MesaNet's floor of 0.25 (initial lambda 1) a strong ridge
+  // just where the task needs little, at t ~ n = 10 tokens: 0.01 and 0.1 measured
+  // better for both solvers (docs/examples.md, "The gated mesa layer on raw tokens").
+  double gated_lambda_floor = 0.01;  // --gated-lambda-floor
+  double gated_lambda_init = 0.1;    // --gated-lambda-init
   std::vector<unsigned long long> seeds = {1};
   int threads = 0;
   std::string csv;
@@ -97,17 +102,21 @@ void usage() {
       "  --lr-hybrid X       peak lr of the hybrid model (0 < X <= 1)\n"
       "  --no-layer-norm     no pre-LN before the blocks' attention (default: pre-LN on every block)\n"
       "  --gated             also train gated-mesa-2L: two MesaNet blocks (GatedMesaLayer: gates, short\n"
-      "                      convolution on q and k, cg solver with 30 steps; docs/gated_mesa.md), no\n"
+      "                      convolution on q and k, the exact solver; docs/gated_mesa.md), no\n"
       "                      positional code, the hybrid's lr\n"
       "  --gated-chunk C     the gated blocks' chunk size (0: token by token, the default; C > 0: the\n"
       "                      chunkwise form)\n"
-      "  --gated-solver S    the gated blocks' solver: cg (MesaNet's, the default) or exact (the\n"
-      "                      decaying-ridge Sherman-Morrison recursion, docs/gated_mesa.md; its forget\n"
-      "                      gates start at 0.95 instead of 1/2, where float breaks down)\n"
+      "  --gated-solver S    the gated blocks' solver: exact (the default: the decaying-ridge\n"
+      "                      Sherman-Morrison recursion, docs/gated_mesa.md; its forget gates start at\n"
+      "                      0.95 instead of 1/2, where float breaks down) or cg (MesaNet's, 30 steps)\n"
       "  --gated-cg-steps N  CG steps per solve of the cg solver (default 30, MesaNet's)\n"
       "  --lr-gated X        peak lr of gated-mesa-2L (0 < X <= 1; default: the hybrid's)\n"
       "  --gated-forget-bias X  initial bias of the forget gates, gamma = sigmoid(X) at x = 0\n"
       "                      (-20 <= X <= 20; default 0 for cg, MesaNet's, and 3 for exact)\n"
+      "  --gated-lambda-floor X  floor of the gated blocks' regulariser, lambda = softplus(.) + X\n"
+      "                      (0 < X <= 10; default 0.01; MesaNet's is 0.25)\n"
+      "  --gated-lambda-init X   initial lambda of the gated blocks (X > the floor, <= 100; default 0.1;\n"
+      "                      MesaNet's is 1)\n"
       "  --only-gated        train gated-mesa-2L alone (implies --gated; no attention probe)\n"
       "  --eval N            held-out evaluation sequences (default 1000)\n"
       "  --probe N           held-out sequences for the attention probe (default 200)\n"
@@ -153,6 +162,8 @@ Options parse(int argc, char** argv) {
     } else if (a == "--gated-cg-steps") o.gated_cg_steps = int(integer(1, 100000));
     else if (a == "--lr-gated") o.gated_lr = positive(1.0);
     else if (a == "--gated-forget-bias") o.gated_forget_bias = args.number(-20.0, 20.0);
+    else if (a == "--gated-lambda-floor") o.gated_lambda_floor = positive(10.0);
+    else if (a == "--gated-lambda-init") o.gated_lambda_init = positive(100.0);
     else if (a == "--seed" || a == "--seeds") {
       o.seeds = examples::seeds_option(a, value(), bad_option);
     }
@@ -162,6 +173,9 @@ Options parse(int argc, char** argv) {
       if (o.csv.empty()) bad_option("--csv needs a file name");
     } else bad_option("unknown option '" + a + "'");
   }
+  if (!(o.gated_lambda_init > o.gated_lambda_floor))
+    bad_option("--gated-lambda-init (" + std::to_string(o.gated_lambda_init) + ") must exceed --gated-lambda-floor (" +
+               std::to_string(o.gated_lambda_floor) + ")");
   return o;
 }
 
@@ -233,6 +247,8 @@ int main(int argc, char** argv) {
       if (opt.gated_solver == MesaSolver::exact) g.gated_forget_bias_init = 3.0;
       if (!std::isnan(opt.gated_forget_bias)) g.gated_forget_bias_init = opt.gated_forget_bias;
       g.gated_cg_steps = opt.gated_cg_steps;
+      g.gated_lambda_floor = opt.gated_lambda_floor;
+      g.gated_lambda_init = opt.gated_lambda_init;
       specs.push_back({"gated-mesa-2L", raw_token::model_config(n, {g, g}, opt.threads),
                        opt.gated_lr > 0 ? opt.gated_lr : opt.hybrid_lr > 0 ? opt.hybrid_lr : st.hybrid_lr, false});
     }
