@@ -251,7 +251,9 @@ Eigen::Map<RowMatrix<T>> view_at(std::vector<T>& buf, long rows, long cols, long
 TEMPLATE_TEST_CASE("the ops give the same bits wherever their outputs start", "[aliasing][alignment]", float,
                    double) {
   using T = TestType;
-  for (const auto& [n, d, dv] : {std::array<long, 3>{7, 4, 2}, {37, 5, 3}, {150, 8, 8}, {130, 16, 4}}) {
+  for (const auto& dims : {std::array<long, 3>{7, 4, 2}, {37, 5, 3}, {150, 8, 8}, {130, 16, 4}}) {
+    // plain variables, not a structured binding: clang 14 cannot capture those in the lambda below
+    const long n = dims[0], d = dims[1], dv = dims[2];
     CAPTURE(n, d, dv);
     const RowMatrix<T> q = random_matrix<T>(n, d, 1, 0.5), k = random_matrix<T>(n, d, 2, 0.5);
     const RowMatrix<T> v = random_matrix<T>(n, dv, 3), g = random_matrix<T>(n, dv, 4);
