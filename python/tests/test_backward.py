@@ -158,7 +158,7 @@ def test_same_bits_wherever_the_outputs_start(rng, dtype, size):
     # NumPy allocates arrays 16 bytes past a 32-byte boundary as often as not. The
     # softmax backward once accumulated dq straight into the output, whose address
     # then changed the last bits (torch.autograd.gradcheck's reentrancy check failed
-    # in about one run in four); every op must give the same bits at every offset.
+    # in 4 of 9 pytest runs); every op must give the same bits at every offset.
     B, H, T, d, dv = size
     q, k, v = (x.astype(dtype) for x in make_inputs(rng, B, H, T, d, dv))
     g = rng.standard_normal((B, H, T, dv)).astype(dtype)
