@@ -268,8 +268,6 @@ class MesaFunction(torch.autograd.Function):
         B, H, T, d = qn.shape
         dv, dt = vn.shape[3], qn.dtype
         cache = ctx.cache.take()
-        if cache is not None and cache.regularizer != regularizer:  # pragma: no cover - the Function keeps both
-            raise ValueError(f"mesaopt.torch.MesaFunction: cache made with regularizer {cache.regularizer!r}")
         dq = np.empty((B, H, T, d), dtype=dt)
         dk = np.empty((B, H, T, d), dtype=dt)
         gv = np.empty((B, H, T, dv), dtype=dt)
@@ -279,9 +277,9 @@ class MesaFunction(torch.autograd.Function):
                                     _m._regularizer("mesaopt.torch.MesaFunction", regularizer), chunk,
                                     _np(dout), cache, None, None, None, None, dq, dk, gv, dlam, dforget, None, None,
                                     threads)
-        # per-slice (B, H) parameter gradients, summed over the batch in float64
-        dlam_t = torch.from_numpy(dlam.sum(axis=0).astype(dt))
-        dforget_t = torch.from_numpy(dforget.sum(axis=0).astype(dt)) if forget is not None else None
+        # per-slice (B, H) parameter gradients, summed over the batch in float64, as the NumPy API does
+        dlam_t = torch.from_numpy(_m._reduce_per_head(dlam, False, dt))
+        dforget_t = torch.from_numpy(_m._reduce_per_head(dforget, False, dt)) if forget is not None else None
         return (torch.from_numpy(dq), torch.from_numpy(dk), torch.from_numpy(gv), dlam_t, dforget_t, None, None,
                 None)
 
