@@ -50,7 +50,9 @@ else
     -DMESAOPT_BUILD_BENCHMARKS=$others -DMESAOPT_BUILD_EXAMPLES=$others >/dev/null
 fi
 cmake --build "$build" -j "$jobs"
+echo "run-tests.sh: configured and built $build in ${SECONDS} s"
 ctest --test-dir "$build" --output-on-failure -j "$jobs" "${exclude[@]}"
+echo "run-tests.sh: $build built and tested in ${SECONDS} s"
 
 # The Python package (docs/python.md), in the plain pass: scripts/python-env.sh
 # builds it into .venv-py with NumPy and JAX from PyPI, then pytest runs its
@@ -64,4 +66,5 @@ if [ "${1:-}" != "--sanitize" ] && [ "${MESAOPT_PYTHON:-1}" != 0 ]; then
   [ "${MESAOPT_TORCH:-0}" = 1 ] && torch=(--torch)
   CMAKE_BUILD_PARALLEL_LEVEL="$jobs" bash scripts/python-env.sh --jax ${torch[@]+"${torch[@]}"}
   .venv-py/bin/python -m pytest python/tests -q
+  echo "run-tests.sh: Python package built and tested; ${SECONDS} s in all"
 fi
