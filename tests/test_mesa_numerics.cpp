@@ -821,7 +821,7 @@ TEST_CASE("subnormal lambda and forget are rejected with std::invalid_argument n
 
 // ===========================================================================
 // The measurement behind docs/mesa.md, "Numerical safety" (hidden: run with
-//   ./build/tests/tests_ops_state "[.measure]"
+//   ./build/tests/tests_ops "[.measure]"
 // ). For d = 20, 32, 64, unit-norm random keys and queries, lambda |k|^2 = lambda
 // on a grid of 8 points per decade: the worst relative error over all positions
 // of the float and double forward against reference::mesa_forward_direct
