@@ -393,7 +393,7 @@ TEST_CASE("Compressed model of a random linear model equals an independent evalu
 
 // ----------------------------------------------------------- linearisation
 
-TEST_CASE("Replacing a block by its own kind at the same weights changes nothing; softmax -> linear keeps the "
+TEST_CASE("Replacing a block by its own kind at the same weights changes nothing, softmax -> linear keeps the "
           "shared parameters",
           "[analysis][linearize]") {
   const long T = 8, B = 2;

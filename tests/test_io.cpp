@@ -221,7 +221,7 @@ TEST_CASE("A duplicate tensor name among 400k is found in linear time") {
   CHECK_THAT(error_of([&] { io::parse_safetensors(make_file(broken + "}", n)); }), Catch::Contains("not valid JSON"));
 }
 
-TEST_CASE("400k metadata keys parse in linear time; a duplicate among them is found") {
+TEST_CASE("400k metadata keys parse in linear time, a duplicate among them is found") {
   const std::size_t n = kManyKeys;
   CHECK(io::parse_safetensors(make_file(many_metadata_header(n), 0)).metadata.size() == n);
   CHECK_THAT(error_of([&] { io::parse_safetensors(make_file(many_metadata_header(n, ",\"k3\":\"w\""), 0)); }),

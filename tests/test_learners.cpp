@@ -72,7 +72,7 @@ TEST_CASE("every learner predicts 0 at t = 1 and is independent of the thread co
   CHECK(mesaopt::test::relative_rms(pf, p1) < 1e-6);
 }
 
-TEST_CASE("ridge equals the direct formula; RLS equals ridge at every t (1e-10)") {
+TEST_CASE("ridge equals the direct formula, RLS equals ridge at every t (1e-10)") {
   for (long dx : {1L, 3L, 7L})
     for (double lambda : {0.01, 1.0, 1e3}) {
       INFO("dx " << dx << ", lambda " << lambda);
@@ -120,7 +120,7 @@ TEST_CASE("least squares is the minimum-norm solution and ridge approaches it as
   CHECK(prev < 1e-5);
 }
 
-TEST_CASE("one GD step is eta sum_i y_i (x_i . x_t); K steps equal CompressedAlg-(K-1)") {
+TEST_CASE("one GD step is eta sum_i y_i (x_i . x_t), K steps equal CompressedAlg-(K-1)") {
   const long T = 10;
   const auto d = small_regression(3, T, 4, 3, 2);
   const double eta = 0.07;

@@ -232,7 +232,7 @@ TEST_CASE("Model gradient: embed + softmax(positional) + mesa(LN, MLP, learned f
   check_model_gradients(model, x, y, T);
 }
 
-TEST_CASE("Model: init is deterministic and seed-dependent; forward is causal", "[model]") {
+TEST_CASE("Model: init is deterministic and seed-dependent, forward is causal", "[model]") {
   nn::Model<double> a(hybrid_config()), b(hybrid_config());
   a.init(1, 0.2);
   b.init(1, 0.2);

@@ -81,7 +81,7 @@ TEST_CASE("SplitMix64 matches the reference sequence and gives standard normals"
   CHECK(std::abs(u_mean / n - 0.5) < 5.0 * std::sqrt(1.0 / 12.0 / n));
 }
 
-TEST_CASE("Dense forward matches loops; init is seeded; backward passes finite differences") {
+TEST_CASE("Dense forward matches loops, init is seeded, backward passes finite differences") {
   for (bool bias : {true, false}) {
     DYNAMIC_SECTION("bias " << bias) {
       const long out = 7;
@@ -268,7 +268,7 @@ TEST_CASE("MLP and the pre-LN residual MLP block pass finite differences") {
   }
 }
 
-TEST_CASE("Sinusoidal encoding matches its formula; concat and split are exact") {
+TEST_CASE("Sinusoidal encoding matches its formula, concat and split are exact") {
   const long T = 7, B = 3, D = kIn, p = 6;
   const RowMatrix<double> pe = nn::sinusoidal_encoding<double>(T, p);
   for (long t = 0; t < T; ++t)

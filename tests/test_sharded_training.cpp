@@ -230,7 +230,7 @@ TEST_CASE("Automatic shards: at most 8 sequences each, fewer for large activatio
   CHECK_THAT(error_of([&] { train::auto_shard_count(8, 50, mc, -4); }), Catch::Contains("scalar_bytes"));
 }
 
-TEST_CASE("Sharded runs resume exactly, with any thread count; the checkpoint records the shard count",
+TEST_CASE("Sharded runs resume exactly, with any thread count, the checkpoint records the shard count",
           "[train][shards]") {
   const long N = 6, sequences = 6;
   ScratchDir dir;

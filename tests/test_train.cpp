@@ -123,7 +123,7 @@ TEST_CASE("MSE loss: closed form, per-position curve, finite differences") {
 
 // ---------------------------------------------------------------- optimiser
 
-TEST_CASE("AdamW and Adam match hand-computed updates; the decay mask is respected") {
+TEST_CASE("AdamW and Adam match hand-computed updates, the decay mask is respected") {
   const double lr = 0.01, wd = 0.1, b1 = 0.9, b2 = 0.999, eps = 1e-8;
   // Two tensors: a 2x2 matrix (decayed) and a vector (not decayed).
   std::vector<double> w = {0.5, -1.0, 2.0, 0.0}, wg(4), b = {1.0, -0.25, 3.0}, bg(3);

@@ -155,7 +155,7 @@ std::vector<Kind> kinds() {
 
 // ---------------------------------------------------------------- non-finite steps
 
-TEST_CASE("Non-finite input, policy stop: throws naming the step; state and last checkpoint untouched",
+TEST_CASE("Non-finite input, policy stop: throws naming the step, state and last checkpoint untouched",
           "[train][reliability]") {
   const long bad = 5, N = 8;
   for (const Kind& kind : kinds()) {
