@@ -169,6 +169,46 @@ TEST_CASE("dynamics: same seed gives the same batch whatever the order or thread
   CHECK(v != r3.next_u64());
 }
 
+TEST_CASE("dynamics partially observed: inputs are the first n_s coordinates of the same states and the noise floor") {
+  mt::DynamicsConfig full;
+  full.state_dim = 20;
+  full.seq_len = 30;
+  mt::DynamicsConfig part = full;
+  part.observed_dim = 5;  // the paper's n_s = 5 of n = 20
+  const long B = 400, T = 30;
+  const auto a = mt::make_dynamics_batch<double>(full, B, 17, 0, 1);
+  const auto p = mt::make_dynamics_batch<double>(part, B, 17, 0, 2);
+  REQUIRE(p.observed_dim == 5);
+  REQUIRE(p.state_dim == 20);
+  REQUIRE(p.inputs.cols() == 5);
+  REQUIRE(p.targets.cols() == 5);
+  REQUIRE(p.hidden_inputs.cols() == 15);
+  CHECK(a.observed_dim == 20);
+  CHECK(a.hidden_inputs.cols() == 0);
+  // The same sequences: observing fewer coordinates does not change the stream.
+  CHECK(p.inputs == a.inputs.leftCols(5));
+  CHECK(p.hidden_inputs == a.inputs.rightCols(15));
+  CHECK(p.targets == a.targets.leftCols(5));
+  for (long b = 0; b < B; ++b) REQUIRE(p.W[std::size_t(b)] == a.W[std::size_t(b)]);
+  // The oracle predictor sees the hidden part too: its residual is the noise on
+  // the observed coordinates, and it is the fully observed prediction's first columns.
+  const M floor = mt::predict_with_true_dynamics(p);
+  REQUIRE(floor.cols() == 5);
+  CHECK((floor - mt::predict_with_true_dynamics(a).leftCols(5)).cwiseAbs().maxCoeff() < 1e-13);
+  const M eps = p.targets - floor;
+  const double var = full.noise_std * full.noise_std, m = double(eps.size());
+  check_mean(eps.array().square().mean(), var, var * std::sqrt(2.0 / m));
+  // Without the hidden part the observed block of W* is far from enough.
+  M seen_only(B * T, 5);
+  for (long b = 0; b < B; ++b)
+    seen_only.middleRows(b * T, T) = p.inputs.middleRows(b * T, T) * p.W[std::size_t(b)].topLeftCorner(5, 5).transpose();
+  CHECK((p.targets - seen_only).array().square().mean() > 100 * var);
+  // A batch whose parts disagree is rejected, not read out of bounds.
+  auto broken = p;
+  broken.hidden_inputs.resize(B * T, 14);
+  CHECK_THROWS_WITH(mt::predict_with_true_dynamics(broken), Contains("inconsistent"));
+}
+
 TEST_CASE("constructed tokens are [0, s_t, s_t, s_{t-1}] with s_0 = 0") {
   mt::DynamicsConfig cfg;
   cfg.state_dim = 3;
@@ -261,6 +301,8 @@ TEST_CASE("bad task settings throw std::invalid_argument naming the argument and
         c.spectral_radius = -2;
       },
       "spectral_radius must be finite and > 0, got -2");
+  bad([](mt::DynamicsConfig& c) { c.observed_dim = 11; }, "observed_dim must be in [0, state_dim = 10] (0: all observed), got 11");
+  bad([](mt::DynamicsConfig& c) { c.observed_dim = -1; }, "observed_dim must be in [0, state_dim = 10] (0: all observed), got -1");
   CHECK_THROWS_WITH(mt::make_dynamics_batch<double>(cfg, 0, 1), Contains("batch must be at least 1, got 0"));
   CHECK_THROWS_WITH(mt::make_dynamics_batch<double>(cfg, 2, 1, -3), Contains("first_sequence must be >= 0, got -3"));
 

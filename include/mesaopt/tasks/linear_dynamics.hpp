@@ -9,6 +9,12 @@
 // s_1..s_T, targets s_2..s_{T+1}. Defaults are the paper's settings: n = 10,
 // T = 50, W* Haar-random orthogonal, s_1 ~ U[-1, 1]^n, noise_std = 0.01,
 // clip = 10.
+//
+// Partially observed variant (docs/paper.md §4, "Other tasks"): with
+// observed_dim = n_s > 0 only the first n_s coordinates of s_t are seen: the
+// inputs and targets hold those, and the other n - n_s (hidden) coordinates are
+// kept apart so that the noise floor can still be computed. The paper's
+// setting: n_s = 5 observed of n = 20 (n_h = 15 hidden).
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parallel.hpp>
@@ -51,14 +57,19 @@ struct DynamicsConfig {
   double init_scale = 1.0;  // half-width (uniform) or standard deviation (normal)
   double clip = 10.0;       // states are clipped to [-clip, clip]
   Transition transition = Transition::linear;
+  long observed_dim = 0;    // n_s: only the first n_s coordinates are observed; 0: all n
 };
 
 // A batch of B sequences, sequence-major: sequence b occupies rows [b*T, (b+1)*T).
+// Fully observed, n_s = n; partially observed, inputs and targets hold the first
+// n_s coordinates and hidden_inputs the other n - n_s of the same states.
 template <class T>
 struct DynamicsBatch {
-  long batch = 0, seq_len = 0, state_dim = 0;
-  RowMatrix<T> inputs;            // (B*T, n): row b*T + t-1 is s_t, t = 1..T
-  RowMatrix<T> targets;           // (B*T, n): row b*T + t-1 is s_{t+1}
+  long batch = 0, seq_len = 0, state_dim = 0;  // state_dim: n, observed or not
+  long observed_dim = 0;          // n_s: the columns of inputs and targets
+  RowMatrix<T> inputs;            // (B*T, n_s): row b*T + t-1 is s_t, t = 1..T (its observed part)
+  RowMatrix<T> targets;           // (B*T, n_s): row b*T + t-1 is s_{t+1} (its observed part)
+  RowMatrix<T> hidden_inputs;     // (B*T, n - n_s): the hidden part of s_t; no columns when fully observed
   std::vector<RowMatrix<T>> W;    // B matrices (n, n): the ground-truth W* per sequence
   Transition transition = Transition::linear;
 };
@@ -74,6 +85,10 @@ inline void validate(const char* where, const DynamicsConfig& c) {
   }
   detail::check_positive_finite(where, "init_scale", c.init_scale);
   detail::check_positive_finite(where, "clip", c.clip);
+  if (c.observed_dim < 0 || c.observed_dim > c.state_dim) {
+    detail::fail(where, "observed_dim must be in [0, state_dim = ", c.state_dim, "] (0: all observed), got ",
+                 c.observed_dim);
+  }
 }
 
 }  // namespace mesaopt::tasks
@@ -142,20 +157,24 @@ DynamicsBatch<T> make_dynamics_batch(const DynamicsConfig& config, long batch, s
   detail::check_positive_size(where, "batch", batch);
   if (first_sequence < 0) detail::fail(where, "first_sequence must be >= 0, got ", first_sequence);
   const long len = config.seq_len, n = config.state_dim;
+  const long seen = config.observed_dim > 0 ? config.observed_dim : n;
   DynamicsBatch<T> out;
   out.batch = batch;
   out.seq_len = len;
   out.state_dim = n;
+  out.observed_dim = seen;
   out.transition = config.transition;
-  out.inputs.resize(batch * len, n);
-  out.targets.resize(batch * len, n);
+  out.inputs.resize(batch * len, seen);
+  out.targets.resize(batch * len, seen);
+  out.hidden_inputs.resize(batch * len, n - seen);
   out.W.resize(static_cast<std::size_t>(batch));
   parallel_for(batch, num_threads, [&](std::ptrdiff_t b) {
     RowMatrix<double> W, states;
     detail::generate_dynamics_sequence(config, seed, static_cast<std::uint64_t>(first_sequence + b), W, states);
     out.W[static_cast<std::size_t>(b)] = W.template cast<T>();
-    out.inputs.middleRows(b * len, len) = states.topRows(len).template cast<T>();
-    out.targets.middleRows(b * len, len) = states.bottomRows(len).template cast<T>();
+    out.inputs.middleRows(b * len, len) = states.topLeftCorner(len, seen).template cast<T>();
+    out.targets.middleRows(b * len, len) = states.bottomLeftCorner(len, seen).template cast<T>();
+    out.hidden_inputs.middleRows(b * len, len) = states.topRightCorner(len, n - seen).template cast<T>();
   });
   return out;
 }
@@ -197,20 +216,31 @@ RowMatrix<T> constructed_tokens(const DynamicsBatch<T>& batch, TokenSlots slots 
 }
 
 // The best achievable predictor ("noise-floor"): W* s_t, or tanh(W* s_t) for the
-// nonlinear variant, using each sequence's true W*. Returns (B*T, n). Its
-// expected loss is noise_std^2 n / 2 (unless clipping is active).
+// nonlinear variant, using each sequence's true W* and its whole state s_t
+// (hidden part included: an oracle when partially observed). Returns the
+// observed part, (B*T, n_s). Its expected loss is noise_std^2 n_s / 2 (unless
+// clipping is active).
 template <class T>
 RowMatrix<T> predict_with_true_dynamics(const DynamicsBatch<T>& batch) {
-  if (static_cast<long>(batch.W.size()) != batch.batch || batch.inputs.rows() != batch.batch * batch.seq_len) {
-    detail::fail("predict_with_true_dynamics", "batch is inconsistent: ", batch.W.size(),
-                          " matrices, ", batch.inputs.rows(), " input rows for batch ", batch.batch,
-                          " x seq_len ", batch.seq_len);
+  const long rows_expected = batch.batch * batch.seq_len;
+  if (static_cast<long>(batch.W.size()) != batch.batch || batch.inputs.rows() != rows_expected ||
+      batch.inputs.cols() != batch.observed_dim || batch.hidden_inputs.rows() != rows_expected ||
+      batch.hidden_inputs.cols() != batch.state_dim - batch.observed_dim) {
+    detail::fail("predict_with_true_dynamics", "batch is inconsistent: ", batch.W.size(), " matrices, inputs ",
+                 batch.inputs.rows(), " x ", batch.inputs.cols(), " and hidden_inputs ", batch.hidden_inputs.rows(),
+                 " x ", batch.hidden_inputs.cols(), " for batch ", batch.batch, " x seq_len ", batch.seq_len,
+                 ", state_dim ", batch.state_dim, " (observed ", batch.observed_dim, ")");
   }
-  RowMatrix<T> pred(batch.inputs.rows(), batch.state_dim);
+  const long seen = batch.observed_dim, len = batch.seq_len;
+  RowMatrix<T> pred(batch.inputs.rows(), seen);
   for (long b = 0; b < batch.batch; ++b) {
-    auto rows = pred.middleRows(b * batch.seq_len, batch.seq_len);
-    rows.noalias() = batch.inputs.middleRows(b * batch.seq_len, batch.seq_len) *
-                     batch.W[static_cast<std::size_t>(b)].transpose();
+    const auto& W = batch.W[static_cast<std::size_t>(b)];
+    auto rows = pred.middleRows(b * len, len);
+    // Observed rows of W* s_t: W*[:n_s, :n_s] s_obs + W*[:n_s, n_s:] s_hidden.
+    rows.noalias() = batch.inputs.middleRows(b * len, len) * W.topLeftCorner(seen, seen).transpose();
+    if (seen < batch.state_dim)
+      rows.noalias() += batch.hidden_inputs.middleRows(b * len, len) *
+                        W.topRightCorner(seen, batch.state_dim - seen).transpose();
     if (batch.transition == Transition::tanh) rows = rows.array().tanh().matrix();
   }
   return pred;
