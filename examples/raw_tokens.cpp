@@ -31,6 +31,7 @@
 #include "raw_token_models.hpp"
 #include "seed_sweep.hpp"
 
+#include <mesaopt/analysis/probe_targets.hpp>
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
 #include <mesaopt/tasks.hpp>
@@ -287,7 +288,9 @@ int main(int argc, char** argv) {
         "%ld/%ld, positional code %ld dims on block 0\n"
         "%s settings: batch %ld, %ld steps, AdamW wd %.2g, clip 1, warm-up %ld then cosine to %.0e, init N(0, %.2g^2), "
         "pre-LN %s, no MLP\n",
-        opt.nonlinear ? "nonlinear (tanh)" : "linear", dc.state_dim, partial ? (", of which the first " + std::to_string(n) + " observed").c_str() : "", T, kWidth, kHeads, kKeySize, kValueSize, kPositionalDim, opt.full ? "paper (--full)" : "reduced default",
+        opt.nonlinear ? "nonlinear (tanh)" : "linear", dc.state_dim,
+        partial ? (", of which the first " + std::to_string(n) + " observed").c_str() : "", T, kWidth, kHeads, kKeySize,
+        kValueSize, kPositionalDim, opt.full ? "paper (--full)" : "reduced default",
         batch, steps, kWeightDecay, warmup, kLrFloor, kInitStd, opt.layer_norm ? "on" : "off");
 
     const std::vector<unsigned long long>& seeds = opt.seeds;
@@ -355,9 +358,11 @@ int main(int argc, char** argv) {
         // [s_t, s_{t-1}, s_{t-2}, s_{t-3}] (zeros before the sequence starts): an
         // n = 20, n_s = 5 system is identifiable from 4 consecutive observations.
         const long window = 4;
-        RowMatrix<double> history = RowMatrix<double>::Zero(x.rows(), window * n);
-        for (long r = 0; r < x.rows(); ++r)
-          for (long lag = 0; lag < window && lag <= r % T; ++lag) history.row(r).segment(lag * n, n) = x.row(r - lag);
+        RowMatrix<double> history(x.rows(), window * n), lagged = x;
+        for (long lag = 0; lag < window; ++lag) {
+          history.middleCols(lag * n, n) = lagged;
+          lagged = analysis::previous_states<double>(lagged, T);  // s_{t-lag-1}, zero before the start
+        }
         run.rows.push_back(
             {"ridge-window4", "reg 1e-3",
              ml::loss_curve(ml::Ridge::from_regularizer(1e-3).predict<double>(history, y, T, opt.threads), y, T)});
