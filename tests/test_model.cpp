@@ -232,6 +232,48 @@ TEST_CASE("Model gradient: embed + softmax(positional) + mesa(LN, MLP, learned f
   check_model_gradients(model, x, y, T);
 }
 
+// Prompt tuning (examples/fewshot_prompting.cpp, docs/tasks.md "Prompted
+// regression"): the gradient of the label loss of a frozen model with respect
+// to the learned EOS token and prefix, through Model::backward's dx and the
+// prompt adjoints, against central differences.
+TEST_CASE("Prompt tuning gradient: learned EOS and prefix tokens through a frozen model", "[model][grad]") {
+  nn::ModelConfig mc = hybrid_config();
+  mc.output_dim = mc.input_dim;  // the prompt's tokens and the predictions share the token space
+  nn::Model<double> model(mc);
+  model.init(11, 0.3);
+  tasks::PromptedRegressionConfig pc;
+  pc.state_dim = 3;
+  pc.pairs = 3;
+  const long B = 2;
+  const auto batch = tasks::make_prompted_regression_batch<double>(pc, B, 4);
+  const tasks::PromptLayout layout{3, true, 2};
+  Vector<double> eos = random_matrix<double>(3, 1, 12, 1.0);
+  RowMatrix<double> prefix = random_matrix<double>(2, 3, 13, 1.0);
+  auto label_loss = [&]() {
+    nn::ModelCache<double> c;
+    const RowMatrix<double> out = model.forward(tasks::prompt_tokens(batch, layout, eos, prefix), layout.seq_len(), c);
+    const RowMatrix<double> err = tasks::predictions_at_queries<double>(out, B, layout) - batch.y;
+    return 0.5 * err.squaredNorm() / double(B * pc.pairs);
+  };
+  nn::ModelCache<double> cache;
+  const RowMatrix<double> out = model.forward(tasks::prompt_tokens(batch, layout, eos, prefix), layout.seq_len(), cache);
+  const RowMatrix<double> err = tasks::predictions_at_queries<double>(out, B, layout) - batch.y;
+  const RowMatrix<double> d_out = tasks::scatter_query_gradients<double>(err / double(B * pc.pairs), B, layout);
+  RowMatrix<double> d_prompts(B * layout.seq_len(), 3);
+  model.backward(d_out, cache, d_prompts);
+  Vector<double> d_eos = Vector<double>::Zero(3);
+  RowMatrix<double> d_prefix = RowMatrix<double>::Zero(2, 3);
+  tasks::accumulate_prompt_gradients<double>(d_prompts, B, layout, d_eos, d_prefix);
+  const auto r_eos = test::check_gradient(label_loss, eos, d_eos);
+  INFO(r_eos.describe("d_eos"));
+  CHECK(r_eos.error < 1e-6);
+  const auto r_prefix = test::check_gradient(label_loss, prefix, d_prefix);
+  INFO(r_prefix.describe("d_prefix"));
+  CHECK(r_prefix.error < 1e-6);
+  CHECK(d_eos.norm() > 1e-3);  // the check compares gradients that are not zero
+  CHECK(d_prefix.norm() > 1e-3);
+}
+
 TEST_CASE("Model: init is deterministic and seed-dependent, forward is causal", "[model]") {
   nn::Model<double> a(hybrid_config()), b(hybrid_config());
   a.init(1, 0.2);

@@ -7,6 +7,7 @@
 #include "test_util.hpp"
 
 #include <Eigen/Eigenvalues>
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -317,6 +318,131 @@ TEST_CASE("bad task settings throw std::invalid_argument naming the argument and
   CHECK_THROWS_WITH(mt::make_regression_batch<double>(r, 2, 1), Contains("noise_std must be finite and >= 0, got -1"));
   r = {};
   CHECK_THROWS_WITH(mt::make_regression_batch<double>(r, 0, 1), Contains("batch must be at least 1, got 0"));
+}
+
+TEST_CASE("prompted regression: the pairs follow the dynamics' distribution and are reproducible") {
+  mt::PromptedRegressionConfig c;
+  c.pairs = 40;
+  c.noise_std = 0;
+  const auto a = mt::make_prompted_regression_batch<double>(c, 64, 5, 0, 1);
+  REQUIRE(a.x.rows() == 64 * 40);
+  REQUIRE(a.y.cols() == 10);
+  double max_orth = 0, max_fit = 0, sum = 0, sumsq = 0;
+  for (long b = 0; b < a.batch; ++b) {
+    const M& W = a.W[std::size_t(b)];
+    max_orth = std::max(max_orth, (W * W.transpose() - M::Identity(10, 10)).cwiseAbs().maxCoeff());
+    // Without noise y_i = W x_i exactly.
+    max_fit = std::max(max_fit, (a.y.middleRows(b * 40, 40) - a.x.middleRows(b * 40, 40) * W.transpose())
+                                    .cwiseAbs().maxCoeff());
+  }
+  CHECK(max_orth < 1e-12);
+  CHECK(max_fit < 1e-12);
+  CHECK(a.x.cwiseAbs().maxCoeff() <= 1.0);  // U[-1, 1]
+  for (long i = 0; i < a.x.size(); ++i) {
+    sum += a.x.data()[i];
+    sumsq += a.x.data()[i] * a.x.data()[i];
+  }
+  const double count = double(a.x.size());
+  check_mean(sum / count, 0.0, std::sqrt(1.0 / 3.0 / count));
+  check_mean(sumsq / count, 1.0 / 3.0, std::sqrt(4.0 / 45.0 / count));  // Var(u^2) = 1/5 - 1/9 for u ~ U[-1, 1]
+
+  // Sequence b depends only on (seed, first_sequence + b), whatever the thread count.
+  const auto part = mt::make_prompted_regression_batch<double>(c, 16, 5, 8, 2);
+  CHECK(part.x == a.x.middleRows(8 * 40, 16 * 40));
+  CHECK(part.y == a.y.middleRows(8 * 40, 16 * 40));
+  // The noise has the configured standard deviation.
+  c.noise_std = 0.5;
+  const auto noisy = mt::make_prompted_regression_batch<double>(c, 64, 5, 0, 1);
+  double noise_sq = 0;
+  for (long b = 0; b < noisy.batch; ++b)
+    noise_sq += (noisy.y.middleRows(b * 40, 40) - noisy.x.middleRows(b * 40, 40) * noisy.W[std::size_t(b)].transpose())
+                    .squaredNorm();
+  check_mean(noise_sq / count, 0.25, 0.25 * std::sqrt(2.0 / count));
+}
+
+TEST_CASE("prompted regression: prompt layout, token placement and the adjoints of building and reading prompts") {
+  mt::PromptedRegressionConfig c;
+  c.state_dim = 3;
+  c.pairs = 4;
+  const long B = 2, n = 3, N = 4;
+  const auto batch = mt::make_prompted_regression_batch<double>(c, B, 9);
+  for (bool eos : {false, true})
+    for (long P : {0L, 2L}) {
+      const mt::PromptLayout layout{N, eos, P};
+      INFO("eos " << eos << ", prefix " << P);
+      const long S = layout.seq_len();
+      CHECK(S == P + N * (eos ? 3 : 2));
+      const mesaopt::Vector<double> e = mesaopt::Vector<double>::LinSpaced(n, 1.5, 2.5);
+      const M prefix = M::Random(P, n);
+      const M tokens = mt::prompt_tokens(batch, layout, e, prefix);
+      REQUIRE(tokens.rows() == B * S);
+      // Every row is what the layout says, and every row is accounted for.
+      std::vector<int> seen(std::size_t(B * S), 0);
+      for (long b = 0; b < B; ++b) {
+        for (long p = 0; p < P; ++p) {
+          CHECK(tokens.row(b * S + p) == prefix.row(p));
+          ++seen[std::size_t(b * S + p)];
+        }
+        for (long i = 0; i < N; ++i) {
+          CHECK(tokens.row(b * S + layout.x_row(i)) == batch.x.row(b * N + i));
+          CHECK(tokens.row(b * S + layout.y_row(i)) == batch.y.row(b * N + i));
+          ++seen[std::size_t(b * S + layout.x_row(i))];
+          ++seen[std::size_t(b * S + layout.y_row(i))];
+          if (eos) {
+            CHECK(tokens.row(b * S + layout.eos_row(i)) == e.transpose());
+            ++seen[std::size_t(b * S + layout.eos_row(i))];
+          }
+        }
+      }
+      CHECK(std::count(seen.begin(), seen.end(), 1) == B * S);
+
+      // Adjoint of the learned tokens: the prompt is affine in (eos, prefix), so
+      // <G, tokens(e, P) - tokens(0, 0)> = <d_eos, e> + <d_prefix, P> for any G.
+      const M G = M::Random(B * S, n);
+      mesaopt::Vector<double> d_eos = mesaopt::Vector<double>::Constant(n, 0.25);  // accumulate ADDS
+      M d_prefix = M::Constant(P, n, 0.25);
+      mt::accumulate_prompt_gradients<double>(G, B, layout, d_eos, d_prefix);
+      const M base = mt::prompt_tokens(batch, layout, mesaopt::Vector<double>::Zero(n), M::Zero(P, n));
+      double rhs = 0;
+      if (eos) rhs += (d_eos.array() - 0.25).matrix().dot(e);
+      if (P > 0) rhs += ((d_prefix.array() - 0.25).matrix().cwiseProduct(prefix)).sum();
+      CHECK(G.cwiseProduct(tokens - base).sum() == Approx(rhs).epsilon(1e-12));
+      if (!eos) CHECK(d_eos == mesaopt::Vector<double>::Constant(n, 0.25));  // untouched
+
+      // predictions_at_queries and scatter_query_gradients are adjoint:
+      // <scatter(Q), O> = <Q, gather(O)>.
+      const M O = M::Random(B * S, n), Q = M::Random(B * N, n);
+      const M gathered = mt::predictions_at_queries<double>(O, B, layout);
+      REQUIRE(gathered.rows() == B * N);
+      CHECK(gathered.row(N + 1) == O.row(S + layout.x_row(1)));
+      CHECK(mt::scatter_query_gradients<double>(Q, B, layout).cwiseProduct(O).sum() ==
+            Approx(Q.cwiseProduct(gathered).sum()).epsilon(1e-12));
+    }
+
+  // Bad input is rejected by name.
+  const mesaopt::Vector<double> e3 = mesaopt::Vector<double>::Zero(3), e2 = mesaopt::Vector<double>::Zero(2);
+  CHECK_THROWS_WITH(mt::prompt_tokens(batch, mt::PromptLayout{5, false, 0}, e3, M()),
+                    Contains("layout.pairs is 5 but batch.pairs is 4"));
+  CHECK_THROWS_WITH(mt::prompt_tokens(batch, mt::PromptLayout{4, true, 0}, e2, M()),
+                    Contains("eos.size() is 2 but batch.state_dim is 3"));
+  CHECK_THROWS_WITH(mt::prompt_tokens(batch, mt::PromptLayout{4, false, 2}, e3, M::Zero(1, 3)),
+                    Contains("prefix.rows() is 1 but layout.prefix is 2"));
+  CHECK_THROWS_WITH(mt::prompt_tokens(batch, mt::PromptLayout{4, false, -1}, e3, M()),
+                    Contains("layout.prefix must be >= 0, got -1"));
+  CHECK_THROWS_WITH(mt::predictions_at_queries<double>(M::Zero(7, 3), 1, mt::PromptLayout{4, false, 0}),
+                    Contains("outputs.rows() is 7 but batch * layout.seq_len() is 8"));
+  mesaopt::Vector<double> d_eos(3);
+  M d_prefix(0, 3);
+  CHECK_THROWS_WITH(mt::accumulate_prompt_gradients<double>(M::Zero(8, 3), 2, mt::PromptLayout{4, false, 0}, d_eos,
+                                                            d_prefix),
+                    Contains("d_tokens.rows() is 8 but batch * layout.seq_len() is 16"));
+  mt::PromptedRegressionConfig bad;
+  bad.pairs = 0;
+  CHECK_THROWS_WITH(mt::make_prompted_regression_batch<double>(bad, 2, 1), Contains("pairs must be >= 1, got 0"));
+  bad = {};
+  bad.init_scale = 0;
+  CHECK_THROWS_WITH(mt::make_prompted_regression_batch<double>(bad, 2, 1),
+                    Contains("init_scale must be finite and > 0, got 0"));
 }
 
 }  // namespace mesaopt_test_tasks

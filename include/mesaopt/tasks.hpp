@@ -3,3 +3,4 @@
 #include <mesaopt/tasks/random.hpp>
 #include <mesaopt/tasks/linear_dynamics.hpp>
 #include <mesaopt/tasks/linear_regression.hpp>
+#include <mesaopt/tasks/prompted_regression.hpp>
