@@ -118,6 +118,8 @@ void usage() {
       "  --lr X             constant learning rate for every model\n"
       "  --eval N           held-out evaluation sequences per seed (default 1000; --full 1280)\n"
       "  --tune N           sequences for tuning the learners' hyperparameters (default 250)\n"
+      "  --init-std X       standard deviation of the initial weights (default 0.0002, the paper's\n"
+      "                     code; its text says variance 0.0002, i.e. X = 0.0141)\n"
       "  --seed N           seed of training data, initialisation and evaluation (default 1)\n"
       "  --seeds LIST       comma-separated seeds, run one after another; the table and the CSV\n"
       "                     give the mean over seeds and its standard error\n"
@@ -170,6 +172,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--lr") o.lr = number(1e-12);
     else if (a == "--eval") o.eval_sequences = static_cast<long>(integer(1));
     else if (a == "--tune") o.tune_sequences = static_cast<long>(integer(1));
+    else if (a == "--init-std") o.init_std = number(1e-12);
     else if (a == "--seed" || a == "--seeds") {
       if (!o.seeds.empty()) bad_option("give the seeds once (--seed N or --seeds LIST)");
       o.seeds = examples::seeds_option(a, value(), bad_option);
@@ -510,10 +513,10 @@ int main(int argc, char** argv) {
 
     std::printf("linear dynamics, constructed tokens (docs/paper.md §1-3): n = %ld, T = %ld, batch %ld, %s settings, "
                 "%zu seed%s\n  gradient clip %s, 1-layer input mask %s, mesa lambda %s, weight decay on %s, "
-                "%ld held-out sequences per seed\n",
+                "%ld held-out sequences per seed, init N(0, %g^2)\n",
                 n, T, batch, opt.full ? "paper (--full)" : "reduced default", seeds.size(), seeds.size() > 1 ? "s" : "",
                 opt.clip == "element" ? "element-wise to [-1, 1]" : "global norm 1", opt.mask_1l.c_str(),
-                opt.lambda.c_str(), opt.decay.c_str(), eval_sequences);
+                opt.lambda.c_str(), opt.decay.c_str(), eval_sequences, opt.init_std);
 
     // A few timed steps per model say how long the whole run will take.
     {
