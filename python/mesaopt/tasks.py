@@ -5,6 +5,10 @@
     batch.targets   # (256, 50, 10): s_2 .. s_{T+1}
     batch.W         # (256, 10, 10): each sequence's true W*
 
+    part = mesaopt.tasks.dynamics_batch(256, seed=1, state_dim=20, observed_dim=5)
+    part.inputs         # (256, 50, 5): the observed coordinates of s_t (the paper's n_s = 5 of n = 20)
+    part.hidden_inputs  # (256, 50, 15): the hidden ones, kept for the noise floor
+
 The C++ generator (include/mesaopt/tasks/linear_dynamics.hpp) draws sequence b
 from (seed, first_sequence + b) alone, so batches are reproducible, the same
 for any thread count, and equal to what the C++ examples train and test on.
@@ -21,8 +25,11 @@ from .learners import _context_array, _check_positive_int
 
 __all__ = ["DynamicsBatch", "dynamics_batch", "constructed_tokens", "true_dynamics_prediction"]
 
-DynamicsBatch = collections.namedtuple("DynamicsBatch", ["inputs", "targets", "W", "transition"])
-DynamicsBatch.__doc__ = """A batch of sequences: inputs and targets (B, T, n), W (B, n, n), transition "linear" or "tanh"."""
+DynamicsBatch = collections.namedtuple("DynamicsBatch", ["inputs", "targets", "W", "transition", "hidden_inputs"],
+                                       defaults=[None])
+DynamicsBatch.__doc__ = """A batch of sequences: inputs and targets (B, T, n_s), W (B, n, n), transition "linear" or
+"tanh", hidden_inputs (B, T, n - n_s): the unobserved coordinates of s_t (no columns when all n are observed;
+None in a batch built by hand with four fields)."""
 
 
 def _real(where, name, value, low=None, low_open=False):
@@ -35,14 +42,16 @@ def _real(where, name, value, low=None, low_open=False):
 
 def dynamics_batch(batch, seed, *, first_sequence=0, state_dim=10, seq_len=50, noise_std=0.01,
                    matrix="orthogonal", spectral_radius=0.95, init="uniform", init_scale=1.0, clip=10.0,
-                   transition="linear", threads=None):
+                   transition="linear", observed_dim=None, threads=None):
     """Sequences first_sequence .. first_sequence + batch - 1 of the stream keyed by seed.
 
     s_{t+1} = W* s_t + eps (transition="tanh": tanh(W* s_t) + eps), eps ~ N(0, noise_std^2 I),
     W* Haar-orthogonal (matrix="orthogonal", the paper's) or Gaussian rescaled to spectral_radius
     (matrix="gaussian"); s_1 ~ U[-init_scale, init_scale]^n (init="uniform", the paper's code) or
     N(0, init_scale^2 I) (init="normal"); states clipped to [-clip, clip]. Defaults: the paper's
-    n = 10, T = 50, noise 0.01. Returns a DynamicsBatch of float64 arrays.
+    n = 10, T = 50, noise 0.01. observed_dim = n_s (None: all n): the paper's partially observed
+    variant; inputs and targets hold the first n_s coordinates and hidden_inputs the other n - n_s.
+    Returns a DynamicsBatch of float64 arrays.
     """
     where = "dynamics_batch"
     from . import _check_threads  # late: the package imports this module
@@ -55,6 +64,11 @@ def dynamics_batch(batch, seed, *, first_sequence=0, state_dim=10, seq_len=50, n
     if isinstance(first_sequence, (bool, np.bool_)) or not isinstance(first_sequence, numbers.Integral) \
             or first_sequence < 0:
         raise ValueError(f"{where}: first_sequence must be an int >= 0, got {first_sequence!r}")
+    if observed_dim is None:
+        observed_dim = state_dim
+    observed_dim = _check_positive_int(where, "observed_dim", observed_dim)
+    if observed_dim > state_dim:
+        raise ValueError(f"{where}: observed_dim must be <= state_dim = {state_dim}, got {observed_dim}")
     noise_std = _real(where, "noise_std", noise_std, 0.0)
     spectral_radius = _real(where, "spectral_radius", spectral_radius, 0.0, low_open=True)
     init_scale = _real(where, "init_scale", init_scale, 0.0)
@@ -62,11 +76,12 @@ def dynamics_batch(batch, seed, *, first_sequence=0, state_dim=10, seq_len=50, n
     for name, value in (("matrix", matrix), ("init", init), ("transition", transition)):
         if not isinstance(value, str):
             raise ValueError(f"{where}: {name} must be a string, got {value!r}")
-    inputs, targets, W = _core.dynamics_batch(batch, int(seed), int(first_sequence), state_dim, seq_len, noise_std,
-                                              matrix, spectral_radius, init, init_scale, clip, transition,
-                                              _check_threads(where, threads))
-    return DynamicsBatch(inputs.reshape(batch, seq_len, state_dim), targets.reshape(batch, seq_len, state_dim),
-                         W.reshape(batch, state_dim, state_dim), transition)
+    inputs, targets, W, hidden = _core.dynamics_batch(batch, int(seed), int(first_sequence), state_dim, seq_len,
+                                                      noise_std, matrix, spectral_radius, init, init_scale, clip,
+                                                      transition, observed_dim, _check_threads(where, threads))
+    return DynamicsBatch(inputs.reshape(batch, seq_len, observed_dim), targets.reshape(batch, seq_len, observed_dim),
+                         W.reshape(batch, state_dim, state_dim), transition,
+                         hidden.reshape(batch, seq_len, state_dim - observed_dim))
 
 
 def constructed_tokens(inputs, slots="both"):
@@ -82,8 +97,15 @@ def constructed_tokens(inputs, slots="both"):
 
 
 def true_dynamics_prediction(batch):
-    """The best predictor (the "noise floor" row): W* s_t, or tanh(W* s_t) for transition="tanh"; (B, T, n)."""
+    """The best predictor (the "noise floor" row): W* s_t, or tanh(W* s_t) for transition="tanh"; (B, T, n_s).
+
+    Partially observed: an oracle that knows the whole state [inputs, hidden_inputs] and returns the observed
+    part of its prediction, as the C++ tasks::predict_with_true_dynamics does.
+    """
     if not isinstance(batch, DynamicsBatch):
         raise TypeError(f"true_dynamics_prediction: batch must be a DynamicsBatch, got {type(batch).__name__}")
-    pred = np.einsum("bij,btj->bti", batch.W, batch.inputs)
+    state = batch.inputs
+    if batch.hidden_inputs is not None and batch.hidden_inputs.shape[-1] > 0:
+        state = np.concatenate([batch.inputs, batch.hidden_inputs], axis=-1)
+    pred = np.einsum("bij,btj->bti", batch.W, state)[..., :batch.inputs.shape[-1]]
     return np.tanh(pred) if batch.transition == "tanh" else pred

@@ -33,11 +33,13 @@ E enum_of(const char* where, const char* name, const std::string& value,
   bad(std::string(where) + ": " + name + " must be one of " + names + ", got '" + value + "'");
 }
 
-// (inputs, targets, W stacked as (B*n, n)) of sequences first .. first + batch - 1.
-std::tuple<Rows, Rows, Rows> dynamics_batch(long batch, std::uint64_t seed, long first, long state_dim, long seq_len,
-                                            double noise_std, const std::string& matrix, double spectral_radius,
-                                            const std::string& init, double init_scale, double clip,
-                                            const std::string& transition, int threads) {
+// (inputs, targets, W stacked as (B*n, n), hidden_inputs) of sequences
+// first .. first + batch - 1; observed_dim 0: all n coordinates observed.
+std::tuple<Rows, Rows, Rows, Rows> dynamics_batch(long batch, std::uint64_t seed, long first, long state_dim,
+                                                  long seq_len, double noise_std, const std::string& matrix,
+                                                  double spectral_radius, const std::string& init, double init_scale,
+                                                  double clip, const std::string& transition, long observed_dim,
+                                                  int threads) {
   const char* where = "dynamics_batch";
   mt::DynamicsConfig c;
   c.state_dim = state_dim;
@@ -53,6 +55,7 @@ std::tuple<Rows, Rows, Rows> dynamics_batch(long batch, std::uint64_t seed, long
   c.clip = clip;
   c.transition = enum_of<mt::Transition>(where, "transition", transition,
                                          {{"linear", mt::Transition::linear}, {"tanh", mt::Transition::tanh}});
+  c.observed_dim = observed_dim;
   mt::DynamicsBatch<double> b;
   {
     nb::gil_scoped_release release;
@@ -60,7 +63,7 @@ std::tuple<Rows, Rows, Rows> dynamics_batch(long batch, std::uint64_t seed, long
   }
   Rows W(batch * state_dim, state_dim);
   for (long i = 0; i < batch; ++i) W.middleRows(i * state_dim, state_dim) = b.W[std::size_t(i)];
-  return {std::move(b.inputs), std::move(b.targets), std::move(W)};
+  return {std::move(b.inputs), std::move(b.targets), std::move(W), std::move(b.hidden_inputs)};
 }
 
 Rows constructed_tokens(In inputs, long seq_len, const std::string& slots) {

@@ -177,6 +177,27 @@ def test_dynamics_variants():
     assert np.allclose([np.abs(np.linalg.eigvals(w)).max() for w in b.W], 0.9)
 
 
+def test_dynamics_partially_observed():
+    # The paper's variant: n_s = 5 of n = 20 coordinates seen. The observed and hidden parts
+    # are the same states as the fully observed batch of the same stream, and the oracle
+    # that knows the whole state is the noise floor.
+    full = tasks.dynamics_batch(3, seed=5, state_dim=20, seq_len=9, noise_std=0.0)
+    part = tasks.dynamics_batch(3, seed=5, state_dim=20, seq_len=9, noise_std=0.0, observed_dim=5)
+    assert part.inputs.shape == part.targets.shape == (3, 9, 5) and part.hidden_inputs.shape == (3, 9, 15)
+    np.testing.assert_array_equal(part.inputs, full.inputs[..., :5])
+    np.testing.assert_array_equal(part.hidden_inputs, full.inputs[..., 5:])
+    np.testing.assert_array_equal(part.targets, full.targets[..., :5])
+    np.testing.assert_allclose(tasks.true_dynamics_prediction(part), part.targets, atol=1e-12)
+    # The observed coordinates alone do not determine the next state.
+    own = np.einsum("bij,btj->bti", part.W[:, :5, :5], part.inputs)
+    assert np.abs(own - part.targets).max() > 0.1
+    assert full.hidden_inputs.shape == (3, 9, 0)
+    with pytest.raises(ValueError, match="observed_dim must be <= state_dim = 20, got 21"):
+        tasks.dynamics_batch(2, seed=1, state_dim=20, observed_dim=21)
+    with pytest.raises(ValueError, match="observed_dim"):
+        tasks.dynamics_batch(2, seed=1, observed_dim=0)
+
+
 def test_constructed_tokens_layout():
     b = tasks.dynamics_batch(2, seed=3, state_dim=3, seq_len=5)
     e = tasks.constructed_tokens(b.inputs)
