@@ -247,11 +247,7 @@ int main(int argc, char** argv) {
     pc.noise_std = dc.noise_std;
     pc.init_scale = dc.init_scale;
 
-    const raw_token::Settings& st = opt.full ? raw_token::kFull : raw_token::kDefault;
-    const long batch = opt.batch > 0 ? opt.batch : st.batch;
-    const long steps = opt.steps > 0 ? opt.steps : st.steps;
-    const long warmup = std::min(steps, opt.steps > 0 ? std::max(1L, steps / 10) : st.warmup);
-    const double lr = opt.lr > 0 ? opt.lr : (opt.hybrid ? st.hybrid_lr : st.softmax_lr);
+    const raw_token::Budget budget = raw_token::resolve_budget(opt.full, opt.batch, opt.steps, opt.lr, opt.hybrid);
     const std::string name = opt.hybrid ? "softmax+mesa-2L" : "softmax-" + std::to_string(opt.layers) + "L";
     const nn::ModelConfig mc = raw_token::model_config(
         n, opt.hybrid ? raw_token::hybrid_blocks(true) : raw_token::softmax_blocks(opt.layers, true), opt.threads);
@@ -264,20 +260,15 @@ int main(int argc, char** argv) {
         "prompts: %ld pairs (y = W x + eps, W Haar-orthogonal, x ~ U[-1, 1]^%ld), %ld tokens plain, %ld with EOS, "
         "%ld with EOS and %ld prefix tokens\n"
         "prompt tuning (model frozen): Adam lr %.0e, %ld steps of %ld prompts; %ld held-out prompts scored\n",
-        name.c_str(), n, T, opt.full ? "paper (--full)" : "reduced default", batch, steps, warmup, raw_token::kLrFloor,
-        lr, raw_token::kWeightDecay, N, n, plain.seq_len(), with_eos.seq_len(), with_prefix.seq_len(), P, opt.tune_lr,
+        name.c_str(), n, T, opt.full ? "paper (--full)" : "reduced default", budget.batch, budget.steps, budget.warmup,
+        raw_token::kLrFloor, budget.lr, raw_token::kWeightDecay, N, n, plain.seq_len(), with_eos.seq_len(), with_prefix.seq_len(), P, opt.tune_lr,
         opt.tune_steps, opt.tune_batch, opt.eval_sequences);
     std::fflush(stdout);
 
     auto run_one = [&](unsigned long long seed, train::ProcessGroup* group) {
       examples::SeedRun run;
       nn::Model<float> model(mc);
-      model.init(seed, raw_token::kInitStd);
-      train::TrainerConfig tc = raw_token::trainer_config(lr, warmup, steps, opt.threads);
-      tc.progress = true;  // drawn only on a terminal
-      tc.process_group = group;
-      train::Trainer<float> trainer(model, raw_token::batch_source(dc, batch, seed, opt.threads), tc);
-      const auto r = trainer.run();
+      const auto r = raw_token::train_fresh(model, dc, budget, seed, opt.threads, group);
       run.train_seconds = r.seconds;
       run.histories.push_back({name, seed, r.losses});
 
@@ -314,7 +305,7 @@ int main(int argc, char** argv) {
                     "trained %s: %ld steps, train loss %.4f -> %.4f (last step), %.1f s; held-out dynamics loss avg "
                     "%.4f, t = %ld %.4f\n  prompt tuning (loss first -> last step): EOS %.4f -> %.4f, EOS + prefix "
                     "%.4f -> %.4f; %.1f s\n",
-                    name.c_str(), steps, r.losses.front(), r.losses.back(), r.seconds, ml::mean_of(dyn_curve), T,
+                    name.c_str(), budget.steps, r.losses.front(), r.losses.back(), r.seconds, ml::mean_of(dyn_curve), T,
                     dyn_curve.back(), t_eos.first, t_eos.second, t_both.first, t_both.second,
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
       run.report = line;

@@ -160,11 +160,9 @@ int main(int argc, char** argv) {
   try {
     const mt::DynamicsConfig dc;  // docs/paper.md §1: n = 10, T = 50, noise 0.01, W* Haar orthogonal
     const long n = dc.state_dim, T = dc.seq_len;
-    const raw_token::Settings& st = opt.full ? raw_token::kFull : raw_token::kDefault;
-    const long batch = opt.batch > 0 ? opt.batch : st.batch;
-    const long steps = opt.steps > 0 ? opt.steps : st.steps;
-    const long warmup = std::min(steps, opt.steps > 0 ? std::max(1L, steps / 10) : st.warmup);
-    const double lr = opt.lr > 0 ? opt.lr : st.softmax_lr;
+    const raw_token::Budget budget = raw_token::resolve_budget(opt.full, opt.batch, opt.steps, opt.lr, false);
+    const long batch = budget.batch, steps = budget.steps, warmup = budget.warmup;
+    const double lr = budget.lr;
     const long L = opt.layers;
     const std::string name = "softmax-" + std::to_string(L) + "L";
     const nn::ModelConfig mc =
@@ -187,12 +185,7 @@ int main(int argc, char** argv) {
     auto run_one = [&](unsigned long long seed, train::ProcessGroup* group) {
       examples::SeedRun run;
       nn::Model<float> model(mc);
-      model.init(seed, raw_token::kInitStd);
-      train::TrainerConfig tc = raw_token::trainer_config(lr, warmup, steps, opt.threads);
-      tc.progress = true;  // drawn only on a terminal
-      tc.process_group = group;
-      train::Trainer<float> trainer(model, raw_token::batch_source(dc, batch, seed, opt.threads), tc);
-      const auto r = trainer.run();
+      const auto r = raw_token::train_fresh(model, dc, budget, seed, opt.threads, group);
       run.train_seconds = r.seconds;
       run.histories.push_back({name, seed, r.losses});
 

@@ -123,6 +123,38 @@ inline train::TrainerConfig trainer_config(double peak_lr, long warmup, long tot
   return tc;
 }
 
+// A training budget as the programs resolve it from their options: the
+// paper's (`--full`) or the reduced default, each of batch, steps and peak lr
+// overridden when the option gives one (> 0). An overridden step count gets
+// a warm-up of a tenth of its steps; the settings' warm-up never exceeds the
+// steps.
+struct Budget {
+  long batch, steps, warmup;
+  double lr;
+};
+inline Budget resolve_budget(bool full, long batch, long steps, double lr, bool hybrid) {
+  const Settings& st = full ? kFull : kDefault;
+  Budget b;
+  b.batch = batch > 0 ? batch : st.batch;
+  b.steps = steps > 0 ? steps : st.steps;
+  b.warmup = std::min(b.steps, steps > 0 ? std::max(1L, b.steps / 10) : st.warmup);
+  b.lr = lr > 0 ? lr : (hybrid ? st.hybrid_lr : st.softmax_lr);
+  return b;
+}
+
+// Initialises `model` from `seed` (N(0, kInitStd^2)) and trains it for the
+// budget on the dynamics stream of `seed` (trainer_config; a progress line on
+// a terminal; data-parallel over `group` when given).
+inline train::TrainResult train_fresh(nn::Model<float>& model, const tasks::DynamicsConfig& dc, const Budget& b,
+                                      std::uint64_t seed, int threads, train::ProcessGroup* group) {
+  model.init(seed, kInitStd);
+  train::TrainerConfig tc = trainer_config(b.lr, b.warmup, b.steps, threads);
+  tc.progress = true;  // drawn only on a terminal
+  tc.process_group = group;
+  train::Trainer<float> trainer(model, batch_source(dc, b.batch, seed, threads), tc);
+  return trainer.run();
+}
+
 // Held-out sequences of seed `seed`: a dynamics stream disjoint from the
 // training stream (seed + offset), in double. raw_tokens evaluates on
 // offset kEvalOffset; probing fits its probes on kProbeFitOffset.
