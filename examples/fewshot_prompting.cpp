@@ -45,6 +45,7 @@
 #include <exception>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 using namespace mesaopt;
