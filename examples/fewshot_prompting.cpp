@@ -94,7 +94,8 @@ void usage() {
       "  --tune-steps N    Adam steps of prompt tuning per learned prompt (default 300, N >= 1)\n"
       "  --tune-batch B    prompts per tuning step (default 64)\n"
       "  --tune-lr X       Adam lr of prompt tuning (default 1e-2; 0 < X <= 10)\n"
-      "  --eval N          held-out prompts scored (default 1000; N >= 2)\n"
+      "  --eval N          held-out prompts scored (default 1000; N >= 2); the trained model's\n"
+      "                    held-out dynamics loss (its own task) uses min(N, 500) sequences\n"
       "  --seed N          seed of training data, initialisation, tuning and held-out data (default 1)\n"
       "  --seeds LIST      comma-separated seeds, one after another (under mpirun: spread over the ranks);\n"
       "                    tables and CSV give the mean over seeds and its standard error\n"
@@ -274,8 +275,8 @@ int main(int argc, char** argv) {
       run.histories.push_back({name, seed, r.losses});
 
       // The model on its own task: held-out dynamics loss.
-      const auto dyn = raw_token::held_out(dc, std::min(opt.eval_sequences, 500L), seed, raw_token::kEvalOffset,
-                                           opt.threads);
+      const long dyn_sequences = std::min(opt.eval_sequences, 500L);
+      const auto dyn = raw_token::held_out(dc, dyn_sequences, seed, raw_token::kEvalOffset, opt.threads);
       nn::ModelCache<float> dyn_cache;
       const std::vector<double> dyn_curve = ml::loss_curve(
           model.forward(dyn.inputs.cast<float>(), T, dyn_cache).cast<double>(), dyn.targets, T);
@@ -303,10 +304,11 @@ int main(int argc, char** argv) {
 
       char line[512];
       std::snprintf(line, sizeof line,
-                    "trained %s: %ld steps, train loss %.4f -> %.4f (last step), %.1f s; held-out dynamics loss avg "
-                    "%.4f, t = %ld %.4f\n  prompt tuning (loss first -> last step): EOS %.4f -> %.4f, EOS + prefix "
+                    "trained %s: %ld steps, train loss %.4f -> %.4f (last step), %.1f s; held-out dynamics loss "
+                    "(%ld sequences) avg %.4f, t = %ld %.4f\n  prompt tuning (loss first -> last step): EOS %.4f -> %.4f, EOS + prefix "
                     "%.4f -> %.4f; %.1f s\n",
-                    name.c_str(), budget.steps, r.losses.front(), r.losses.back(), r.seconds, ml::mean_of(dyn_curve), T,
+                    name.c_str(), budget.steps, r.losses.front(), r.losses.back(), r.seconds, dyn_sequences,
+                    ml::mean_of(dyn_curve), T,
                     dyn_curve.back(), t_eos.first, t_eos.second, t_both.first, t_both.second,
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
       run.report = line;
