@@ -59,12 +59,14 @@ echo "run-tests.sh: $build built and tested in ${SECONDS} s"
 # tests (the NumPy API against NumPy references and finite differences, the JAX
 # functions against jax.grad). MESAOPT_TORCH=1 also installs PyTorch (PyPI's
 # CUDA build, about 5 GB and 1-2 minutes) and so runs the mesaopt.torch tests
-# (gradcheck); CI leaves it out to stay within its time budget.
-# MESAOPT_PYTHON=0 skips this part.
+# (gradcheck); .ci/run sets it. The front ends installed here are required:
+# MESAOPT_REQUIRE_FRONTENDS makes their tests fail, not skip, if they do not
+# import (python/tests/conftest.py). MESAOPT_PYTHON=0 skips this part.
 if [ "${1:-}" != "--sanitize" ] && [ "${MESAOPT_PYTHON:-1}" != 0 ]; then
   torch=()
-  [ "${MESAOPT_TORCH:-0}" = 1 ] && torch=(--torch)
+  frontends=jax
+  if [ "${MESAOPT_TORCH:-0}" = 1 ]; then torch=(--torch); frontends=jax,torch; fi
   CMAKE_BUILD_PARALLEL_LEVEL="$jobs" bash scripts/python-env.sh --jax ${torch[@]+"${torch[@]}"}
-  .venv-py/bin/python -m pytest python/tests -q
+  MESAOPT_REQUIRE_FRONTENDS=$frontends .venv-py/bin/python -m pytest python/tests -q -rs
   echo "run-tests.sh: Python package built and tested; ${SECONDS} s in all"
 fi

@@ -1,3 +1,4 @@
+import importlib
 import os
 import sys
 
@@ -5,6 +6,20 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # reference.py
+
+
+def required(frontend):
+    """Whether MESAOPT_REQUIRE_FRONTENDS (comma-separated, e.g. "torch,jax") names
+    this optional front end: CI sets it, so that a missing torch or jax fails the
+    run instead of skipping its tests."""
+    return frontend in os.environ.get("MESAOPT_REQUIRE_FRONTENDS", "").split(",")
+
+
+def import_or_skip(module):
+    """pytest.importorskip, except for a required front end, whose ImportError fails."""
+    if required(module):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
 
 
 @pytest.fixture

@@ -1,9 +1,12 @@
-"""mesaopt.jax: custom VJPs through jax.pure_callback (skipped without jax)."""
+"""mesaopt.jax: custom VJPs through jax.pure_callback (skipped without jax, unless
+MESAOPT_REQUIRE_FRONTENDS names it: conftest.py)."""
 
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
+from conftest import import_or_skip, required  # noqa: E402
+
+jax = import_or_skip("jax")
 jax.config.update("jax_enable_x64", True)  # float64 for the comparisons below
 import jax.numpy as jnp  # noqa: E402
 
@@ -11,6 +14,11 @@ import mesaopt  # noqa: E402
 import mesaopt.jax as mj  # noqa: E402
 import reference as ref  # noqa: E402
 from conftest import make_inputs  # noqa: E402
+
+# A required jax must come with the XLA FFI handlers too (a build without jax in
+# its environment has only the pure_callback path, and would skip their tests).
+if required("jax") and not mj.HAS_FFI:
+    raise ImportError("MESAOPT_REQUIRE_FRONTENDS names jax, but mesaopt was built without its XLA FFI handlers")
 
 
 @pytest.mark.parametrize("size", [(1, 1, 1, 1, 1), (2, 3, 9, 5, 3)])

@@ -1,4 +1,5 @@
-"""mesaopt.torch: autograd Functions and nn.Modules (skipped without torch).
+"""mesaopt.torch: autograd Functions and nn.Modules (skipped without torch, unless
+MESAOPT_REQUIRE_FRONTENDS names it: conftest.py).
 
 gradcheck in float64 for every Function and every differentiable input, the
 forward against the NumPy API and against plain PyTorch recurrences written
@@ -13,7 +14,9 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import import_or_skip  # noqa: E402
+
+torch = import_or_skip("torch")
 import mesaopt  # noqa: E402
 import mesaopt.torch as mt  # noqa: E402
 from torch.autograd import gradcheck  # noqa: E402
