@@ -16,8 +16,9 @@
 //
 // --observed N (with --state-dim): the paper's partially observed variant
 // (docs/paper.md §4): the state has n dims, the models see and predict only its
-// first N; ridge then also runs on windows of the last 4 observations
-// (ridge-window4), the linear predictor that can identify such a system.
+// first N; ridge then also runs on windows of the last 2, 3 and 4 observations
+// (ridge-window2..4; 4 is the shortest that can identify such a system), and
+// the attention probe reports block 0's mass on each key t-j, j = 0..4.
 //
 // --nonlinear: the nonlinear variant s_{t+1} = tanh(W* s_t) + eps
 // (docs/paper.md §4, tasks::Transition::tanh).
@@ -31,6 +32,8 @@
 #include "raw_token_models.hpp"
 #include "seed_sweep.hpp"
 
+#include <mesaopt/analysis/capture.hpp>
+#include <mesaopt/analysis/probe.hpp>
 #include <mesaopt/analysis/probe_targets.hpp>
 #include <mesaopt/learners.hpp>
 #include <mesaopt/nn.hpp>
@@ -133,8 +136,9 @@ void usage() {
       "  --state-dim N       dimension n of the dynamics (default 10, the paper's)\n"
       "  --observed N        partially observed: the models see and predict only the first N of the n\n"
       "                      coordinates (1 <= N <= n; the paper's variant: --state-dim 20 --observed 5).\n"
-      "                      Adds the row ridge-window4 (ridge on the last 4 observations); the\n"
-      "                      noise floor then knows the hidden coordinates too\n"
+      "                      Adds the rows ridge-window2..4 (ridge on the last 2, 3, 4 observations)\n"
+      "                      and block 0's attention mass on keys t..t-4; the noise floor then\n"
+      "                      knows the hidden coordinates too\n"
       "  --nonlinear         the nonlinear variant: s_{t+1} = tanh(W* s_t) + noise (the noise floor\n"
       "                      uses tanh too; ridge stays linear)\n"
       "  --eval N            held-out evaluation sequences (default 1000)\n"
@@ -212,16 +216,23 @@ struct ModelSpec {
 };
 
 // Share of block-0 attention mass per head on key t-1 and on key t, averaged
-// over query positions t >= 2 (1-based; t = 1 has no t-1) and sequences.
+// over query positions t >= 2 (1-based; t = 1 has no t-1) and sequences; and
+// on each key t-j, j = 0..kMaxLag, averaged over the positions t > j that
+// have that key (the partially observed task's report: does block 0 gather
+// the window of past observations that identifies the hidden state?).
+constexpr long kMaxLag = 4;
+
 struct HeadShares {
   std::vector<double> prev, self;
+  std::vector<std::vector<double>> lag;  // lag[h][j]: mass on key t-j
 };
 
 HeadShares attention_shares(nn::Model<float>& model, const RowMatrix<float>& x, long T, long block) {
   const long H = model.config().blocks[std::size_t(block)].heads;
   const std::vector<RowMatrix<float>> probs = model.attention_probabilities(x, T, block);
   const long B = long(probs.size()) / H;
-  HeadShares s{std::vector<double>(std::size_t(H), 0.0), std::vector<double>(std::size_t(H), 0.0)};
+  HeadShares s{std::vector<double>(std::size_t(H), 0.0), std::vector<double>(std::size_t(H), 0.0),
+               std::vector<std::vector<double>>(std::size_t(H), std::vector<double>(kMaxLag + 1, 0.0))};
   for (long b = 0; b < B; ++b)
     for (long h = 0; h < H; ++h) {
       const RowMatrix<float>& a = probs[std::size_t(b * H + h)];
@@ -229,16 +240,59 @@ HeadShares attention_shares(nn::Model<float>& model, const RowMatrix<float>& x, 
         s.prev[std::size_t(h)] += a(t, t - 1);
         s.self[std::size_t(h)] += a(t, t);
       }
+      for (long j = 0; j <= kMaxLag; ++j)
+        for (long t = j; t < T; ++t) s.lag[std::size_t(h)][std::size_t(j)] += a(t, t - j);
     }
   const double count = double(B) * double(T - 1);
   for (long h = 0; h < H; ++h) {
     s.prev[std::size_t(h)] /= count;
     s.self[std::size_t(h)] /= count;
+    for (long j = 0; j <= kMaxLag; ++j) s.lag[std::size_t(h)][std::size_t(j)] /= double(B) * double(T - j);
   }
   return s;
 }
 
 }  // namespace
+
+// Partially observed task: can a linear read-out recover the past observations
+// s_{t-j}, j = 1..kMaxLag, from the residual stream before block 0 (h_0, the
+// embedding of s_t) and after it (h_1, what block 1 reads)? The models must
+// gather a window of 4 observations to identify the hidden state (docs/paper.md
+// §4: the paper finds a longer decoding horizon on this task). One pooled probe
+// per layer and lag (analysis::probe, M24-M25), over the positions t > kMaxLag
+// (1-based) where every lag exists, fitted on `fit` and scored on `eval`.
+// Returns r2[layer][j - 1].
+std::vector<std::vector<double>> window_probe(nn::Model<float>& model, const tasks::DynamicsBatch<double>& fit,
+                                              const tasks::DynamicsBatch<double>& eval, long T) {
+  auto rows_with_every_lag = [&](const RowMatrix<double>& m) {
+    const long B = m.rows() / T;
+    RowMatrix<double> out(B * (T - kMaxLag), m.cols());
+    for (long b = 0; b < B; ++b) out.middleRows(b * (T - kMaxLag), T - kMaxLag) = m.middleRows(b * T + kMaxLag, T - kMaxLag);
+    return out;
+  };
+  auto lagged_targets = [&](const tasks::DynamicsBatch<double>& d) {
+    std::vector<RowMatrix<double>> out;
+    RowMatrix<double> lagged = d.inputs;
+    for (long j = 1; j <= kMaxLag; ++j) {
+      lagged = analysis::previous_states<double>(lagged, T);  // s_{t-j}
+      out.push_back(rows_with_every_lag(lagged));
+    }
+    return out;
+  };
+  const RowMatrix<float> fit_x = fit.inputs.cast<float>(), eval_x = eval.inputs.cast<float>();
+  const analysis::Activations<float> fa = analysis::capture_activations(model, fit_x, T, {false});
+  const analysis::Activations<float> ea = analysis::capture_activations(model, eval_x, T, {false});
+  const std::vector<RowMatrix<double>> fy = lagged_targets(fit), ey = lagged_targets(eval);
+  std::vector<std::vector<double>> r2;
+  for (std::size_t l = 0; l < 2; ++l) {
+    const RowMatrix<double> fh = rows_with_every_lag(fa.stream[l].cast<double>());
+    const RowMatrix<double> eh = rows_with_every_lag(ea.stream[l].cast<double>());
+    r2.emplace_back();
+    for (long j = 0; j < kMaxLag; ++j)
+      r2.back().push_back(analysis::probe(fh, fy[std::size_t(j)], eh, ey[std::size_t(j)], {1e-6, true}).r2);
+  }
+  return r2;
+}
 
 int main(int argc, char** argv) {
   examples::Ranks ranks(argc, argv, "raw_tokens");  // under mpirun: data-parallel training, rank 0 reports
@@ -327,6 +381,12 @@ int main(int argc, char** argv) {
       const RowMatrix<double>&x = eval.inputs, &y = eval.targets;
 
       std::vector<std::pair<std::string, HeadShares>> shares;
+      std::vector<std::pair<std::string, std::vector<std::vector<double>>>> windows;  // partial: window_probe's R²
+      // Two disjoint sets for it: the first probe_n evaluation sequences, and as many others.
+      const auto probe_fit = partial ? raw_token::held_out(dc, probe_n, seed, raw_token::kProbeFitOffset, opt.threads)
+                                     : mt::DynamicsBatch<double>{};
+      const auto probe_eval =
+          partial ? raw_token::held_out(dc, probe_n, seed, raw_token::kEvalOffset, opt.threads) : mt::DynamicsBatch<double>{};
       const auto started = std::chrono::steady_clock::now();
       for (const ModelSpec& s : specs) {
         nn::Model<float> model(s.config);
@@ -349,23 +409,27 @@ int main(int argc, char** argv) {
         run.rows.push_back({s.name, examples::format_number("%.0f steps", double(steps)), ml::loss_curve(pred, y, T)});
         run.histories.push_back({s.name, seed, r.losses});
         if (s.probe) shares.emplace_back(s.name, attention_shares(model, probe_x, T, 0));
+        if (s.probe && partial)
+          windows.emplace_back(s.name, window_probe(model, probe_fit, probe_eval, T));
       }
       run.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
 
       run.rows.push_back({"ridge", "reg 1e-3",
                           ml::loss_curve(ml::Ridge::from_regularizer(1e-3).predict<double>(x, y, T, opt.threads), y, T)});
       if (partial) {
-        // [s_t, s_{t-1}, s_{t-2}, s_{t-3}] (zeros before the sequence starts): an
-        // n = 20, n_s = 5 system is identifiable from 4 consecutive observations.
-        const long window = 4;
-        RowMatrix<double> history(x.rows(), window * n), lagged = x;
-        for (long lag = 0; lag < window; ++lag) {
-          history.middleCols(lag * n, n) = lagged;
-          lagged = analysis::previous_states<double>(lagged, T);  // s_{t-lag-1}, zero before the start
+        // [s_t, s_{t-1}, ..., s_{t-w+1}] (zeros before the sequence starts): an
+        // n = 20, n_s = 5 system is identifiable from 4 consecutive observations;
+        // windows 2 and 3 show what a model that gathers fewer of them can reach.
+        for (long window = 2; window <= 4; ++window) {
+          RowMatrix<double> history(x.rows(), window * n), lagged = x;
+          for (long lag = 0; lag < window; ++lag) {
+            history.middleCols(lag * n, n) = lagged;
+            lagged = analysis::previous_states<double>(lagged, T);  // s_{t-lag-1}, zero before the start
+          }
+          run.rows.push_back(
+              {"ridge-window" + std::to_string(window), "reg 1e-3",
+               ml::loss_curve(ml::Ridge::from_regularizer(1e-3).predict<double>(history, y, T, opt.threads), y, T)});
         }
-        run.rows.push_back(
-            {"ridge-window4", "reg 1e-3",
-             ml::loss_curve(ml::Ridge::from_regularizer(1e-3).predict<double>(history, y, T, opt.threads), y, T)});
       }
       run.rows.push_back({"noise-floor", partial ? "true W*, s_t" : "true W*",
                           ml::loss_curve(mt::predict_with_true_dynamics(eval), y, T)});
@@ -394,6 +458,29 @@ int main(int argc, char** argv) {
         const auto best = std::max_element(sh.prev.begin(), sh.prev.end());
         append("%-16s %-6s %10.3f %10.3f %10.3f   (head %ld puts the most on t-1: %.3f)\n", name.c_str(), "mean", prev,
                self, 1.0 - prev - self, long(best - sh.prev.begin()), *best);
+      }
+      if (partial) {
+        append("block 0 attention mass on key t-j (mean over the positions t > j that have it)\n%-16s %-6s %8s",
+               "model", "head", "on t");
+        for (long j = 1; j <= kMaxLag; ++j) append("  on t-%ld", j);
+        append("\n");
+        for (const auto& [name, sh] : shares)
+          for (std::size_t h = 0; h < sh.lag.size(); ++h) {
+            append("%-16s %-6zu", name.c_str(), h);
+            for (const double m : sh.lag[h]) append(" %8.3f", m);
+            append("\n");
+          }
+        append("linear probe R^2 of the past observations s_{t-j} from the residual stream before block 0 (h0) and\n"
+               "after it (h1), pooled over positions t = %ld..%ld, fitted on %ld held-out sequences, scored on %ld others\n"
+               "%-16s %-6s", kMaxLag + 1, T, probe_n, probe_n, "model", "layer");
+        for (long j = 1; j <= kMaxLag; ++j) append("   s_{t-%ld}", j);
+        append("\n");
+        for (const auto& [name, r2] : windows)
+          for (std::size_t l = 0; l < r2.size(); ++l) {
+            append("%-16s h%-5zu", name.c_str(), l);
+            for (const double v : r2[l]) append(" %9.3f", v);
+            append("\n");
+          }
       }
       return run;
     };
