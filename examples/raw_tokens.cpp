@@ -18,7 +18,8 @@
 // (docs/paper.md §4): the state has n dims, the models see and predict only its
 // first N; ridge then also runs on windows of the last 2, 3 and 4 observations
 // (ridge-window2..4; 4 is the shortest that can identify such a system), and
-// the attention probe reports block 0's mass on each key t-j, j = 0..4.
+// the attention probe reports block 0's mass on each key t-j, j = 0..4, and
+// how well a linear probe recovers s_{t-1}..s_{t-4} from the stream after it.
 //
 // --nonlinear: the nonlinear variant s_{t+1} = tanh(W* s_t) + eps
 // (docs/paper.md §4, tasks::Transition::tanh).
@@ -137,12 +138,15 @@ void usage() {
       "  --observed N        partially observed: the models see and predict only the first N of the n\n"
       "                      coordinates (1 <= N <= n; the paper's variant: --state-dim 20 --observed 5).\n"
       "                      Adds the rows ridge-window2..4 (ridge on the last 2, 3, 4 observations)\n"
-      "                      and block 0's attention mass on keys t..t-4; the noise floor then\n"
-      "                      knows the hidden coordinates too\n"
+      "                      and block 0's attention mass on keys t..t-4 and a linear probe of\n"
+      "                      s_{t-1}..s_{t-4} from the stream before and after block 0 (--probe\n"
+      "                      sequences to fit, as many to score); the noise floor then knows the\n"
+      "                      hidden coordinates too\n"
       "  --nonlinear         the nonlinear variant: s_{t+1} = tanh(W* s_t) + noise (the noise floor\n"
       "                      uses tanh too; ridge stays linear)\n"
       "  --eval N            held-out evaluation sequences (default 1000)\n"
-      "  --probe N           held-out sequences for the attention probe (default 200)\n"
+      "  --probe N           held-out sequences for the attention probe and the window probe (default\n"
+      "                      200, at most --eval)\n"
       "  --seed N            seed of training data, initialisation and evaluation (default 1)\n"
       "  --seeds LIST        comma-separated seeds, run one after another (under mpirun: spread over\n"
       "                      the ranks); the table and the CSV give the mean over seeds and its\n"
@@ -252,8 +256,6 @@ HeadShares attention_shares(nn::Model<float>& model, const RowMatrix<float>& x, 
   return s;
 }
 
-}  // namespace
-
 // Partially observed task: can a linear read-out recover the past observations
 // s_{t-j}, j = 1..kMaxLag, from the residual stream before block 0 (h_0, the
 // embedding of s_t) and after it (h_1, what block 1 reads)? The models must
@@ -267,7 +269,8 @@ std::vector<std::vector<double>> window_probe(nn::Model<float>& model, const tas
   auto rows_with_every_lag = [&](const RowMatrix<double>& m) {
     const long B = m.rows() / T;
     RowMatrix<double> out(B * (T - kMaxLag), m.cols());
-    for (long b = 0; b < B; ++b) out.middleRows(b * (T - kMaxLag), T - kMaxLag) = m.middleRows(b * T + kMaxLag, T - kMaxLag);
+    for (long b = 0; b < B; ++b)
+      out.middleRows(b * (T - kMaxLag), T - kMaxLag) = m.middleRows(b * T + kMaxLag, T - kMaxLag);
     return out;
   };
   auto lagged_targets = [&](const tasks::DynamicsBatch<double>& d) {
@@ -293,6 +296,8 @@ std::vector<std::vector<double>> window_probe(nn::Model<float>& model, const tas
   }
   return r2;
 }
+
+}  // namespace
 
 int main(int argc, char** argv) {
   examples::Ranks ranks(argc, argv, "raw_tokens");  // under mpirun: data-parallel training, rank 0 reports
