@@ -130,6 +130,27 @@ ChunkGrads<T> chunked_backward(const RowMatrix<T>& q, const RowMatrix<T>& k, con
 
 }  // namespace
 
+// The blocked inverse against triangular solves with the identity: sizes
+// below, at and between the 16-row diagonal blocks and the merge widths
+// (16, 32, 64, 128), so ragged last blocks at every level are covered.
+TEST_CASE("lower_triangular_inverse equals the triangular solve of the identity", "[gated_mesa][chunkwise]") {
+  for (long n : {1L, 2L, 5L, 15L, 16L, 17L, 31L, 32L, 33L, 40L, 48L, 63L, 64L, 65L, 100L, 129L}) {
+    INFO("n = " << n);
+    const RowMatrix<double> M = test::random_matrix<double>(n, n, std::uint64_t(100 + n), 0.3);
+    RowMatrix<double> L = M.triangularView<Eigen::Lower>();
+    L.diagonal() = L.diagonal().cwiseAbs().array() + 1.0;
+    RowMatrix<double> reference = RowMatrix<double>::Identity(n, n);
+    L.triangularView<Eigen::Lower>().solveInPlace(reference);
+    RowMatrix<double> Li(3, 7);  // any shape on entry
+    detail::lower_triangular_inverse<double>(L, Li);
+    REQUIRE(Li.rows() == n);
+    REQUIRE(Li.cols() == n);
+    CHECK(rel(Li, reference) < 1e-13);
+    CHECK(Li.triangularView<Eigen::StrictlyUpper>().toDenseMatrix().cwiseAbs().maxCoeff() == 0.0);
+    CHECK((Li * L - RowMatrix<double>::Identity(n, n)).cwiseAbs().maxCoeff() < 1e-12);
+  }
+}
+
 TEST_CASE("gated exact chunk forward equals the recurrence (double)", "[gated_mesa][chunkwise]") {
   double worst_out = 0, worst_S = 0, worst_R = 0;
   for (long C : {1L, 2L, 7L, 16L, 33L}) {

@@ -22,6 +22,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <sstream>
@@ -85,6 +86,42 @@ void gated_chunk_cholesky(const char* where, RowMatrix<T>& L, const Vector<T>& e
   L.template triangularView<Eigen::StrictlyUpper>().setZero();
 }
 
+// Li = L^{-1} for a lower triangular L (n x n, positive diagonal), lower
+// triangular itself (strict upper triangle zero). Why an explicit inverse: a
+// chunk applies L^{-1} or L^{-T} to C x C and C x d blocks up to nine times
+// (M46-M48), and a C x C triangular solve runs at a fraction of a triangular
+// product's speed at C = 64 (docs/gated_mesa_chunkwise_exact.md, "Cost per
+// token"); one inverse (C^3/3 flops) turns them all into products. Blocked:
+// inv([A 0; B D]) = [A^-1 0; -D^-1 B A^-1  D^-1], so the off-diagonal blocks
+// are triangular products too; below 16 rows, column by column.
+template <class T>
+void lower_triangular_inverse(const RowMatrix<T>& L, RowMatrix<T>& Li) {
+  const long n = L.rows();
+  Li.setZero(n, n);
+  for (long b = 0; b < n; b += 16) {  // diagonal blocks of up to 16, by substitution
+    const long m = std::min<long>(16, n - b);
+    for (long j = 0; j < m; ++j) {
+      Li(b + j, b + j) = T(1) / L(b + j, b + j);
+      for (long i = j + 1; i < m; ++i) {
+        T acc = T(0);
+        for (long p = j; p < i; ++p) acc += L(b + i, b + p) * Li(b + p, b + j);
+        Li(b + i, b + j) = -acc / L(b + i, b + i);
+      }
+    }
+  }
+  // Merge neighbouring inverted blocks of width w into blocks of width 2w:
+  // the lower-left block of a merged pair is -D^-1 (B A^-1).
+  for (long w = 16; w < n; w *= 2) {
+    for (long b = 0; b + w < n; b += 2 * w) {
+      const long m = std::min<long>(w, n - b - w);  // rows of the lower block
+      auto Ai = Li.block(b, b, w, w);
+      auto Di = Li.block(b + w, b + w, m, m);
+      RowMatrix<T> BA = L.block(b + w, b, m, w) * Ai.template triangularView<Eigen::Lower>();
+      Li.block(b + w, b, m, w).noalias() = -(Di.template triangularView<Eigen::Lower>() * BA);
+    }
+  }
+}
+
 // The forward's intermediates of one chunk (M44-M46), shared by the forward
 // and the backward's recomputation.
 template <class T>
@@ -92,6 +129,7 @@ struct GatedExactChunk {
   Vector<T> g, r, e, omega;
   RowMatrix<T> Kt;  // K R0 (C x d); row s = (R0 k_s)^T
   RowMatrix<T> L;   // Cholesky factor of A = D^{-1} + K R0 K^T (C x C)
+  RowMatrix<T> Li;  // L^{-1} (C x C, lower triangular): every solve with L below is a product with Li
   RowMatrix<T> W;   // triu(L^{-1} B), B = K R0 Q^T (C x C); kept by the backward only
   RowMatrix<T> Z;   // L^{-T} W (C x C, upper triangular): column t = z_t = A_t^{-1} K_t R0 q_t
   RowMatrix<T> X;   // Q R0 - Z^T Kt (C x d): row t = (P~_t^{-1} q_t)^T, P~_t = P_t / g_t
@@ -116,17 +154,18 @@ struct GatedExactChunk {
     L.noalias() = Kt * k.transpose();
     L.diagonal() += e;
     gated_chunk_cholesky<T>(where, L, e);
+    lower_triangular_inverse<T>(L, Li);
   }
 
   // Every token's solve from the factor (M46): Z, X (and W if keep_W).
   void solves(const ConstMatrixRef<T>& q, const RowMatrix<T>& R0, bool keep_W) {
     // (M46) all z_t at once: the leading t x t block of L factors A_t, and that
     // of L^{-1} is L_t^{-1}; triu keeps column t to the first t keys.
-    Z.noalias() = Kt * q.transpose();
-    L.template triangularView<Eigen::Lower>().solveInPlace(Z);
-    Z.template triangularView<Eigen::StrictlyLower>().setZero();
-    if (keep_W) W = Z;
-    L.transpose().template triangularView<Eigen::Upper>().solveInPlace(Z);
+    const RowMatrix<T> B = Kt * q.transpose();
+    W.noalias() = Li.template triangularView<Eigen::Lower>() * B;
+    W.template triangularView<Eigen::StrictlyLower>().setZero();
+    Z.noalias() = Li.transpose().template triangularView<Eigen::Upper>() * W;
+    if (!keep_W) W.resize(0, 0);
     X.noalias() = q * R0;
     X.noalias() -= Z.transpose().template triangularView<Eigen::Lower>() * Kt;
   }
@@ -162,8 +201,8 @@ void gated_exact_chunk_state(const GatedExactChunk<T>& ch, const ConstMatrixRef<
   // (docs/gated_mesa_chunkwise_exact.md, "Precision and limits").
   const T gC = ch.g[C - 1];
   const long d = R.rows();
-  ch.L.template triangularView<Eigen::Lower>().solveInPlace(G);
-  ch.L.transpose().template triangularView<Eigen::Upper>().solveInPlace(G);
+  const RowMatrix<T> F = ch.Li.template triangularView<Eigen::Lower>() * G;
+  G.noalias() = ch.Li.transpose().template triangularView<Eigen::Upper>() * F;
   RowMatrix<T> M = RowMatrix<T>::Identity(d, d);
   M.noalias() -= G.transpose() * k;
   const RowMatrix<T> MR = M * R;
@@ -239,8 +278,7 @@ void gated_exact_chunk_backward_prepare(const ConstMatrixRef<T>& q, const ConstM
                                         const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
                                         const RowMatrix<T>& R0, GatedExactChunk<T>& ch, RowMatrix<T>& F) {
   ch.compute("gated_exact_chunk_backward", q, k, beta, gamma, R0, true);
-  F = ch.Kt;
-  ch.L.template triangularView<Eigen::Lower>().solveInPlace(F);
+  F.noalias() = ch.Li.template triangularView<Eigen::Lower>() * ch.Kt;
 }
 
 // The rest of M48 from a prepared chunk (ch, F); arguments as gated_exact_chunk_backward.
@@ -255,6 +293,7 @@ void gated_exact_chunk_backward_sweep(const GatedExactChunk<T>& ch, const RowMat
   const long C = q.rows();
   const T gC = ch.g[C - 1];
   const RowMatrix<T>& L = ch.L;
+  const RowMatrix<T>& Li = ch.Li;
   const RowMatrix<T>& Kt = ch.Kt;
   const RowMatrix<T>& Z = ch.Z;
 
@@ -272,8 +311,8 @@ void gated_exact_chunk_backward_sweep(const GatedExactChunk<T>& ch, const RowMat
   const RowMatrix<T> Rbar = (dR + dR.transpose()) / T(2);
   RowMatrix<T> FR = F * Rbar;
   hC -= (Rbar.cwiseProduct(R0).sum() - FR.cwiseProduct(F).sum()) / gC;  // -<Rbar, R_C>
-  RowMatrix<T> dKt = (T(-2) / gC) * FR;                                  // dF
-  L.transpose().template triangularView<Eigen::Upper>().solveInPlace(dKt);  // F = L^{-1} Kt: dKt = L^{-T} dF
+  FR *= T(-2) / gC;                                                      // dF
+  RowMatrix<T> dKt = Li.transpose().template triangularView<Eigen::Upper>() * FR;  // F = L^{-1} Kt: dKt = L^{-T} dF
   RowMatrix<T> Lbar = -(dKt * F.transpose());                             // only its lower triangle is used
   dR = Rbar / gC;
 
@@ -287,13 +326,11 @@ void gated_exact_chunk_backward_sweep(const GatedExactChunk<T>& ch, const RowMat
   dKt.noalias() -= Z.template triangularView<Eigen::Upper>() * dX;
   dZ.template triangularView<Eigen::StrictlyLower>().setZero();  // Z is upper triangular
   // Z = L^{-T} W: dW = L^{-1} dZ, Lbar -= Z dW^T.
-  RowMatrix<T>& dW = dZ;
-  L.template triangularView<Eigen::Lower>().solveInPlace(dW);
+  RowMatrix<T> dW = Li.template triangularView<Eigen::Lower>() * dZ;
   Lbar.noalias() -= Z * dW.transpose();
   dW.template triangularView<Eigen::StrictlyLower>().setZero();  // W = triu(L^{-1} B)
   // L^{-1} B: dB = L^{-T} dW, Lbar -= dB N^T (only N's upper triangle, W, meets Lbar's lower one).
-  RowMatrix<T>& dB = dW;
-  L.transpose().template triangularView<Eigen::Upper>().solveInPlace(dB);
+  const RowMatrix<T> dB = Li.transpose().template triangularView<Eigen::Upper>() * dW;
   Lbar.noalias() -= dB * ch.W.transpose();
   // B = Kt Q^T.
   dKt.noalias() += dB * q;
@@ -305,9 +342,8 @@ void gated_exact_chunk_backward_sweep(const GatedExactChunk<T>& ch, const RowMat
   RowMatrix<T> Abar = L.transpose() * Lbar;
   Abar.template triangularView<Eigen::StrictlyUpper>().setZero();
   Abar.diagonal() /= T(2);
-  L.transpose().template triangularView<Eigen::Upper>().solveInPlace(Abar);  // L^{-T} Phi
-  Abar.transposeInPlace();
-  L.transpose().template triangularView<Eigen::Upper>().solveInPlace(Abar);  // (L^{-T} Phi L^{-1})^T
+  const RowMatrix<T> LiTPhi = Li.transpose().template triangularView<Eigen::Upper>() * Abar;  // L^{-T} Phi
+  Abar.noalias() = LiTPhi * Li.template triangularView<Eigen::Lower>();                        // L^{-T} Phi L^{-1}
   Abar = (Abar + Abar.transpose()).eval() / T(2);
   // A = D^{-1} + K R0 K^T, Kt = K R0, X = Q R0 - ...
   const Vector<T> de = Abar.diagonal();
