@@ -82,22 +82,26 @@ struct Problem {
 // docs/gated_mesa_chunkwise_exact.md and docs/gated_mesa_chunkwise_cg.md,
 // "Cost per token"; n = CG steps, C = chunk size):
 //   exact recurrent   fwd 7d^2 + 5d dv                       fwd+bwd 25d^2 + 21d dv
-//   exact chunkwise   fwd 8d^2 + 4d^3/C + 4d dv + 7Cd + C dv + 2.3C^2
-//                     fwd+bwd 22d^2 + 4d^3/C + 12d dv + 27Cd + 4C dv + 14.7C^2
-//                     (the 4d^2 + 4d^3/C of the forward: the Joseph form of R_C)
+//   exact chunkwise   fwd 8d^2 + 4d^3/C + 4d dv + 7Cd + C dv + 2.7C^2
+//                     fwd+bwd 22d^2 + 4d^3/C + 12d dv + 27Cd + 4C dv + 15.3C^2
+//                     (the 4d^2 + 4d^3/C of the forward: the Joseph form of R_C;
+//                     C^2/3 of the C^2 terms per pass: the inverse of L)
 //   cg recurrent      fwd (2n+1)d^2 + 4d dv                  fwd+bwd (6n+12)d^2 + 18d dv
-//   cg chunkwise      fwd n(2d^2 + 4Cd) + 2d^2 + 4d dv + 2Cd + 2C dv
-//                     fwd+bwd 3n(2d^2 + 4Cd) + 8d^2 + 12d dv + 12Cd + 6C dv + 2C^2
+//   cg chunkwise      fwd n(2d^2 + 3Cd) + 2d^2 + 4d dv + 2Cd + 2C dv
+//                     fwd+bwd 2n(2d^2 + 3Cd) + 8d^2 + 12d dv + 12Cd + 6C dv + 2C^2
+//                     (the backward's one solve: the forward's X is in the cache;
+//                     3Cd: each step's C x C x d products skip the upper half's
+//                     empty quarter, for C >= 32, as the benchmark's C = 64 is)
 double flops(MesaSolver solver, long chunk, double d, bool backward) {
   const double n = kCgSteps, C = double(kChunk), dv = d;
   if (solver == MesaSolver::exact) {
     if (chunk == 0) return backward ? 25 * d * d + 21 * d * dv : 7 * d * d + 5 * d * dv;
-    return backward ? 22 * d * d + 4 * d * d * d / C + 12 * d * dv + 27 * C * d + 4 * C * dv + 14.7 * C * C
-                    : 8 * d * d + 4 * d * d * d / C + 4 * d * dv + 7 * C * d + C * dv + 2.3 * C * C;
+    return backward ? 22 * d * d + 4 * d * d * d / C + 12 * d * dv + 27 * C * d + 4 * C * dv + 15.3 * C * C
+                    : 8 * d * d + 4 * d * d * d / C + 4 * d * dv + 7 * C * d + C * dv + 2.7 * C * C;
   }
   if (chunk == 0) return backward ? (6 * n + 12) * d * d + 18 * d * dv : (2 * n + 1) * d * d + 4 * d * dv;
-  const double step = 2 * d * d + 4 * C * d;
-  return backward ? 3 * n * step + 8 * d * d + 12 * d * dv + 12 * C * d + 6 * C * dv + 2 * C * C
+  const double step = 2 * d * d + (C >= 32 ? 3 : 4) * C * d;
+  return backward ? 2 * n * step + 8 * d * d + 12 * d * dv + 12 * C * d + 6 * C * dv + 2 * C * C
                   : n * step + 2 * d * d + 4 * d * dv + 2 * C * d + 2 * C * dv;
 }
 

@@ -287,6 +287,51 @@ TEST_CASE("chunkwise cg backward equals the recurrent cg backward (double)", "[g
   WARN("chunkwise cg backward vs recurrent, worst relative error " << worst);
 }
 
+// The op keeps the forward's solutions X in its cache and runs one CG solve in
+// the backward; the chunk functions' one-piece backward recomputes X. The two
+// must agree to the bit (the recomputation evaluates the same expressions on
+// the same chunk-start state), with early stopping by a tolerance too, and the
+// cache must count X's T x d numbers.
+TEST_CASE("chunkwise cg: the op's backward from the cached solutions equals recomputing them, bit for bit",
+          "[gated_mesa][chunkwise_cg][grad]") {
+  for (double tol : {0.0, 1e-3}) {
+    for (int threads : {1, 2}) {
+      const long n = 50, C = 16, d = 6, dv = 5;
+      const Inputs in = make_inputs(n, d, dv, 777, 0.7);
+      const Cast<double> x(in);
+      const GatedMesaState<double> init = make_state(d, dv, 778, false);
+      const RowMatrix<double> dout = test::random_matrix<double>(n, dv, 779);
+      GatedMesaState<double> gfin;
+      gfin.S = test::random_matrix<double>(dv, d, 780);
+      gfin.H = test::random_matrix<double>(d, d, 781);
+      gfin.H = (gfin.H + gfin.H.transpose()).eval() / 2.0;  // the chunk functions take H-bar as given
+      GatedMesaOptions<double> opt = cg_options<double>(30, tol, C);
+      opt.threads = threads;
+      const Recurrent<double> op = recurrent(x, opt, init, &dout, &gfin);  // the op, chunkwise
+      const Chunked<double> ref = chunked(x, C, 30, tol, init, &dout, &gfin);
+      INFO("cg_tolerance = " << tol << ", threads = " << threads);
+      CHECK(op.out == ref.out);
+      CHECK(op.dq == ref.dq);
+      CHECK(op.dk == ref.dk);
+      CHECK(op.dv == ref.dv);
+      CHECK(op.dbeta == ref.dbeta);
+      CHECK(op.dgamma == ref.dgamma);
+      CHECK(op.dlam == ref.dlam);
+      CHECK(op.ginit.S == ref.dS0);
+      CHECK(op.ginit.H == ref.dH0);
+      GatedMesaCache<double> cache;
+      RowMatrix<double> out(n, dv);
+      mesaopt::gated_mesa_forward<double>(x.q, x.k, x.v, x.beta, x.gamma, x.lam, opt, out, cache, &init);
+      const long nck = (n + C - 1) / C;
+      CHECK(cache.bytes() == std::size_t(nck * (d * dv + d * d) + n * d + 2 * n + d) * sizeof(double));
+      mesaopt::gated_mesa_forward<double>(x.q, x.k, x.v, x.beta, x.gamma, x.lam, cg_options<double>(30, tol), out,
+                                          cache, &init);  // token by token: no solutions kept
+      const long ck = cache.chunk(), nck0 = (n + ck - 1) / ck;
+      CHECK(cache.bytes() == std::size_t(nck0 * (d * dv + d * d) + 2 * n + d) * sizeof(double));
+    }
+  }
+}
+
 TEST_CASE("chunkwise cg backward matches central finite differences (double)", "[gated_mesa][chunkwise_cg][grad]") {
   struct Case {
     long C, d, dv;

@@ -286,7 +286,7 @@ class GatedMesaCache {
   bool has_initial_state() const { return has_initial_; }
   // Bytes held by the checkpoints and copies (the backward's chunk buffers are allocated per call).
   std::size_t bytes() const {
-    std::size_t n = std::size_t(beta_.size() + gamma_.size() + lam_.size());
+    std::size_t n = std::size_t(beta_.size() + gamma_.size() + lam_.size() + cg_x_.size());
     for (const auto* v : {&ck_S_, &ck_R_, &ck_P_})
       for (const auto& m : *v) n += std::size_t(m.size());
     return n * sizeof(T);
@@ -302,6 +302,10 @@ class GatedMesaCache {
   bool chunkwise_ = false;
   Vector<T> beta_, gamma_, lam_;
   std::vector<RowMatrix<T>> ck_S_, ck_R_, ck_P_;
+  // cg, chunkwise: the forward's solutions, row t = x_t = A_t^{-1} q_t (M50),
+  // so that the backward runs one CG solve per chunk instead of two (MesaNet's
+  // kernels keep the same q*); empty otherwise.
+  RowMatrix<T> cg_x_;
 };
 
 namespace detail {
@@ -388,6 +392,7 @@ struct GatedMesaCacheAccess {
     c.ck_S_.resize(std::size_t(nck));
     c.ck_P_.resize(std::size_t(nck));
     c.ck_R_.resize(exact ? std::size_t(nck) : 0);
+    c.cg_x_.resize(0, 0);  // the chunkwise form's only
     Vector<T> a(d);
     for (long t = 0; t < n; ++t) {
       if (t % C == 0) {
@@ -468,6 +473,8 @@ struct GatedMesaCacheAccess {
     c.ck_S_.resize(std::size_t(nck));
     c.ck_R_.resize(exact ? std::size_t(nck) : 0);
     c.ck_P_.resize(exact ? 0 : std::size_t(nck));
+    if (exact) c.cg_x_.resize(0, 0);
+    else c.cg_x_.resize(n, d);
     const auto rethrow_in_chunk = [&](const MesaBreakdownError& e, long t0, long len) {
       throw MesaBreakdownError(std::string(where) + ": in the chunk of positions " + std::to_string(t0) + ".." +
                                    std::to_string(t0 + len - 1) + ": " + e.what(),
@@ -511,9 +518,11 @@ struct GatedMesaCacheAccess {
               ch.solves(q.middleRows(t0, len), c.ck_R_[std::size_t(ck)], false);
               gated_exact_chunk_output<T>(ch, v.middleRows(t0, len), S0, out.middleRows(t0, len));
             } else {
+              RowMatrix<T> Xs;
               gated_cg_chunk_output<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
                                        beta.segment(t0, len), gamma.segment(t0, len), lambda_diag, opt.cg_steps,
-                                       opt.cg_tolerance, S0, c.ck_P_[std::size_t(ck)], out.middleRows(t0, len));
+                                       opt.cg_tolerance, S0, c.ck_P_[std::size_t(ck)], out.middleRows(t0, len), &Xs);
+              c.cg_x_.middleRows(t0, len) = Xs;
             }
           });
     } else {
@@ -526,10 +535,13 @@ struct GatedMesaCacheAccess {
             gated_exact_chunk_forward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
                                          beta.segment(t0, len), gamma.segment(t0, len), S, X,
                                          out.middleRows(t0, len));
-          else
+          else {
+            RowMatrix<T> Xs;
             gated_cg_chunk_forward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
                                       beta.segment(t0, len), gamma.segment(t0, len), lambda_diag, opt.cg_steps,
-                                      opt.cg_tolerance, S, X, out.middleRows(t0, len));
+                                      opt.cg_tolerance, S, X, out.middleRows(t0, len), &Xs);
+            c.cg_x_.middleRows(t0, len) = Xs;
+          }
         } catch (const MesaBreakdownError& e) {
           rethrow_in_chunk(e, t0, len);
         }
@@ -566,7 +578,8 @@ struct GatedMesaCacheAccess {
       // Intra-sequence parallelism (docs/gated_mesa.md, "Threads"), the chunks
       // from the last one: pre, on any thread, the work that needs only the
       // chunk's start state and dout (exact: the recomputed forward and F; cg:
-      // the two CG solves); seq, chunk after chunk, the state adjoints (exact:
+      // the CG solve for U, the forward's X being in the cache); seq, chunk
+      // after chunk, the state adjoints (exact:
       // the rest of M48; cg: M53's dS_0, dH_0 and dlambda's share); post (cg),
       // on any thread, the inputs' gradients given the state adjoints. The same
       // expressions as the serial loop below: the results do not depend on the
@@ -575,7 +588,7 @@ struct GatedMesaCacheAccess {
       struct Slot {
         GatedExactChunk<T> ch;  // exact
         RowMatrix<T> F;         // exact
-        RowMatrix<T> X, U;      // cg: the solves
+        RowMatrix<T> U;         // cg: the solve
         RowMatrix<T> dS, dX;    // cg: the adjoints of the state after the chunk
       };
       std::vector<Slot> slots(static_cast<std::size_t>(window));
@@ -591,10 +604,10 @@ struct GatedMesaCacheAccess {
               gated_exact_chunk_backward_prepare<T>(q.middleRows(t0, len), k.middleRows(t0, len),
                                                     beta.segment(t0, len), gamma.segment(t0, len), X0, sl.ch, sl.F);
             else
-              gated_cg_chunk_backward_solves<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
-                                                beta.segment(t0, len), gamma.segment(t0, len), lambda_diag,
-                                                opt.cg_steps, opt.cg_tolerance, c.ck_S_[std::size_t(ck)], X0,
-                                                dout.middleRows(t0, len), sl.X, sl.U);
+              gated_cg_chunk_backward_solve_u<T>(k.middleRows(t0, len), v.middleRows(t0, len),
+                                                 beta.segment(t0, len), gamma.segment(t0, len), lambda_diag,
+                                                 opt.cg_steps, opt.cg_tolerance, c.ck_S_[std::size_t(ck)], X0,
+                                                 dout.middleRows(t0, len), sl.U);
           },
           [&](std::ptrdiff_t i) {  // seq: dS, dX from after the chunk to before it
             const long ck = chunk_of(i), t0 = ck * C, len = std::min(C, n - t0);
@@ -610,7 +623,8 @@ struct GatedMesaCacheAccess {
               sl.dS = dS;
               sl.dX = dX;
               gated_cg_chunk_backward_state<T>(beta.segment(t0, len), gamma.segment(t0, len),
-                                               dout.middleRows(t0, len), sl.X, sl.U, dS, dX, dlambda);
+                                               dout.middleRows(t0, len), c.cg_x_.middleRows(t0, len), sl.U, dS, dX,
+                                               dlambda);
             }
           },
           [&](std::ptrdiff_t i) {  // post (cg): the inputs' gradients
@@ -620,7 +634,8 @@ struct GatedMesaCacheAccess {
             Slot& sl = slots[std::size_t(i % window)];
             gated_cg_chunk_backward_grads<T>(k.middleRows(t0, len), v.middleRows(t0, len), beta.segment(t0, len),
                                              gamma.segment(t0, len), c.ck_S_[std::size_t(ck)],
-                                             c.ck_P_[std::size_t(ck)], dout.middleRows(t0, len), sl.X, sl.U, sl.dS,
+                                             c.ck_P_[std::size_t(ck)], dout.middleRows(t0, len),
+                                             c.cg_x_.middleRows(t0, len), sl.U, sl.dS,
                                              sl.dX, dq.middleRows(t0, len), dk.middleRows(t0, len),
                                              grad_v.middleRows(t0, len), dbeta.segment(t0, len),
                                              dgamma.segment(t0, len));
@@ -636,12 +651,21 @@ struct GatedMesaCacheAccess {
                                         dout.middleRows(t0, len), dS, dX, dq.middleRows(t0, len),
                                         dk.middleRows(t0, len), grad_v.middleRows(t0, len), dbeta.segment(t0, len),
                                         dgamma.segment(t0, len));
-        else
-          gated_cg_chunk_backward<T>(q.middleRows(t0, len), k.middleRows(t0, len), v.middleRows(t0, len),
-                                     beta.segment(t0, len), gamma.segment(t0, len), lambda_diag, opt.cg_steps,
-                                     opt.cg_tolerance, S0, X0, dout.middleRows(t0, len), dS, dX,
-                                     dq.middleRows(t0, len), dk.middleRows(t0, len), grad_v.middleRows(t0, len),
-                                     dbeta.segment(t0, len), dgamma.segment(t0, len), dlambda);
+        else {
+          // gated_cg_chunk_backward with the forward's X from the cache: one CG solve (U), not two.
+          RowMatrix<T> U;
+          const auto Xc = c.cg_x_.middleRows(t0, len);
+          gated_cg_chunk_backward_solve_u<T>(k.middleRows(t0, len), v.middleRows(t0, len), beta.segment(t0, len),
+                                             gamma.segment(t0, len), lambda_diag, opt.cg_steps, opt.cg_tolerance,
+                                             S0, X0, dout.middleRows(t0, len), U);
+          gated_cg_chunk_backward_grads<T>(k.middleRows(t0, len), v.middleRows(t0, len), beta.segment(t0, len),
+                                           gamma.segment(t0, len), S0, X0, dout.middleRows(t0, len), Xc, U, dS,
+                                           dX, dq.middleRows(t0, len), dk.middleRows(t0, len),
+                                           grad_v.middleRows(t0, len), dbeta.segment(t0, len),
+                                           dgamma.segment(t0, len));
+          gated_cg_chunk_backward_state<T>(beta.segment(t0, len), gamma.segment(t0, len), dout.middleRows(t0, len),
+                                           Xc, U, dS, dX, dlambda);
+        }
         // dX is now the adjoint of the chunk's start state, symmetric as both chunk backwards return it.
       }
     }

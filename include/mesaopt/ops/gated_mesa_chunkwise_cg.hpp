@@ -13,8 +13,12 @@
 //                            adjoints of the state after it -> every input's gradient and
 //                            the adjoints of the state before it                  (M52-M53)
 //
-// H must be symmetric (the op's states are). The backward recomputes the
-// chunk's solves, so a caller keeps only the chunk-start states.
+// H must be symmetric (the op's states are). The forward can hand out the
+// chunk's solutions X (row t = x_t = A_t^{-1} q_t, M50): a caller that keeps
+// them (the op does, in its cache) runs the backward with one CG solve instead
+// of two, as MesaNet's kernels keep q* = X (gated_cg_chunk_backward_solve_u).
+// gated_cg_chunk_backward recomputes X, so a caller of it keeps only the
+// chunk-start states.
 //
 // Both are also split into parts (gated_cg_chunk_output / _state and
 // gated_cg_chunk_backward_solves / _state / _grads) for the op's
@@ -55,13 +59,29 @@ void decays(const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma, RowMa
 
 // AP (row t) = p_t^T A_t for every token at once, A_t = c_t H0 + sum_{s<=t} W_ts k_s k_s^T + Lambda (M50).
 // Row t of the result depends on row t of P only, so tokens whose CG has stopped do not disturb the others.
+// W is lower triangular, so of P K^T only the lower triangle is needed: from kSplitRows rows on, the top
+// half of the rows is multiplied with the first half of the keys only (3/4 of the C x C x d work, twice
+// per step; at d = C = 64 a sixth of the step's flops).
+constexpr long kSplitRows = 32;
 template <class T>
 void apply(const RowMatrix<T>& P, const ConstMatrixRef<T>& k, const RowMatrix<T>& W, const Vector<T>& c,
            const RowMatrix<T>& H0, bool h0_zero, const ConstVectorRef<T>& lam, RowMatrix<T>& PK, RowMatrix<T>& PH,
            RowMatrix<T>& AP) {
-  PK.noalias() = P * k.transpose();
-  PK.array() *= W.array();
-  AP.noalias() = PK * k;
+  const long C = P.rows();
+  if (C < kSplitRows) {
+    PK.noalias() = P * k.transpose();
+    PK.array() *= W.array();
+    AP.noalias() = PK * k;
+  } else {
+    const long h = C / 2, m = C - h;
+    PK.resize(C, C);
+    PK.topLeftCorner(h, h).noalias() = P.topRows(h) * k.topRows(h).transpose();
+    PK.topRightCorner(h, m).setZero();
+    PK.bottomRows(m).noalias() = P.bottomRows(m) * k.transpose();
+    PK.array() *= W.array();
+    AP.topRows(h).noalias() = PK.topLeftCorner(h, h) * k.topRows(h);
+    AP.bottomRows(m).noalias() = PK.bottomRows(m) * k;
+  }
   if (!h0_zero) {
     PH.noalias() = P * H0;  // H0 symmetric: row t is (H0 p_t)^T
     AP.noalias() += c.asDiagonal() * PH;
@@ -115,16 +135,18 @@ void solve(const RowMatrix<T>& B, const ConstMatrixRef<T>& k, const RowMatrix<T>
 // gated_cg_chunk_forward split in two: the outputs of a chunk depend only on
 // its own tokens and its start state, so once the start states are known
 // (gated_cg_chunk_state, cheap) the chunks' outputs (the CG solves, nearly all
-// the work) can run in parallel (opt.threads, docs/gated_mesa.md).
+// the work) can run in parallel (opt.threads, docs/gated_mesa.md). solutions,
+// if not null, receives X (C x d, row t = x_t = A_t^{-1} q_t).
 template <class T>
 void gated_cg_chunk_output(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                            const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
                            const ConstVectorRef<T>& lambda_diag, int cg_steps, T cg_tolerance, const RowMatrix<T>& S,
-                           const RowMatrix<T>& H, MatrixRef<T> out) {
+                           const RowMatrix<T>& H, MatrixRef<T> out, RowMatrix<T>* solutions = nullptr) {
   namespace impl = gated_cg_chunk_impl;
   const long C = q.rows();
   if (C == 0) return;
-  RowMatrix<T> D, W, X;
+  RowMatrix<T> D, W, Xlocal;
+  RowMatrix<T>& X = solutions != nullptr ? *solutions : Xlocal;
   Vector<T> c;
   impl::decays<T>(beta, gamma, D, c, W);
   const bool h0_zero = (H.array() == T(0)).all();  // the empty state: skip the C x d x d products
@@ -161,22 +183,25 @@ void gated_cg_chunk_state(const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v
 }
 
 // One chunk of C = q.rows() tokens from state (S, H): writes out (C x dv) and
-// replaces S, H by the state after the chunk (M49-M51).
+// replaces S, H by the state after the chunk (M49-M51). solutions: as in
+// gated_cg_chunk_output.
 template <class T>
 void gated_cg_chunk_forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                             const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
                             const ConstVectorRef<T>& lambda_diag, int cg_steps, T cg_tolerance, RowMatrix<T>& S,
-                            RowMatrix<T>& H, MatrixRef<T> out) {
-  gated_cg_chunk_output<T>(q, k, v, beta, gamma, lambda_diag, cg_steps, cg_tolerance, S, H, out);
+                            RowMatrix<T>& H, MatrixRef<T> out, RowMatrix<T>* solutions = nullptr) {
+  gated_cg_chunk_output<T>(q, k, v, beta, gamma, lambda_diag, cg_steps, cg_tolerance, S, H, out, solutions);
   gated_cg_chunk_state<T>(k, v, beta, gamma, S, H);
 }
 
 // The chunk backward (M52-M53) in three parts, so that a sequence's chunks can
 // share the work over threads (gated_mesa_backward with opt.threads > 1):
 //
-//   gated_cg_chunk_backward_solves: the two CG solves (X, U), nearly all the
-//     work; they need only the chunk's inputs, its start state and dout, not the
-//     adjoints of the later chunks, so the chunks' solves can run in parallel;
+//   gated_cg_chunk_backward_solves: the two CG solves (X again, then U), nearly
+//     all the work; they need only the chunk's inputs, its start state and dout,
+//     not the adjoints of the later chunks, so the chunks' solves can run in
+//     parallel; gated_cg_chunk_backward_solve_u is the second alone, for a
+//     caller that kept the forward's X;
 //   gated_cg_chunk_backward_state: the adjoints of the state before the chunk
 //     from those after it (and dlambda's share), a few GEMMs: the sequential
 //     part, chunk after chunk from the last one;
@@ -186,7 +211,32 @@ void gated_cg_chunk_forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
 // gated_cg_chunk_backward is the three in a row. Each part evaluates the same
 // expressions the one-piece backward did, so a split run gives the same bits.
 
-// X (row t = x_t = A_t^{-1} q_t, M50) and U (row t = u_t = A_t^{-1} S_t^T g_t, M52), by the forward's CG.
+// U (row t = u_t = A_t^{-1} S_t^T g_t, M52) by the forward's CG. It needs the
+// chunk's keys, values, gates, start state and dout, not X: a caller that kept
+// the forward's X runs only this solve.
+template <class T>
+void gated_cg_chunk_backward_solve_u(const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                                     const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
+                                     const ConstVectorRef<T>& lambda_diag, int cg_steps, T cg_tolerance,
+                                     const RowMatrix<T>& S0, const RowMatrix<T>& H0, const ConstMatrixRef<T>& dout,
+                                     RowMatrix<T>& U) {
+  namespace impl = gated_cg_chunk_impl;
+  const long C = k.rows();
+  if (C == 0) return;
+  RowMatrix<T> D, W;
+  Vector<T> c;
+  impl::decays<T>(beta, gamma, D, c, W);
+  const bool h0_zero = (H0.array() == T(0)).all();
+  // (M52) dx_t = S_t^T g_t for all t without forming S_t, then u_t = A_t^{-1} dx_t by the same CG.
+  const RowMatrix<T> GS0 = dout * S0;             // row t: g_t^T S0
+  const RowMatrix<T> GV = dout * v.transpose();   // (g_t . v_s)
+  RowMatrix<T> DX = (W.array() * GV.array()).matrix() * k;
+  DX.noalias() += c.asDiagonal() * GS0;
+  impl::solve<T>(DX, k, W, c, H0, h0_zero, lambda_diag, cg_steps, cg_tolerance, U);
+}
+
+// X (row t = x_t = A_t^{-1} q_t, M50), recomputed by the forward's CG, and U
+// (gated_cg_chunk_backward_solve_u).
 template <class T>
 void gated_cg_chunk_backward_solves(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                                     const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
@@ -201,21 +251,16 @@ void gated_cg_chunk_backward_solves(const ConstMatrixRef<T>& q, const ConstMatri
   impl::decays<T>(beta, gamma, D, c, W);
   const bool h0_zero = (H0.array() == T(0)).all();
   impl::solve<T>(RowMatrix<T>(q), k, W, c, H0, h0_zero, lambda_diag, cg_steps, cg_tolerance, X);  // x_t again
-
-  // (M52) dx_t = S_t^T g_t for all t without forming S_t, then u_t = A_t^{-1} dx_t by the same CG.
-  const RowMatrix<T> GS0 = dout * S0;             // row t: g_t^T S0
-  const RowMatrix<T> GV = dout * v.transpose();   // (g_t . v_s)
-  RowMatrix<T> DX = (W.array() * GV.array()).matrix() * k;
-  DX.noalias() += c.asDiagonal() * GS0;
-  impl::solve<T>(DX, k, W, c, H0, h0_zero, lambda_diag, cg_steps, cg_tolerance, U);
+  gated_cg_chunk_backward_solve_u<T>(k, v, beta, gamma, lambda_diag, cg_steps, cg_tolerance, S0, H0, dout, U);
 }
 
 // dS, dH: on entry the adjoints of the state after the chunk, on return those
 // of the state before it (M53; dH symmetric). ADDS the chunk's share to dlambda
-// (M52). X, U: from gated_cg_chunk_backward_solves.
+// (M52). X: the forward's solutions (or gated_cg_chunk_backward_solves'), U:
+// gated_cg_chunk_backward_solve_u's.
 template <class T>
 void gated_cg_chunk_backward_state(const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
-                                   const ConstMatrixRef<T>& dout, const RowMatrix<T>& X, const RowMatrix<T>& U,
+                                   const ConstMatrixRef<T>& dout, const ConstMatrixRef<T>& X, const RowMatrix<T>& U,
                                    RowMatrix<T>& dS, RowMatrix<T>& dH, VectorRef<T> dlambda) {
   namespace impl = gated_cg_chunk_impl;
   const long C = gamma.size();
@@ -239,13 +284,13 @@ void gated_cg_chunk_backward_state(const ConstVectorRef<T>& beta, const ConstVec
 }
 
 // Writes (overwrites) dq, dk, dv, dbeta, dgamma, given the adjoints dS, dH of
-// the state after the chunk (zero if none; only read) and X, U from
-// gated_cg_chunk_backward_solves.
+// the state after the chunk (zero if none; only read) and X, U as for
+// gated_cg_chunk_backward_state.
 template <class T>
 void gated_cg_chunk_backward_grads(const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                                    const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
                                    const RowMatrix<T>& S0, const RowMatrix<T>& H0, const ConstMatrixRef<T>& dout,
-                                   const RowMatrix<T>& X, const RowMatrix<T>& U, const RowMatrix<T>& dS,
+                                   const ConstMatrixRef<T>& X, const RowMatrix<T>& U, const RowMatrix<T>& dS,
                                    const RowMatrix<T>& dH, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv,
                                    VectorRef<T> dbeta, VectorRef<T> dgamma) {
   namespace impl = gated_cg_chunk_impl;
