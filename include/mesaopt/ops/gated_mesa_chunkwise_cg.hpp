@@ -130,6 +130,22 @@ void solve(const RowMatrix<T>& B, const ConstMatrixRef<T>& k, const RowMatrix<T>
 
 }  // namespace gated_cg_chunk_impl
 
+// Every token's solution of one chunk of C = q.rows() tokens from the state H
+// before it (M50): X (C x d), row t = x_t = A_t^{-1} q_t, the C CG solves in
+// lockstep. What the forward's outputs and the backward need of the forward.
+template <class T>
+void gated_cg_chunk_solutions(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstVectorRef<T>& beta,
+                              const ConstVectorRef<T>& gamma, const ConstVectorRef<T>& lambda_diag, int cg_steps,
+                              T cg_tolerance, const RowMatrix<T>& H, RowMatrix<T>& X) {
+  namespace impl = gated_cg_chunk_impl;
+  if (q.rows() == 0) return;
+  RowMatrix<T> D, W;
+  Vector<T> c;
+  impl::decays<T>(beta, gamma, D, c, W);
+  const bool h0_zero = (H.array() == T(0)).all();  // the empty state: skip the C x d x d products
+  impl::solve<T>(RowMatrix<T>(q), k, W, c, H, h0_zero, lambda_diag, cg_steps, cg_tolerance, X);
+}
+
 // The outputs of one chunk of C = q.rows() tokens from the state (S, H) before
 // it (M50-M51); S and H are only read. With gated_cg_chunk_state this is
 // gated_cg_chunk_forward split in two: the outputs of a chunk depend only on
@@ -147,10 +163,9 @@ void gated_cg_chunk_output(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& 
   if (C == 0) return;
   RowMatrix<T> D, W, Xlocal;
   RowMatrix<T>& X = solutions != nullptr ? *solutions : Xlocal;
+  gated_cg_chunk_solutions<T>(q, k, beta, gamma, lambda_diag, cg_steps, cg_tolerance, H, X);  // M50
   Vector<T> c;
   impl::decays<T>(beta, gamma, D, c, W);
-  const bool h0_zero = (H.array() == T(0)).all();  // the empty state: skip the C x d x d products
-  impl::solve<T>(RowMatrix<T>(q), k, W, c, H, h0_zero, lambda_diag, cg_steps, cg_tolerance, X);  // M50
   // (M51) o_t = c_t S0 x_t + sum_{s<=t} W_ts (k_s.x_t) v_s, as GEMMs; S_t itself is never formed.
   RowMatrix<T> XK = X * k.transpose();
   XK.array() *= W.array();
@@ -235,22 +250,15 @@ void gated_cg_chunk_backward_solve_u(const ConstMatrixRef<T>& k, const ConstMatr
   impl::solve<T>(DX, k, W, c, H0, h0_zero, lambda_diag, cg_steps, cg_tolerance, U);
 }
 
-// X (row t = x_t = A_t^{-1} q_t, M50), recomputed by the forward's CG, and U
-// (gated_cg_chunk_backward_solve_u).
+// X (row t = x_t = A_t^{-1} q_t, M50), recomputed by the forward's CG
+// (gated_cg_chunk_solutions), and U (gated_cg_chunk_backward_solve_u).
 template <class T>
 void gated_cg_chunk_backward_solves(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                                     const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
                                     const ConstVectorRef<T>& lambda_diag, int cg_steps, T cg_tolerance,
                                     const RowMatrix<T>& S0, const RowMatrix<T>& H0, const ConstMatrixRef<T>& dout,
                                     RowMatrix<T>& X, RowMatrix<T>& U) {
-  namespace impl = gated_cg_chunk_impl;
-  const long C = q.rows();
-  if (C == 0) return;
-  RowMatrix<T> D, W;
-  Vector<T> c;
-  impl::decays<T>(beta, gamma, D, c, W);
-  const bool h0_zero = (H0.array() == T(0)).all();
-  impl::solve<T>(RowMatrix<T>(q), k, W, c, H0, h0_zero, lambda_diag, cg_steps, cg_tolerance, X);  // x_t again
+  gated_cg_chunk_solutions<T>(q, k, beta, gamma, lambda_diag, cg_steps, cg_tolerance, H0, X);
   gated_cg_chunk_backward_solve_u<T>(k, v, beta, gamma, lambda_diag, cg_steps, cg_tolerance, S0, H0, dout, U);
 }
 
