@@ -91,7 +91,7 @@ struct Problem {
 //                     fwd+bwd 2n(2d^2 + 3Cd) + 8d^2 + 12d dv + 12Cd + 6C dv + 2C^2
 //                     (the backward's one solve: the forward's X is in the cache;
 //                     3Cd: each step's C x C x d products skip the upper half's
-//                     empty quarter, for C >= 32, as the benchmark's C = 64 is)
+//                     empty quarter from C = kSplitRows (32) on, as the benchmark's C = 64 is)
 double flops(MesaSolver solver, long chunk, double d, bool backward) {
   const double n = kCgSteps, C = double(kChunk), dv = d;
   if (solver == MesaSolver::exact) {
@@ -100,7 +100,7 @@ double flops(MesaSolver solver, long chunk, double d, bool backward) {
                     : 8 * d * d + 4 * d * d * d / C + 4 * d * dv + 7 * C * d + C * dv + 2.7 * C * C;
   }
   if (chunk == 0) return backward ? (6 * n + 12) * d * d + 18 * d * dv : (2 * n + 1) * d * d + 4 * d * dv;
-  const double step = 2 * d * d + (C >= 32 ? 3 : 4) * C * d;
+  const double step = 2 * d * d + (kChunk >= mesaopt::detail::gated_cg_chunk_impl::kSplitRows ? 3 : 4) * C * d;
   return backward ? 2 * n * step + 8 * d * d + 12 * d * dv + 12 * C * d + 6 * C * dv + 2 * C * C
                   : n * step + 2 * d * d + 4 * d * dv + 2 * C * d + 2 * C * dv;
 }

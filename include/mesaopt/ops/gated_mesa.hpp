@@ -651,21 +651,12 @@ struct GatedMesaCacheAccess {
                                         dout.middleRows(t0, len), dS, dX, dq.middleRows(t0, len),
                                         dk.middleRows(t0, len), grad_v.middleRows(t0, len), dbeta.segment(t0, len),
                                         dgamma.segment(t0, len));
-        else {
-          // gated_cg_chunk_backward with the forward's X from the cache: one CG solve (U), not two.
-          RowMatrix<T> U;
-          const auto Xc = c.cg_x_.middleRows(t0, len);
-          gated_cg_chunk_backward_solve_u<T>(k.middleRows(t0, len), v.middleRows(t0, len), beta.segment(t0, len),
-                                             gamma.segment(t0, len), lambda_diag, opt.cg_steps, opt.cg_tolerance,
-                                             S0, X0, dout.middleRows(t0, len), U);
-          gated_cg_chunk_backward_grads<T>(k.middleRows(t0, len), v.middleRows(t0, len), beta.segment(t0, len),
-                                           gamma.segment(t0, len), S0, X0, dout.middleRows(t0, len), Xc, U, dS,
-                                           dX, dq.middleRows(t0, len), dk.middleRows(t0, len),
-                                           grad_v.middleRows(t0, len), dbeta.segment(t0, len),
-                                           dgamma.segment(t0, len));
-          gated_cg_chunk_backward_state<T>(beta.segment(t0, len), gamma.segment(t0, len), dout.middleRows(t0, len),
-                                           Xc, U, dS, dX, dlambda);
-        }
+        else
+          gated_cg_chunk_backward_given_solutions<T>(
+              k.middleRows(t0, len), v.middleRows(t0, len), beta.segment(t0, len), gamma.segment(t0, len),
+              lambda_diag, opt.cg_steps, opt.cg_tolerance, S0, X0, dout.middleRows(t0, len),
+              c.cg_x_.middleRows(t0, len), dS, dX, dq.middleRows(t0, len), dk.middleRows(t0, len),
+              grad_v.middleRows(t0, len), dbeta.segment(t0, len), dgamma.segment(t0, len), dlambda);
         // dX is now the adjoint of the chunk's start state, symmetric as both chunk backwards return it.
       }
     }

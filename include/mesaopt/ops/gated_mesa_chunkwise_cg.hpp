@@ -21,7 +21,7 @@
 // chunk-start states.
 //
 // Both are also split into parts (gated_cg_chunk_output / _state and
-// gated_cg_chunk_backward_solves / _state / _grads) for the op's
+// gated_cg_chunk_solutions, gated_cg_chunk_backward_solve_u / _state / _grads) for the op's
 // intra-sequence parallelism (opt.threads): the state recurrence between chunks
 // is a few GEMMs and runs chunk after chunk; the CG solves of different chunks
 // depend only on their own chunk's start state (and, backward, dout) and run
@@ -212,18 +212,18 @@ void gated_cg_chunk_forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
 // The chunk backward (M52-M53) in three parts, so that a sequence's chunks can
 // share the work over threads (gated_mesa_backward with opt.threads > 1):
 //
-//   gated_cg_chunk_backward_solves: the two CG solves (X again, then U), nearly
-//     all the work; they need only the chunk's inputs, its start state and dout,
-//     not the adjoints of the later chunks, so the chunks' solves can run in
-//     parallel; gated_cg_chunk_backward_solve_u is the second alone, for a
-//     caller that kept the forward's X;
+//   gated_cg_chunk_backward_solve_u: the CG solve for U, nearly all the work
+//     given the forward's X (gated_cg_chunk_solutions recomputes X); it needs
+//     only the chunk's inputs, its start state and dout, not the adjoints of
+//     the later chunks, so the chunks' solves can run in parallel;
 //   gated_cg_chunk_backward_state: the adjoints of the state before the chunk
 //     from those after it (and dlambda's share), a few GEMMs: the sequential
 //     part, chunk after chunk from the last one;
 //   gated_cg_chunk_backward_grads: every input's gradient, given the adjoints
 //     of the state after the chunk; the chunks again in parallel.
 //
-// gated_cg_chunk_backward is the three in a row. Each part evaluates the same
+// gated_cg_chunk_backward_given_solutions is the three in a row, and
+// gated_cg_chunk_backward recomputes X first. Each part evaluates the same
 // expressions the one-piece backward did, so a split run gives the same bits.
 
 // U (row t = u_t = A_t^{-1} S_t^T g_t, M52) by the forward's CG. It needs the
@@ -250,21 +250,9 @@ void gated_cg_chunk_backward_solve_u(const ConstMatrixRef<T>& k, const ConstMatr
   impl::solve<T>(DX, k, W, c, H0, h0_zero, lambda_diag, cg_steps, cg_tolerance, U);
 }
 
-// X (row t = x_t = A_t^{-1} q_t, M50), recomputed by the forward's CG
-// (gated_cg_chunk_solutions), and U (gated_cg_chunk_backward_solve_u).
-template <class T>
-void gated_cg_chunk_backward_solves(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                                    const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
-                                    const ConstVectorRef<T>& lambda_diag, int cg_steps, T cg_tolerance,
-                                    const RowMatrix<T>& S0, const RowMatrix<T>& H0, const ConstMatrixRef<T>& dout,
-                                    RowMatrix<T>& X, RowMatrix<T>& U) {
-  gated_cg_chunk_solutions<T>(q, k, beta, gamma, lambda_diag, cg_steps, cg_tolerance, H0, X);
-  gated_cg_chunk_backward_solve_u<T>(k, v, beta, gamma, lambda_diag, cg_steps, cg_tolerance, S0, H0, dout, U);
-}
-
 // dS, dH: on entry the adjoints of the state after the chunk, on return those
 // of the state before it (M53; dH symmetric). ADDS the chunk's share to dlambda
-// (M52). X: the forward's solutions (or gated_cg_chunk_backward_solves'), U:
+// (M52). X: the forward's solutions (or gated_cg_chunk_solutions'), U:
 // gated_cg_chunk_backward_solve_u's.
 template <class T>
 void gated_cg_chunk_backward_state(const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
@@ -355,6 +343,25 @@ void gated_cg_chunk_backward_grads(const ConstMatrixRef<T>& k, const ConstMatrix
   dgamma = (D.array() * Rg.array()).colwise().sum().transpose();
 }
 
+// gated_cg_chunk_backward given the forward's solutions X (C x d, row t =
+// x_t = A_t^{-1} q_t, e.g. from gated_cg_chunk_output's `solutions`): one CG
+// solve (U) instead of two. Arguments otherwise as gated_cg_chunk_backward.
+template <class T>
+void gated_cg_chunk_backward_given_solutions(const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                                             const ConstVectorRef<T>& beta, const ConstVectorRef<T>& gamma,
+                                             const ConstVectorRef<T>& lambda_diag, int cg_steps, T cg_tolerance,
+                                             const RowMatrix<T>& S0, const RowMatrix<T>& H0,
+                                             const ConstMatrixRef<T>& dout, const ConstMatrixRef<T>& X,
+                                             RowMatrix<T>& dS, RowMatrix<T>& dH, MatrixRef<T> dq, MatrixRef<T> dk,
+                                             MatrixRef<T> dv, VectorRef<T> dbeta, VectorRef<T> dgamma,
+                                             VectorRef<T> dlambda) {
+  if (k.rows() == 0) return;
+  RowMatrix<T> U;
+  gated_cg_chunk_backward_solve_u<T>(k, v, beta, gamma, lambda_diag, cg_steps, cg_tolerance, S0, H0, dout, U);
+  gated_cg_chunk_backward_grads<T>(k, v, beta, gamma, S0, H0, dout, X, U, dS, dH, dq, dk, dv, dbeta, dgamma);
+  gated_cg_chunk_backward_state<T>(beta, gamma, dout, X, U, dS, dH, dlambda);
+}
+
 // Backward of one chunk (M52-M53). S0, H0: the state before the chunk. dS, dH:
 // on entry the adjoints of the state after the chunk (zero if none), on return
 // the adjoints of S0, H0 (dH symmetric, as the recursion's grad_initial->H).
@@ -369,10 +376,10 @@ void gated_cg_chunk_backward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>
                              RowMatrix<T>& dS, RowMatrix<T>& dH, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv,
                              VectorRef<T> dbeta, VectorRef<T> dgamma, VectorRef<T> dlambda) {
   if (q.rows() == 0) return;
-  RowMatrix<T> X, U;
-  gated_cg_chunk_backward_solves<T>(q, k, v, beta, gamma, lambda_diag, cg_steps, cg_tolerance, S0, H0, dout, X, U);
-  gated_cg_chunk_backward_grads<T>(k, v, beta, gamma, S0, H0, dout, X, U, dS, dH, dq, dk, dv, dbeta, dgamma);
-  gated_cg_chunk_backward_state<T>(beta, gamma, dout, X, U, dS, dH, dlambda);
+  RowMatrix<T> X;
+  gated_cg_chunk_solutions<T>(q, k, beta, gamma, lambda_diag, cg_steps, cg_tolerance, H0, X);  // x_t again
+  gated_cg_chunk_backward_given_solutions<T>(k, v, beta, gamma, lambda_diag, cg_steps, cg_tolerance, S0, H0, dout,
+                                             X, dS, dH, dq, dk, dv, dbeta, dgamma, dlambda);
 }
 
 }  // namespace mesaopt::detail
