@@ -3,6 +3,7 @@
 // OpenMP when the translation unit is compiled with it, serial otherwise.
 // Each item writes only its own outputs, so results are bit-identical for any
 // thread count; reductions across items are done by the caller in a fixed order.
+#include <atomic>
 #include <cstddef>
 #include <exception>
 #include <type_traits>
@@ -105,18 +106,23 @@ namespace detail {
 // far ahead the pipeline runs: pre(i) starts only after post(i - window) has
 // finished, so a caller may keep per-item scratch in window slots (i % window).
 //
-// With OpenMP: seq runs on the calling thread (the team's master, which
-// creates the tasks), in order, so the critical path never changes thread; pre
-// and post are OpenMP tasks with dependences, run by the other threads, and by
-// the calling thread while it waits for pre(i) (taskwait depend). No busy waiting of our own: idle threads wait
-// in the OpenMP runtime. Serial in item order (pre, seq, post of item 0, then
-// of item 1, ...) for one thread or item, or without OpenMP. Every stage sees
-// its inputs exactly as in the serial order, so results are bit-identical for
-// any thread count as long as each stage writes only its own item's outputs
-// and seq alone touches the carried value. An exception from a stage is
-// caught, the pipeline stops creating work after a failed pre or seq, and the
-// exception the serial order would have thrown first (lowest item; pre, then
-// seq, then post) is rethrown after the loop.
+// With OpenMP every stage is a task, and the order above is the tasks'
+// dependences: pre(i) on post(i - window), seq(i) on pre(i) and seq(i - 1),
+// post(i) on seq(i). The calling thread (the team's master) creates them all,
+// then every thread of the team runs them as they become ready. No busy
+// waiting of our own: idle threads wait in the OpenMP runtime. There is
+// deliberately no `taskwait depend`: LLVM's libomp before 19 (clang 14 in
+// Debian 12) keeps that construct's dependence node on the waiting thread's
+// stack and may still touch it after the wait returns (LLVM issue 85963), which
+// corrupted the runtime's allocator in CI (docs/building.md, "OpenMP").
+// Serial in item order (pre, seq, post of item 0, then of item 1, ...) for one
+// thread or item, or without OpenMP. Every stage sees its inputs exactly as in
+// the serial order, so results are bit-identical for any thread count as long
+// as each stage writes only its own item's outputs and seq alone touches the
+// carried value. An exception from a stage is caught; after a failed pre or
+// seq the later items' stages are skipped, and the exception the serial order
+// would have thrown first (lowest item; pre, then seq, then post) is rethrown
+// after the loop.
 template <class Pre, class Seq, class Post>
 void ordered_pipeline(std::ptrdiff_t n, int num_threads, std::ptrdiff_t window, Pre&& pre, Seq&& seq, Post&& post) {
 #if defined(_OPENMP)
@@ -124,68 +130,76 @@ void ordered_pipeline(std::ptrdiff_t n, int num_threads, std::ptrdiff_t window, 
   if (team > 1) {
     if (window < 1) window = 1;
     const std::size_t un = static_cast<std::size_t>(n);
-    std::vector<char> pre_dep(un), post_dep(un);  // dependence addresses: pre(i) done, post(i) done
-    std::vector<std::exception_ptr> err_pre(un), err_post(un);
-    std::exception_ptr err_seq;
-    std::ptrdiff_t failed = n;  // the item whose pre or seq failed (n: none)
-    char* pd = pre_dep.data();
-    char* qd = post_dep.data();
+    // Dependence addresses: pd[i] pre(i) done, sd[i + 1] seq(i) done (sd[0]
+    // is never written: seq(0) waits for no seq), qd[i] post(i) done.
+    std::vector<char> deps(3 * un + 1);
+    std::vector<std::exception_ptr> err_pre(un), err_seq(un), err_post(un);
+    std::vector<char> seq_ran(un, 0);  // seq(i) returned normally: post(i) may run
+    // The lowest item whose pre or seq failed (n: none). Stages of later items
+    // are skipped (their results are never used: the exception is rethrown).
+    std::atomic<std::ptrdiff_t> failed{n};
+    const auto fail_at = [&failed](std::ptrdiff_t i) {
+      std::ptrdiff_t f = failed.load();
+      while (i < f && !failed.compare_exchange_weak(f, i)) {
+      }
+    };
+    const auto run_pre = [&](std::ptrdiff_t i) {
+      if (failed.load() < i) return;
+      try {
+        pre(i);
+      } catch (...) {
+        err_pre[static_cast<std::size_t>(i)] = std::current_exception();
+        fail_at(i);
+      }
+    };
+    const auto run_seq = [&](std::ptrdiff_t i) {
+      if (failed.load() <= i) return;  // this item's pre, or an earlier pre or seq, failed
+      try {
+        seq(i);
+        seq_ran[static_cast<std::size_t>(i)] = 1;
+      } catch (...) {
+        err_seq[static_cast<std::size_t>(i)] = std::current_exception();
+        fail_at(i);
+      }
+    };
+    const auto run_post = [&](std::ptrdiff_t i) {
+      if (!seq_ran[static_cast<std::size_t>(i)]) return;
+      try {
+        post(i);
+      } catch (...) {
+        err_post[static_cast<std::size_t>(i)] = std::current_exception();
+      }
+    };
+    char* pd = deps.data();
+    char* sd = pd + un;
+    char* qd = sd + un + 1;
     // master, not single: the thread that creates the tasks is then always the
     // calling one (with single, a worker thread's dependence table leaked in
-    // GCC 12's libgomp under LeakSanitizer). The other threads wait for tasks
-    // in the region's closing barrier, which also ends every task.
+    // GCC 12's libgomp under LeakSanitizer). The other threads start on tasks
+    // at once; all wait for the rest in the region's closing barrier, which
+    // also ends every task.
 #pragma omp parallel num_threads(team)
 #pragma omp master
     {
-      for (std::ptrdiff_t i = 0; i < n && i < window; ++i) {
-#pragma omp task firstprivate(i) shared(pre, err_pre) depend(out : pd[i:1])
-        {
-          try {
-            pre(i);
-          } catch (...) {
-            err_pre[static_cast<std::size_t>(i)] = std::current_exception();
-          }
-        }
-      }
       for (std::ptrdiff_t i = 0; i < n; ++i) {
-#pragma omp taskwait depend(in : pd[i:1])
-        const std::size_t u = static_cast<std::size_t>(i);
-        if (err_pre[u]) {
-          failed = i;
-          break;
+        if (i < window) {
+#pragma omp task firstprivate(i) shared(run_pre) depend(out : pd[i:1])
+          run_pre(i);
+        } else {
+          const std::ptrdiff_t j = i - window;
+#pragma omp task firstprivate(i, j) shared(run_pre) depend(in : qd[j:1]) depend(out : pd[i:1])
+          run_pre(i);
         }
-        try {
-          seq(i);
-        } catch (...) {
-          err_seq = std::current_exception();
-          failed = i;
-          break;
-        }
-#pragma omp task firstprivate(i, u) shared(post, err_post) depend(out : qd[i:1])
-        {
-          try {
-            post(i);
-          } catch (...) {
-            err_post[u] = std::current_exception();
-          }
-        }
-        if (i + window < n) {
-          const std::ptrdiff_t j = i + window;
-#pragma omp task firstprivate(j) shared(pre, err_pre) depend(in : qd[i:1]) depend(out : pd[j:1])
-          {
-            try {
-              pre(j);
-            } catch (...) {
-              err_pre[static_cast<std::size_t>(j)] = std::current_exception();
-            }
-          }
-        }
+#pragma omp task firstprivate(i) shared(run_seq) depend(in : pd[i:1], sd[i:1]) depend(out : sd[i + 1:1])
+        run_seq(i);
+#pragma omp task firstprivate(i) shared(run_post) depend(in : sd[i + 1:1]) depend(out : qd[i:1])
+        run_post(i);
       }
     }  // the region's closing barrier: every task has finished
     for (std::ptrdiff_t i = 0; i < n; ++i) {
       const std::size_t u = static_cast<std::size_t>(i);
       if (err_pre[u]) std::rethrow_exception(err_pre[u]);
-      if (i == failed && err_seq) std::rethrow_exception(err_seq);
+      if (err_seq[u]) std::rethrow_exception(err_seq[u]);
       if (err_post[u]) std::rethrow_exception(err_post[u]);
     }
     return;
