@@ -23,10 +23,11 @@ loss on --eval held-out sequences as method,position,loss,stderr,seeds (the
 format examples/compare_curves.py reads; stderr over sequences).
 """
 import argparse
-import os
 import sys
 import time
 
+
+from xla_threads import pin_threads
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,9 +53,7 @@ def parse():
 
 
 ARGS = parse()
-if ARGS.threads == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+pin_threads(ARGS.threads)  # before jax is imported
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

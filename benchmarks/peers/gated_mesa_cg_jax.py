@@ -26,9 +26,10 @@ prints one line per (d, T): forward and forward+backward (per --backward) head-t
 counts its thread's CPU time, so load on a shared machine inflates neither). --check compares the forward with a direct per-token solve.
 """
 import argparse
-import os
 import time
 
+
+from xla_threads import pin_threads
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -46,10 +47,7 @@ def parse():
 
 
 ARGS = parse()
-if ARGS.threads == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+pin_threads(ARGS.threads)  # before jax is imported
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

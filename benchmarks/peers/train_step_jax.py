@@ -19,10 +19,11 @@ thread (set before jax is imported).
 """
 import argparse
 import json
-import os
 import sys
 import time
 
+
+from xla_threads import pin_threads
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -36,10 +37,7 @@ def parse():
 
 
 ARGS = parse()
-if ARGS.threads == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+pin_threads(ARGS.threads)  # before jax is imported
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
