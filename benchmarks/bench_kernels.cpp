@@ -13,6 +13,9 @@
 //   dot, axpy                  2 n
 //   ger, syr_sub, gemv         2 d^2
 //   state_update_apply         4 d^2          (St update + o = St^T a, dv = d)
+//   state_sweep                4 d^2 T        (T tokens of state_update_apply, scale 1;
+//                                              /sweep: kernels::state_sweep, /per_token:
+//                                              one state_update_apply call per token)
 //   state_update_dot           4 d^2          (4 d dv with dv = d: St update, 2 flops per
 //                                              entry, + da = St g, 2 flops per entry)
 //   rank2_update_apply         6 d^2          (M update, 2 FMAs = 4 flops per entry,
@@ -30,6 +33,7 @@
 
 #include "peak.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <random>
@@ -185,6 +189,30 @@ void BM_state_update_apply(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   set_counters<T>(state, 4.0 * d * d);
+}
+
+// T tokens of linear attention's state (M1-M2) from S_0 = 0, d = dv: the
+// whole-sequence kernel against one state_update_apply per token (the loop the
+// recurrent op ran before state_sweep). Args: d, T. Same row layout as the op
+// (St rows padded to the width, q/k/v/o rows back to back).
+template <class T, bool Sweep>
+void BM_state_sweep(benchmark::State& state) {
+  const std::size_t d = static_cast<std::size_t>(state.range(0)), n = static_cast<std::size_t>(state.range(1));
+  const std::size_t lds = k::padded_stride<T>(d);
+  const auto kk = random_vector<T>(n * d, 1), v = random_vector<T>(n * d, 2), q = random_vector<T>(n * d, 3);
+  AlignedVector<T> St(d * lds), o(n * d);
+  for (auto _ : state) {
+    std::fill(St.begin(), St.end(), T(0));
+    if (Sweep) {
+      k::state_sweep(n, d, d, St.data(), lds, kk.data(), d, v.data(), d, q.data(), d, o.data(), d, false);
+    } else {
+      for (std::size_t t = 0; t < n; ++t)
+        k::state_update_apply(d, d, St.data(), lds, T(1), kk.data() + t * d, v.data() + t * d, q.data() + t * d,
+                              o.data() + t * d);
+    }
+    benchmark::ClobberMemory();
+  }
+  set_counters<T>(state, 4.0 * double(d) * double(d) * double(n));
 }
 
 // St <- St + k v^T, da = St g (the mesa backward's M10), v alternating sign so St stays bounded.
@@ -350,6 +378,10 @@ MESAOPT_BENCH_PAIR(BM_sherman_morrison_gain, float);
 MESAOPT_BENCH_PAIR(BM_sherman_morrison_gain, double);
 MESAOPT_BENCH_PAIR(BM_state_update_apply, float);
 MESAOPT_BENCH_PAIR(BM_state_update_apply, double);
+BENCHMARK_TEMPLATE(BM_state_sweep, float, true)->Name("BM_state_sweep<float>/sweep")->ArgsProduct({{16, 20, 32, 64}, {50, 1024}});
+BENCHMARK_TEMPLATE(BM_state_sweep, float, false)->Name("BM_state_sweep<float>/per_token")->ArgsProduct({{16, 20, 32, 64}, {50, 1024}});
+BENCHMARK_TEMPLATE(BM_state_sweep, double, true)->Name("BM_state_sweep<double>/sweep")->ArgsProduct({{16, 20, 32, 64}, {50, 1024}});
+BENCHMARK_TEMPLATE(BM_state_sweep, double, false)->Name("BM_state_sweep<double>/per_token")->ArgsProduct({{16, 20, 32, 64}, {50, 1024}});
 MESAOPT_BENCH_PAIR_TAIL(BM_state_update_dot, float);
 MESAOPT_BENCH_PAIR_TAIL(BM_state_update_dot, double);
 MESAOPT_BENCH_PAIR_TAIL(BM_rank2_update_apply, float);

@@ -472,6 +472,62 @@ TEMPLATE_TEST_CASE("state_update_apply matches the reference for d x dv with lds
   }
 }
 
+// The whole-sequence sweep: blocks of rows held in registers, column passes
+// whose last two batches may overlap, forward and reverse order, every row
+// stride larger than the row; against one reference step per token.
+TEMPLATE_TEST_CASE("state_sweep matches one state_update_apply per token, forward and reverse",
+                   "[kernels][state_sweep]", float, double) {
+  using T = TestType;
+  std::vector<std::size_t> ds, dvs;
+  for (std::size_t n = 1; n <= 26; ++n) ds.push_back(n);
+  for (std::size_t n : {31, 33, 40, 64}) ds.push_back(n);
+  for (std::size_t n = 1; n <= 41; ++n) dvs.push_back(n);
+  for (std::size_t n : {47, 64, 65, 100}) dvs.push_back(n);
+  for (std::size_t d : ds)
+    for (std::size_t dv : dvs)
+      for (std::size_t n : {std::size_t(0), std::size_t(1), std::size_t(13), std::size_t(50)}) {
+        if (n == 50 && (d % 7 != 6 || dv % 3 != 2)) continue;  // the long sequence on a sample of shapes
+        const std::uint64_t seed = 9000 + 131 * d + 17 * dv + n;
+        const auto St0 = random_values<T>(d * dv, seed), kk = random_values<T>(n * d, seed + 1);
+        const auto v = random_values<T>(n * dv, seed + 2), a = random_values<T>(n * d, seed + 3);
+        for (const bool reverse : {false, true}) {
+          std::vector<T> St_ref(St0), o_ref(n * dv);
+          ref::state_sweep(n, d, dv, St_ref.data(), dv, kk.data(), d, v.data(), dv, a.data(), d, o_ref.data(), dv,
+                           reverse);
+          // Bounds from the same sweep on absolute values: every St entry is
+          // a sum of at most n + 1 terms, every o entry a sum of d products.
+          auto absolute = [](std::vector<T> x) {
+            for (auto& e : x) e = std::abs(e);
+            return x;
+          };
+          std::vector<T> S_mag(absolute(St0)), o_mag(n * dv);
+          ref::state_sweep(n, d, dv, S_mag.data(), dv, absolute(kk).data(), d, absolute(v).data(), dv,
+                           absolute(a).data(), d, o_mag.data(), dv, reverse);
+          std::vector<double> tol_S(S_mag.size()), tol_o(o_mag.size());
+          for (std::size_t i = 0; i < S_mag.size(); ++i) tol_S[i] = 2.0 * double(n + 1) * eps<T>() * S_mag[i];
+          for (std::size_t i = 0; i < o_mag.size(); ++i) tol_o[i] = 2.0 * double(n + d + 2) * eps<T>() * o_mag[i];
+          INFO("n = " << n << ", d = " << d << ", dv = " << dv << ", reverse = " << reverse);
+          // Row strides past the row (padding holds sentinels), unaligned data.
+          auto St = guarded_matrix(d, dv, dv + 3, 1, St0);
+          auto gk = guarded_matrix(n, d, d + 1, 1, kk), ga = guarded_matrix(n, d, d + 2, 0, a);
+          auto gv = guarded_matrix(n, dv, dv + 5, 1, v);
+          auto go = guarded_matrix(n, dv, dv + 2, 1, std::vector<T>(n * dv, T(0)));
+          k::state_sweep(n, d, dv, St.data(), dv + 3, gk.data(), d + 1, gv.data(), dv + 5, ga.data(), d + 2,
+                         go.data(), dv + 2, reverse);
+          CHECK(worst_ratio(St.get(), St_ref, tol_S) <= 1.0);
+          CHECK(worst_ratio(go.get(), o_ref, tol_o) <= 1.0);
+          CHECK(St.guard_violations() == 0);
+          CHECK(go.guard_violations() == 0);
+          CHECK(gk.guard_violations() + gv.guard_violations() + ga.guard_violations() == 0);
+          // Exact-size buffers (rows back to back) for ASan.
+          std::vector<T> St2(St0), o2(n * dv);
+          k::state_sweep(n, d, dv, St2.data(), dv, kk.data(), d, v.data(), dv, a.data(), d, o2.data(), dv, reverse);
+          CHECK(worst_ratio(St2, St_ref, tol_S) <= 1.0);
+          CHECK(worst_ratio(o2, o_ref, tol_o) <= 1.0);
+        }
+      }
+}
+
 TEMPLATE_TEST_CASE("state_update_dot matches the reference for d x dv with lds > dv, inputs untouched",
                    "[kernels][state_update]", float, double) {
   using T = TestType;

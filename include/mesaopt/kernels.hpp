@@ -6,5 +6,6 @@
 #include <mesaopt/kernels/reference.hpp>
 #include <mesaopt/kernels/sherman_morrison.hpp>
 #include <mesaopt/kernels/simd.hpp>
+#include <mesaopt/kernels/state_sweep.hpp>
 #include <mesaopt/kernels/state_update.hpp>
 #include <mesaopt/kernels/vector_ops.hpp>

@@ -66,6 +66,17 @@ void state_update_apply(std::size_t d, std::size_t dv, T* St, std::size_t lds, T
   }
 }
 
+// docs/math.md (M1-M2) over a whole sequence: one state_update_apply (scale 1)
+// per token, t = 0 .. n-1, or n-1 .. 0 when reverse (kernels/state_sweep.hpp).
+template <class T>
+void state_sweep(std::size_t n, std::size_t d, std::size_t dv, T* St, std::size_t lds, const T* k, std::size_t ldk,
+                 const T* v, std::size_t ldv, const T* a, std::size_t lda, T* o, std::size_t ldo, bool reverse) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t t = reverse ? n - 1 - i : i;
+    state_update_apply(d, dv, St, lds, T(1), k + t * ldk, v + t * ldv, a + t * lda, o + t * ldo);
+  }
+}
+
 // docs/math.md (M10): the state update of the mesa backward pass with the other
 // product: St <- scale St + k v^T;  da = St g  (da_i = sum_j St_ij g_j).
 // (Row by row, each row dotted right after its update: the loop the mesa op

@@ -7,6 +7,7 @@
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 
+#include <cstddef>
 #include <cstdint>
 #include <utility>
 
@@ -141,6 +142,12 @@ void check_token_output_distinct(const char* where, const Q& q, const K& k, cons
 template <class M>
 auto row_ptr(M& m, long t) {
   return m.data() + t * m.outerStride();
+}
+
+// Distance between consecutive rows, in elements, for the kernels' ld arguments.
+template <class M>
+std::size_t row_stride(const M& m) {
+  return std::size_t(m.outerStride());
 }
 
 }  // namespace mesaopt::detail

@@ -7,9 +7,10 @@
 //                                                           causal mask includes i = t)
 //
 // S_0 = 0 unless an initial state is given. Two exact forms of the same function:
-// - recurrent: carries St = S^T (d x dv) through the sequence with the fused
-//   kernel kernels::state_update_apply (St += k_t v_t^T, o_t = St^T q_t in one
-//   pass). 4 d dv flops per token, O(d dv) scratch.
+// - recurrent: carries St = S^T (d x dv) through the sequence with the
+//   kernel kernels::state_sweep (St += k_t v_t^T, o_t = St^T q_t for every
+//   token, blocks of St held in registers for the whole sequence). 4 d dv
+//   flops per token, O(d dv) scratch.
 // - chunked: splits the sequence into chunks of C tokens; inside a chunk the
 //   quadratic form tril(Q_c K_c^T) V_c is a small GEMM, and earlier chunks
 //   enter through the carried state, Q_c St. About 4 d dv + 2 C (d + dv) flops
@@ -35,7 +36,7 @@
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parallel.hpp>
-#include <mesaopt/kernels/state_update.hpp>
+#include <mesaopt/kernels/state_sweep.hpp>
 #include <mesaopt/ops/checks.hpp>
 #include <mesaopt/ops/masked_product.hpp>
 #include <mesaopt/ops/state.hpp>
@@ -116,15 +117,14 @@ void linear_attention_forward_recurrent(ConstMatrixRef<T> q, ConstMatrixRef<T> k
   const auto lds = kernels::padded_stride<T>(std::size_t(dv));
   RowMatrix<T> St = RowMatrix<T>::Zero(d, long(lds));
   St.leftCols(dv) = detail::initial_transposed_state<T>(initial, d, dv);
-  for (long t = 0; t < n; ++t) {
-    // M1: St += k_t v_t^T;  M2: o_t = S_t q_t = St^T q_t.
-    kernels::state_update_apply<T>(std::size_t(d), std::size_t(dv), St.data(), lds, T(1), detail::row_ptr(k, t),
-                                   detail::row_ptr(v, t), detail::row_ptr(q, t), detail::row_ptr(out, t));
-  }
+  // M1: St += k_t v_t^T;  M2: o_t = S_t q_t = St^T q_t, for t = 0 .. n-1.
+  kernels::state_sweep<T>(std::size_t(n), std::size_t(d), std::size_t(dv), St.data(), lds, k.data(),
+                          detail::row_stride(k), v.data(), detail::row_stride(v), q.data(), detail::row_stride(q),
+                          out.data(), detail::row_stride(out), /*reverse=*/false);
   if (final != nullptr) final->S = St.leftCols(dv).transpose();
 }
 
-// Three sweeps of the same fused kernel, 12 d dv flops per token:
+// Three sweeps of the same kernel (kernels::state_sweep), 12 d dv flops per token:
 //   forward sweep:  S += v_t k_t^T (S is dv x d, from S_0),  dq_t = S_t^T g_t
 //   reverse sweep:  Gt += q_t g_t^T (d x dv), dv_t = G_t k_t = Gt^T k_t
 //                   G  += g_t q_t^T (dv x d), dk_t = G_t^T v_t = G^T v_t
@@ -145,9 +145,9 @@ void linear_attention_backward_recurrent(ConstMatrixRef<T> q, ConstMatrixRef<T> 
     // forward: o_t = S_t q_t   =>   dq_t = S_t^T g_t   (M3)
     RowMatrix<T> S = RowMatrix<T>::Zero(dv, long(pd));
     if (initial != nullptr) S.leftCols(d) = initial->S;
-    for (long t = 0; t < n; ++t)
-      kernels::state_update_apply<T>(udv, ud, S.data(), pd, T(1), detail::row_ptr(v, t), detail::row_ptr(k, t),
-                                     detail::row_ptr(dout, t), detail::row_ptr(dq, t));
+    kernels::state_sweep<T>(std::size_t(n), udv, ud, S.data(), pd, v.data(), detail::row_stride(v), k.data(),
+                            detail::row_stride(k), dout.data(), detail::row_stride(dout), dq.data(),
+                            detail::row_stride(dq), /*reverse=*/false);
   }
   // forward: S_t = S_0 + sum_{i<=t} v_i k_i^T  =>  G_t = dL/dS_T + sum_{tau>=t} g_tau q_tau^T,
   //          dv_t = G_t k_t, dk_t = G_t^T v_t, dL/dS_0 = G_1   (M3, M14; G kept in both layouts)
@@ -157,12 +157,13 @@ void linear_attention_backward_recurrent(ConstMatrixRef<T> q, ConstMatrixRef<T> 
     Gt.leftCols(dv) = grad_final->S.transpose();
     G.leftCols(d) = grad_final->S;
   }
-  for (long t = n - 1; t >= 0; --t) {
-    kernels::state_update_apply<T>(ud, udv, Gt.data(), pdv, T(1), detail::row_ptr(q, t), detail::row_ptr(dout, t),
-                                   detail::row_ptr(k, t), detail::row_ptr(grad_v, t));
-    kernels::state_update_apply<T>(udv, ud, G.data(), pd, T(1), detail::row_ptr(dout, t), detail::row_ptr(q, t),
-                                   detail::row_ptr(v, t), detail::row_ptr(dk, t));
-  }
+  // Two reverse sweeps (t = n-1 .. 0): Gt += q_t g_t^T, dv_t = Gt^T k_t; G += g_t q_t^T, dk_t = G^T v_t.
+  kernels::state_sweep<T>(std::size_t(n), ud, udv, Gt.data(), pdv, q.data(), detail::row_stride(q), dout.data(),
+                          detail::row_stride(dout), k.data(), detail::row_stride(k), grad_v.data(),
+                          detail::row_stride(grad_v), /*reverse=*/true);
+  kernels::state_sweep<T>(std::size_t(n), udv, ud, G.data(), pd, dout.data(), detail::row_stride(dout), q.data(),
+                          detail::row_stride(q), v.data(), detail::row_stride(v), dk.data(), detail::row_stride(dk),
+                          /*reverse=*/true);
   if (grad_initial != nullptr) grad_initial->S = G.leftCols(d);
 }
 
