@@ -26,8 +26,8 @@ import argparse
 import sys
 import time
 
-
 from xla_threads import pin_threads
+
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

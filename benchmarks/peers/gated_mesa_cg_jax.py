@@ -28,8 +28,8 @@ counts its thread's CPU time, so load on a shared machine inflates neither). --c
 import argparse
 import time
 
-
 from xla_threads import pin_threads
+
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

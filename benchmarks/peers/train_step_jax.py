@@ -22,8 +22,8 @@ import json
 import sys
 import time
 
-
 from xla_threads import pin_threads
+
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
