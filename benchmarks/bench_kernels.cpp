@@ -204,7 +204,7 @@ void BM_state_sweep(benchmark::State& state) {
   for (auto _ : state) {
     std::fill(St.begin(), St.end(), T(0));
     if (Sweep) {
-      k::state_sweep(n, d, d, St.data(), lds, kk.data(), d, v.data(), d, q.data(), d, o.data(), d, false);
+      k::state_sweep(n, d, d, St.data(), lds, T(1), kk.data(), d, v.data(), d, q.data(), d, o.data(), d, false);
     } else {
       for (std::size_t t = 0; t < n; ++t)
         k::state_update_apply(d, d, St.data(), lds, T(1), kk.data() + t * d, v.data() + t * d, q.data() + t * d,
@@ -374,6 +374,13 @@ MESAOPT_BENCH_PAIR(BM_mesa_step, float);
 MESAOPT_BENCH_PAIR(BM_mesa_step, double);
 MESAOPT_BENCH_PAIR(BM_sherman_morrison_update, float);
 MESAOPT_BENCH_PAIR(BM_sherman_morrison_update, double);
+// and at the paper's head size, where the last batch of the pass is half-width (AVX-512)
+BENCHMARK_TEMPLATE(BM_sherman_morrison_update, float, true)
+    ->Name("BM_sherman_morrison_update<float>/simd")
+    ->Arg(20);
+BENCHMARK_TEMPLATE(BM_sherman_morrison_update, double, true)
+    ->Name("BM_sherman_morrison_update<double>/simd")
+    ->Arg(20);
 MESAOPT_BENCH_PAIR(BM_sherman_morrison_gain, float);
 MESAOPT_BENCH_PAIR(BM_sherman_morrison_gain, double);
 MESAOPT_BENCH_PAIR(BM_state_update_apply, float);

@@ -289,69 +289,92 @@ std::vector<T> random_spd(std::size_t d, std::uint64_t seed) {
   return R;
 }
 
-// One fused update checked against the reference: R, a and (optionally) b,
-// with R in a padded, unaligned, guarded buffer and every vector guarded.
+// One fused update checked against the reference: R, a and (optionally) b and
+// y, with R in a padded, unaligned, guarded buffer and every vector guarded.
 template <class T>
-void check_sherman_morrison_update(std::size_t d, T scale, bool with_next) {
+void check_sherman_morrison_update(std::size_t d, T scale, bool with_next, bool with_x) {
   const std::size_t ld = d + 2;
   const auto R0 = random_spd<T>(d, 1000 + d);
   const auto w = random_values<T>(d, 1100 + d, -0.3, 0.3), q = random_values<T>(d, 1200 + d);
-  const auto kn = random_values<T>(d, 1300 + d);
+  const auto kn = random_values<T>(d, 1300 + d), x = random_values<T>(d, 1400 + d);
 
-  std::vector<T> R_ref(R0), a_ref(d), b_ref(d);
+  std::vector<T> R_ref(R0), a_ref(d), b_ref(d), y_ref(d);
   ref::sherman_morrison_update(d, R_ref.data(), d, w.data(), scale, q.data(), with_next ? kn.data() : nullptr,
-                               a_ref.data(), with_next ? b_ref.data() : nullptr);
+                               a_ref.data(), with_next ? b_ref.data() : nullptr, with_x ? x.data() : nullptr,
+                               with_x ? y_ref.data() : nullptr);
 
   // Tolerances: entry (i,j) is two roundings of scale R_ij - w_i w_j; row sums
-  // of |scale R_ij| + |w_i w_j| weighted by |q_j| (|k_j|) bound a (b).
-  std::vector<double> tol_R(d * d), tol_a(d), tol_b(d);
+  // of |scale R_ij| + |w_i w_j| weighted by |q_j| (|k_j|, |x_j|) bound a (b, y).
+  std::vector<double> tol_R(d * d), tol_a(d), tol_b(d), tol_y(d);
   for (std::size_t i = 0; i < d; ++i) {
-    double ma = 0, mb = 0;
+    double ma = 0, mb = 0, my = 0;
     for (std::size_t j = 0; j < d; ++j) {
       const double mag = std::abs(double(scale) * double(R0[i * d + j])) + std::abs(double(w[i]) * double(w[j]));
       tol_R[i * d + j] = 2 * eps<T>() * mag;
       ma += mag * std::abs(double(q[j]));
       mb += mag * std::abs(double(kn[j]));
+      my += mag * std::abs(double(x[j]));
     }
     tol_a[i] = 2.0 * (d + 2) * eps<T>() * ma;
     tol_b[i] = 2.0 * (d + 2) * eps<T>() * mb;
+    tol_y[i] = 2.0 * (d + 2) * eps<T>() * my;
   }
 
   auto R = guarded_matrix(d, d, ld, 1, R0);
-  auto gw = guarded_vector(w, 1), gq = guarded_vector(q, 0), gk = guarded_vector(kn, 1);
+  auto gw = guarded_vector(w, 1), gq = guarded_vector(q, 0), gk = guarded_vector(kn, 1), gx = guarded_vector(x, 0);
   auto ga = guarded_vector(std::vector<T>(d, T(0)), 1), gb = guarded_vector(std::vector<T>(d, T(0)), 0);
+  auto gy = guarded_vector(std::vector<T>(d, T(0)), 1);
   k::sherman_morrison_update(d, R.data(), ld, gw.data(), scale, gq.data(), with_next ? gk.data() : nullptr, ga.data(),
-                             with_next ? gb.data() : nullptr);
+                             with_next ? gb.data() : nullptr, with_x ? gx.data() : nullptr,
+                             with_x ? gy.data() : nullptr);
   CHECK(worst_ratio(R.get(), R_ref, tol_R) <= 1.0);
   CHECK(worst_ratio(ga.get(), a_ref, tol_a) <= 1.0);
   if (with_next) CHECK(worst_ratio(gb.get(), b_ref, tol_b) <= 1.0);
-  // Without k_next, b is not touched at all.
+  if (with_x) CHECK(worst_ratio(gy.get(), y_ref, tol_y) <= 1.0);
+  // Without k_next (x), b (y) is not touched at all.
   if (!with_next) CHECK(gb.get() == std::vector<T>(d, T(0)));
+  if (!with_x) CHECK(gy.get() == std::vector<T>(d, T(0)));
+  // R stays bitwise symmetric, the overlapping batches' columns included.
+  const auto Rv = R.get();
+  std::size_t asymmetric = 0;
+  for (std::size_t i = 0; i < d; ++i)
+    for (std::size_t j = 0; j < i; ++j) asymmetric += Rv[i * d + j] != Rv[j * d + i];
+  CHECK(asymmetric == 0);
   CHECK(R.guard_violations() == 0);
-  CHECK(ga.guard_violations() == 0);
-  CHECK(gb.guard_violations() == 0);
+  CHECK(ga.guard_violations() + gb.guard_violations() + gy.guard_violations() == 0);
   CHECK(gw.get() == w);
   CHECK(gq.get() == q);
   CHECK(gk.get() == kn);
+  CHECK(gx.get() == x);
 
   // Exact-size buffers with ld = d: ASan sees any read or write past the end.
-  std::vector<T> R2(R0), a2(d), b2(d);
+  std::vector<T> R2(R0), a2(d), b2(d), y2(d);
   k::sherman_morrison_update(d, R2.data(), d, w.data(), scale, q.data(), with_next ? kn.data() : nullptr, a2.data(),
-                             with_next ? b2.data() : nullptr);
+                             with_next ? b2.data() : nullptr, with_x ? x.data() : nullptr,
+                             with_x ? y2.data() : nullptr);
   CHECK(worst_ratio(R2, R_ref, tol_R) <= 1.0);
   CHECK(worst_ratio(a2, a_ref, tol_a) <= 1.0);
+  // The update and a do not depend on which other products ride along: the
+  // mesa backward recomputes the forward's R_t and a_t bit for bit.
+  std::vector<T> R3(R0), a3(d), b3(d);
+  k::sherman_morrison_update(d, R3.data(), d, w.data(), scale, q.data(), kn.data(), a3.data(), b3.data());
+  CHECK(R3 == R2);
+  CHECK(a3 == a2);
 }
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("sherman_morrison_update matches the reference (R, a, b), guards intact",
+TEMPLATE_TEST_CASE("sherman_morrison_update matches the reference (R, a, b, y), guards intact",
                    "[kernels][sherman_morrison]", float, double) {
   using T = TestType;
   for (std::size_t d : matrix_sizes()) {
     for (T scale : {T(1), T(1) / T(0.9)}) {
       for (bool with_next : {true, false}) {
-        INFO("d = " << d << ", scale = " << scale << ", k_next " << (with_next ? "given" : "null"));
-        check_sherman_morrison_update<T>(d, scale, with_next);
+        for (bool with_x : {false, true}) {
+          INFO("d = " << d << ", scale = " << scale << ", k_next " << (with_next ? "given" : "null") << ", x "
+                      << (with_x ? "given" : "null"));
+          check_sherman_morrison_update<T>(d, scale, with_next, with_x);
+        }
       }
     }
   }
@@ -473,8 +496,9 @@ TEMPLATE_TEST_CASE("state_update_apply matches the reference for d x dv with lds
 }
 
 // The whole-sequence sweep: blocks of rows held in registers, column passes
-// whose last two batches may overlap, forward and reverse order, every row
-// stride larger than the row; against one reference step per token.
+// whose last two batches may overlap, forward and reverse order, with and
+// without the decay (scale, the mesa op's gamma), every row stride larger than
+// the row; against one reference step per token.
 TEMPLATE_TEST_CASE("state_sweep matches one state_update_apply per token, forward and reverse",
                    "[kernels][state_sweep]", float, double) {
   using T = TestType;
@@ -490,29 +514,31 @@ TEMPLATE_TEST_CASE("state_sweep matches one state_update_apply per token, forwar
         const std::uint64_t seed = 9000 + 131 * d + 17 * dv + n;
         const auto St0 = random_values<T>(d * dv, seed), kk = random_values<T>(n * d, seed + 1);
         const auto v = random_values<T>(n * dv, seed + 2), a = random_values<T>(n * d, seed + 3);
-        for (const bool reverse : {false, true}) {
+        for (const bool reverse : {false, true})
+        for (const T scale : {T(1), T(0.9)}) {
           std::vector<T> St_ref(St0), o_ref(n * dv);
-          ref::state_sweep(n, d, dv, St_ref.data(), dv, kk.data(), d, v.data(), dv, a.data(), d, o_ref.data(), dv,
-                           reverse);
+          ref::state_sweep(n, d, dv, St_ref.data(), dv, scale, kk.data(), d, v.data(), dv, a.data(), d, o_ref.data(),
+                           dv, reverse);
           // Bounds from the same sweep on absolute values: every St entry is
-          // a sum of at most n + 1 terms, every o entry a sum of d products.
+          // a sum of at most n + 1 terms, every o entry a sum of d products;
+          // with scale != 1 each step rounds twice (the product, then the FMA).
           auto absolute = [](std::vector<T> x) {
             for (auto& e : x) e = std::abs(e);
             return x;
           };
           std::vector<T> S_mag(absolute(St0)), o_mag(n * dv);
-          ref::state_sweep(n, d, dv, S_mag.data(), dv, absolute(kk).data(), d, absolute(v).data(), dv,
+          ref::state_sweep(n, d, dv, S_mag.data(), dv, scale, absolute(kk).data(), d, absolute(v).data(), dv,
                            absolute(a).data(), d, o_mag.data(), dv, reverse);
           std::vector<double> tol_S(S_mag.size()), tol_o(o_mag.size());
-          for (std::size_t i = 0; i < S_mag.size(); ++i) tol_S[i] = 2.0 * double(n + 1) * eps<T>() * S_mag[i];
-          for (std::size_t i = 0; i < o_mag.size(); ++i) tol_o[i] = 2.0 * double(n + d + 2) * eps<T>() * o_mag[i];
-          INFO("n = " << n << ", d = " << d << ", dv = " << dv << ", reverse = " << reverse);
+          for (std::size_t i = 0; i < S_mag.size(); ++i) tol_S[i] = 4.0 * double(n + 1) * eps<T>() * S_mag[i];
+          for (std::size_t i = 0; i < o_mag.size(); ++i) tol_o[i] = 4.0 * double(n + d + 2) * eps<T>() * o_mag[i];
+          INFO("n = " << n << ", d = " << d << ", dv = " << dv << ", reverse = " << reverse << ", scale = " << scale);
           // Row strides past the row (padding holds sentinels), unaligned data.
           auto St = guarded_matrix(d, dv, dv + 3, 1, St0);
           auto gk = guarded_matrix(n, d, d + 1, 1, kk), ga = guarded_matrix(n, d, d + 2, 0, a);
           auto gv = guarded_matrix(n, dv, dv + 5, 1, v);
           auto go = guarded_matrix(n, dv, dv + 2, 1, std::vector<T>(n * dv, T(0)));
-          k::state_sweep(n, d, dv, St.data(), dv + 3, gk.data(), d + 1, gv.data(), dv + 5, ga.data(), d + 2,
+          k::state_sweep(n, d, dv, St.data(), dv + 3, scale, gk.data(), d + 1, gv.data(), dv + 5, ga.data(), d + 2,
                          go.data(), dv + 2, reverse);
           CHECK(worst_ratio(St.get(), St_ref, tol_S) <= 1.0);
           CHECK(worst_ratio(go.get(), o_ref, tol_o) <= 1.0);
@@ -521,11 +547,67 @@ TEMPLATE_TEST_CASE("state_sweep matches one state_update_apply per token, forwar
           CHECK(gk.guard_violations() + gv.guard_violations() + ga.guard_violations() == 0);
           // Exact-size buffers (rows back to back) for ASan.
           std::vector<T> St2(St0), o2(n * dv);
-          k::state_sweep(n, d, dv, St2.data(), dv, kk.data(), d, v.data(), dv, a.data(), d, o2.data(), dv, reverse);
+          k::state_sweep(n, d, dv, St2.data(), dv, scale, kk.data(), d, v.data(), dv, a.data(), d, o2.data(), dv,
+                         reverse);
           CHECK(worst_ratio(St2, St_ref, tol_S) <= 1.0);
           CHECK(worst_ratio(o2, o_ref, tol_o) <= 1.0);
         }
       }
+}
+
+// The rank-2 sweep of the mesa backward's M (M11): the same register blocks
+// with two outer products per token; against one reference rank-2 step per
+// token, forward and reverse, with and without the decay.
+TEMPLATE_TEST_CASE("rank2_sweep matches one rank2_update_apply per token, forward and reverse",
+                   "[kernels][state_sweep][rank2]", float, double) {
+  using T = TestType;
+  std::vector<std::size_t> ds;
+  for (std::size_t n = 1; n <= 41; ++n) ds.push_back(n);
+  for (std::size_t n : {47, 64, 65, 100}) ds.push_back(n);
+  for (std::size_t d : ds)
+    for (std::size_t n : {std::size_t(0), std::size_t(1), std::size_t(13), std::size_t(50)}) {
+      if (n == 50 && d % 3 != 2) continue;  // the long sequence on a sample of sizes
+      const std::uint64_t seed = 9500 + 131 * d + n;
+      auto M0 = random_values<T>(d * d, seed);
+      for (std::size_t i = 0; i < d; ++i)
+        for (std::size_t j = 0; j < i; ++j) M0[j * d + i] = M0[i * d + j];  // symmetric, as in the op
+      const auto x = random_values<T>(n * d, seed + 1), y = random_values<T>(n * d, seed + 2);
+      const auto kk = random_values<T>(n * d, seed + 3);
+      for (const bool reverse : {false, true})
+        for (const T scale : {T(1), T(0.9)}) {
+          std::vector<T> M_ref(M0), o_ref(n * d);
+          ref::rank2_sweep(n, d, M_ref.data(), d, scale, x.data(), d, y.data(), d, kk.data(), d, o_ref.data(), d,
+                           reverse);
+          // Bounds from the same sweep on absolute values: each step rounds an
+          // entry up to three times, o_t is a sum of d products.
+          auto absolute = [](std::vector<T> e) {
+            for (auto& z : e) z = std::abs(z);
+            return e;
+          };
+          std::vector<T> M_mag(absolute(M0)), o_mag(n * d);
+          ref::rank2_sweep(n, d, M_mag.data(), d, scale, absolute(x).data(), d, absolute(y).data(), d,
+                           absolute(kk).data(), d, o_mag.data(), d, reverse);
+          std::vector<double> tol_M(M_mag.size()), tol_o(o_mag.size());
+          for (std::size_t i = 0; i < M_mag.size(); ++i) tol_M[i] = 8.0 * double(n + 1) * eps<T>() * M_mag[i];
+          for (std::size_t i = 0; i < o_mag.size(); ++i) tol_o[i] = 8.0 * double(n + d + 2) * eps<T>() * o_mag[i];
+          INFO("n = " << n << ", d = " << d << ", reverse = " << reverse << ", scale = " << scale);
+          auto M = guarded_matrix(d, d, d + 3, 1, M0);
+          auto gx = guarded_matrix(n, d, d + 1, 1, x), gy = guarded_matrix(n, d, d + 2, 0, y);
+          auto gk = guarded_matrix(n, d, d + 5, 1, kk);
+          auto go = guarded_matrix(n, d, d + 2, 1, std::vector<T>(n * d, T(0)));
+          k::rank2_sweep(n, d, M.data(), d + 3, scale, gx.data(), d + 1, gy.data(), d + 2, gk.data(), d + 5, go.data(),
+                         d + 2, reverse);
+          CHECK(worst_ratio(M.get(), M_ref, tol_M) <= 1.0);
+          CHECK(worst_ratio(go.get(), o_ref, tol_o) <= 1.0);
+          CHECK(M.guard_violations() + go.guard_violations() == 0);
+          CHECK(gx.guard_violations() + gy.guard_violations() + gk.guard_violations() == 0);
+          // Exact-size buffers (rows back to back) for ASan.
+          std::vector<T> M2(M0), o2(n * d);
+          k::rank2_sweep(n, d, M2.data(), d, scale, x.data(), d, y.data(), d, kk.data(), d, o2.data(), d, reverse);
+          CHECK(worst_ratio(M2, M_ref, tol_M) <= 1.0);
+          CHECK(worst_ratio(o2, o_ref, tol_o) <= 1.0);
+        }
+    }
 }
 
 TEMPLATE_TEST_CASE("state_update_dot matches the reference for d x dv with lds > dv, inputs untouched",

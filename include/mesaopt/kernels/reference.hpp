@@ -41,15 +41,17 @@ void gemv(std::size_t m, std::size_t n, const T* A, std::size_t lda, const T* x,
   for (std::size_t i = 0; i < m; ++i) y[i] = dot(A + i * lda, x, n);
 }
 
-// docs/math.md (M7, M9), fused:  R <- scale R - w w^T;  a = R q;  b = R k_next.
-// R is d x d row-major (row stride ldr); k_next/b may be null (last token).
+// docs/math.md (M7, M9, M10), fused:  R <- scale R - w w^T;  a = R q;  b = R k_next;  y = R x.
+// R is d x d row-major (row stride ldr); k_next/b may be null (last token), x/y
+// may be null (only the mesa backward asks for y = R da).
 template <class T>
 void sherman_morrison_update(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q,
-                             const T* k_next, T* a, T* b) {
+                             const T* k_next, T* a, T* b, const T* x = nullptr, T* y = nullptr) {
   for (std::size_t i = 0; i < d; ++i)
     for (std::size_t j = 0; j < d; ++j) R[i * ldr + j] = scale * R[i * ldr + j] - w[i] * w[j];
   gemv(d, d, R, ldr, q, a);
   if (k_next != nullptr) gemv(d, d, R, ldr, k_next, b);
+  if (x != nullptr) gemv(d, d, R, ldr, x, y);
 }
 
 // docs/math.md (M1-M2, M8-M9) with S stored transposed (St = S^T, d x dv):
@@ -66,14 +68,15 @@ void state_update_apply(std::size_t d, std::size_t dv, T* St, std::size_t lds, T
   }
 }
 
-// docs/math.md (M1-M2) over a whole sequence: one state_update_apply (scale 1)
+// docs/math.md (M1-M2, M8-M9) over a whole sequence: one state_update_apply
 // per token, t = 0 .. n-1, or n-1 .. 0 when reverse (kernels/state_sweep.hpp).
 template <class T>
-void state_sweep(std::size_t n, std::size_t d, std::size_t dv, T* St, std::size_t lds, const T* k, std::size_t ldk,
-                 const T* v, std::size_t ldv, const T* a, std::size_t lda, T* o, std::size_t ldo, bool reverse) {
+void state_sweep(std::size_t n, std::size_t d, std::size_t dv, T* St, std::size_t lds, T scale, const T* k,
+                 std::size_t ldk, const T* v, std::size_t ldv, const T* a, std::size_t lda, T* o, std::size_t ldo,
+                 bool reverse) {
   for (std::size_t i = 0; i < n; ++i) {
     const std::size_t t = reverse ? n - 1 - i : i;
-    state_update_apply(d, dv, St, lds, T(1), k + t * ldk, v + t * ldv, a + t * lda, o + t * ldo);
+    state_update_apply(d, dv, St, lds, scale, k + t * ldk, v + t * ldv, a + t * lda, o + t * ldo);
   }
 }
 
@@ -110,6 +113,17 @@ void rank2_update_apply(std::size_t d, T* M, std::size_t ldm, T scale, const T* 
       m = scale * m + x[i] * y[j] + y[i] * x[j];
       out[j] += k[i] * m;
     }
+}
+
+// docs/math.md (M11) over a whole sequence: one rank2_update_apply per token,
+// t = 0 .. n-1, or n-1 .. 0 when reverse (kernels/state_sweep.hpp).
+template <class T>
+void rank2_sweep(std::size_t n, std::size_t d, T* M, std::size_t ldm, T scale, const T* x, std::size_t ldx,
+                 const T* y, std::size_t ldy, const T* k, std::size_t ldk, T* o, std::size_t ldo, bool reverse) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t t = reverse ? n - 1 - i : i;
+    rank2_update_apply(d, M, ldm, scale, x + t * ldx, y + t * ldy, k + t * ldk, o + t * ldo);
+  }
 }
 
 }  // namespace mesaopt::kernels::reference

@@ -35,6 +35,20 @@ using simd_batch = xsimd::batch<T, simd_arch>;
 template <class T>
 inline constexpr std::size_t simd_width = simd_batch<T>::size;
 
+// A batch of half the width, for columns past the last multiple of the width
+// (kernels/state_sweep.hpp): 256-bit with AVX-512 (with FMA3), 128-bit with
+// AVX2; with SSE only, the full batch again (no narrower one to use).
+#if defined(__AVX512F__) && XSIMD_WITH_FMA3_AVX2
+template <class T>
+using simd_half_batch = xsimd::batch<T, xsimd::fma3<xsimd::avx2>>;
+#elif defined(__AVX2__)
+template <class T>
+using simd_half_batch = xsimd::batch<T, xsimd::sse4_2>;
+#else
+template <class T>
+using simd_half_batch = simd_batch<T>;
+#endif
+
 // Name of the architecture, for benchmark labels and test logs.
 inline const char* simd_arch_name() { return simd_arch::name(); }
 
@@ -48,6 +62,61 @@ T horizontal_sum(const simd_batch<T>& b) {
 #else
   return xsimd::hadd(b);
 #endif
+}
+
+// -(x y) + z and x y + z with a single rounding, whatever the compiler
+// decides, for a full or a half-width batch. xsimd's AVX-512 back end (xsimd
+// 8, as Debian ships it) has no fma of its own: it falls back to the generic
+// x * y + z and leaves the fusing to floating-point contraction, which GCC
+// applies in most instantiations but not all (seen: the Sherman-Morrison pass
+// without its second product, at d >= 33, computed some entries unfused). The
+// kernels whose results must not depend on that (Sherman-Morrison: R bitwise
+// symmetric, the backward's recomputation bitwise the forward's) use these:
+// the instruction itself for 512-, 256- and 128-bit batches (the half-width
+// batch of an AVX2 build is xsimd's SSE one, whose fma is generic too),
+// xsimd's otherwise.
+template <class B>
+B fnma_exact(const B& x, const B& y, const B& z) {
+  using T = typename B::value_type;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(B) == 64) {
+    if constexpr (std::is_same_v<T, float>) return B(_mm512_fnmadd_ps(x, y, z));
+    else return B(_mm512_fnmadd_pd(x, y, z));
+  }
+#endif
+#if defined(__FMA__)
+  if constexpr (sizeof(B) == 32) {
+    if constexpr (std::is_same_v<T, float>) return B(_mm256_fnmadd_ps(x, y, z));
+    else return B(_mm256_fnmadd_pd(x, y, z));
+  }
+  if constexpr (sizeof(B) == 16) {
+    if constexpr (std::is_same_v<T, float>) return B(_mm_fnmadd_ps(x, y, z));
+    else return B(_mm_fnmadd_pd(x, y, z));
+  }
+#endif
+  return xsimd::fnma(x, y, z);
+}
+
+template <class B>
+B fma_exact(const B& x, const B& y, const B& z) {
+  using T = typename B::value_type;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(B) == 64) {
+    if constexpr (std::is_same_v<T, float>) return B(_mm512_fmadd_ps(x, y, z));
+    else return B(_mm512_fmadd_pd(x, y, z));
+  }
+#endif
+#if defined(__FMA__)
+  if constexpr (sizeof(B) == 32) {
+    if constexpr (std::is_same_v<T, float>) return B(_mm256_fmadd_ps(x, y, z));
+    else return B(_mm256_fmadd_pd(x, y, z));
+  }
+  if constexpr (sizeof(B) == 16) {
+    if constexpr (std::is_same_v<T, float>) return B(_mm_fmadd_ps(x, y, z));
+    else return B(_mm_fmadd_pd(x, y, z));
+  }
+#endif
+  return xsimd::fma(x, y, z);
 }
 
 // Masks for partial loads/stores: lanes [0, n) on. The native masked
@@ -156,6 +225,53 @@ inline void for_each_column_block_masked(std::size_t n, Block&& block) {
   else if (left == 3) block(std::integral_constant<std::size_t, 3>{}, j, last);
   else if (left == 2) block(std::integral_constant<std::size_t, 2>{}, j, last);
   else block(std::integral_constant<std::size_t, 1>{}, j, last);
+}
+
+// Passes over columns [0, n), n >= W, with only full-size loads and stores:
+// each pass is NB <= 4 batches at the column offsets c[0..NB). When W does not
+// divide n, the last pass ends at column n with either a half-width batch
+// (simd_half_batch, Half = true: the remainder fits in it) or a full batch
+// starting at n - W; either may overlap the batch before it (n = 20, W = 16:
+// one pass, c = {0, 12} with an 8-wide last batch; n = 28: c = {0, 12} with a
+// full one; W = 8, n = 20: c = {0, 8, 16}, the last 4 wide). A kernel that
+// updates a matrix in place must load the last batch of a row before it
+// stores any: the shared columns are then computed twice from the same inputs
+// by the same instructions and written twice with the same bits. No masked
+// load or store is left on the path (docs/kernels.md, "Overlapping passes").
+//
+//   pass(std::integral_constant<std::size_t, NB>{}, std::bool_constant<Half>{}, c)
+template <class T, class Pass>
+inline void for_each_overlapping_column_pass(std::size_t n, Pass&& pass) {
+  constexpr std::size_t W = simd_width<T>, Wh = simd_half_batch<T>::size;
+  using Full = std::false_type;
+  std::size_t j = 0;
+  // Full passes of 4 batches; 3 instead when 4 would leave fewer than W columns.
+  while (n - j > 4 * W) {
+    const std::size_t rest = n - j - 4 * W;
+    const std::size_t nb = rest < W ? 3 : 4;
+    const std::size_t c[4] = {j, j + W, j + 2 * W, j + 3 * W};
+    if (nb == 4) pass(std::integral_constant<std::size_t, 4>{}, Full{}, c);
+    else pass(std::integral_constant<std::size_t, 3>{}, Full{}, c);
+    j += nb * W;
+  }
+  // The last pass: W <= n - j <= 4W columns.
+  const std::size_t full = (n - j) / W, rem = (n - j) % W;
+  std::size_t c[4] = {j, j + W, j + 2 * W, j + 3 * W};
+  auto last_pass = [&](std::size_t nb, auto half) {
+    if (nb == 4) pass(std::integral_constant<std::size_t, 4>{}, half, c);
+    else if (nb == 3) pass(std::integral_constant<std::size_t, 3>{}, half, c);
+    else if (nb == 2) pass(std::integral_constant<std::size_t, 2>{}, half, c);
+    else pass(std::integral_constant<std::size_t, 1>{}, half, c);
+  };
+  if (rem == 0) {
+    last_pass(full, Full{});
+  } else if (Wh < W && rem <= Wh) {
+    c[full] = n - Wh;  // full <= 3 here
+    last_pass(full + 1, std::true_type{});
+  } else {
+    c[full] = n - W;
+    last_pass(full + 1, Full{});
+  }
 }
 
 }  // namespace detail

@@ -118,7 +118,7 @@ void linear_attention_forward_recurrent(ConstMatrixRef<T> q, ConstMatrixRef<T> k
   RowMatrix<T> St = RowMatrix<T>::Zero(d, long(lds));
   St.leftCols(dv) = detail::initial_transposed_state<T>(initial, d, dv);
   // M1: St += k_t v_t^T;  M2: o_t = S_t q_t = St^T q_t, for t = 0 .. n-1.
-  kernels::state_sweep<T>(std::size_t(n), std::size_t(d), std::size_t(dv), St.data(), lds, k.data(),
+  kernels::state_sweep<T>(std::size_t(n), std::size_t(d), std::size_t(dv), St.data(), lds, T(1), k.data(),
                           detail::row_stride(k), v.data(), detail::row_stride(v), q.data(), detail::row_stride(q),
                           out.data(), detail::row_stride(out), /*reverse=*/false);
   if (final != nullptr) final->S = St.leftCols(dv).transpose();
@@ -145,7 +145,7 @@ void linear_attention_backward_recurrent(ConstMatrixRef<T> q, ConstMatrixRef<T> 
     // forward: o_t = S_t q_t   =>   dq_t = S_t^T g_t   (M3)
     RowMatrix<T> S = RowMatrix<T>::Zero(dv, long(pd));
     if (initial != nullptr) S.leftCols(d) = initial->S;
-    kernels::state_sweep<T>(std::size_t(n), udv, ud, S.data(), pd, v.data(), detail::row_stride(v), k.data(),
+    kernels::state_sweep<T>(std::size_t(n), udv, ud, S.data(), pd, T(1), v.data(), detail::row_stride(v), k.data(),
                             detail::row_stride(k), dout.data(), detail::row_stride(dout), dq.data(),
                             detail::row_stride(dq), /*reverse=*/false);
   }
@@ -158,10 +158,10 @@ void linear_attention_backward_recurrent(ConstMatrixRef<T> q, ConstMatrixRef<T> 
     G.leftCols(d) = grad_final->S;
   }
   // Two reverse sweeps (t = n-1 .. 0): Gt += q_t g_t^T, dv_t = Gt^T k_t; G += g_t q_t^T, dk_t = G^T v_t.
-  kernels::state_sweep<T>(std::size_t(n), ud, udv, Gt.data(), pdv, q.data(), detail::row_stride(q), dout.data(),
+  kernels::state_sweep<T>(std::size_t(n), ud, udv, Gt.data(), pdv, T(1), q.data(), detail::row_stride(q), dout.data(),
                           detail::row_stride(dout), k.data(), detail::row_stride(k), grad_v.data(),
                           detail::row_stride(grad_v), /*reverse=*/true);
-  kernels::state_sweep<T>(std::size_t(n), udv, ud, G.data(), pd, dout.data(), detail::row_stride(dout), q.data(),
+  kernels::state_sweep<T>(std::size_t(n), udv, ud, G.data(), pd, T(1), dout.data(), detail::row_stride(dout), q.data(),
                           detail::row_stride(q), v.data(), detail::row_stride(v), dk.data(), detail::row_stride(dk),
                           /*reverse=*/true);
   if (grad_initial != nullptr) grad_initial->S = G.leftCols(d);
