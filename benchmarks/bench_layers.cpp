@@ -13,7 +13,7 @@
 //                 linear   forward 4 d dv T, forward+backward 16 d dv T
 //                 softmax  forward T^2 (d + dv) (causal halves of Q K^T and P V),
 //                          forward+backward T^2 (4 d + 3 dv)
-//                 mesa     forward (6 d^2 + 4 d dv) T, forward+backward (20 d^2 + 14 d dv) T
+//                 mesa     forward (6 d^2 + 4 d dv) T, forward+backward (20 d^2 + 16 d dv) T
 //   peak_frac   GFLOPS over the measured FP32 FMA peak of as many cores as
 //               threads (mesaopt::bench::peak_flops<float>(threads)).
 //
@@ -52,7 +52,7 @@ double head_flops(Kind kind, double T, bool backward) {
   switch (kind) {
     case kLinear: return seqs_heads * T * (backward ? 16 : 4) * d * dv;
     case kSoftmax: return seqs_heads * T * T * (backward ? 4 * d + 3 * dv : d + dv);
-    case kMesa: return seqs_heads * T * (backward ? 20 * d * d + 14 * d * dv : 6 * d * d + 4 * d * dv);
+    case kMesa: return seqs_heads * T * (backward ? 20 * d * d + 16 * d * dv : 6 * d * d + 4 * d * dv);
   }
   return 0;
 }

@@ -12,12 +12,13 @@
 // Flop counts per token and head (one FMA = 2 flops; O(d) terms not counted):
 //   forward            6 d^2 + 4 d dv    (M7/M9 fused update: R update + R q + R k_next;
 //                                         M8/M9: S update + S a)
-//   backward          14 d^2 + 10 d dv   chunk recompute 8 d^2 + 4 d dv (the forward's R
-//                                         update and R q, R k_next, plus dq = R da; S update
-//                                         fused with da = S^T g) and reverse sweep
-//                                         6 d^2 + 6 d dv (M += dq a^T + a dq^T with M k;
-//                                         G update with G k; G^T v)
-//   forward+backward  20 d^2 + 14 d dv
+//   backward          14 d^2 + 12 d dv   S sweep for da = S^T g (4 d dv), chunk recompute
+//                                         8 d^2 (the forward's R update and R q, R k_next,
+//                                         plus dq = R da) and reverse sweep 6 d^2 + 8 d dv
+//                                         (M += dq a^T + a dq^T with M k; G^T and G each
+//                                         updated, with G k and G^T v)
+//   forward+backward  20 d^2 + 16 d dv   (20 d^2 + 14 d dv before 2026-12-07, when the
+//                                         backward updated one G^T and applied it twice)
 // The naive forward is credited with the same 6 d^2 + 4 d dv, so its GFLOPS is
 // directly comparable.
 //
@@ -77,7 +78,7 @@ void set_counters(benchmark::State& state, long T, double flops_per_token) {
 }
 
 double forward_flops(double d, double dv) { return 6 * d * d + 4 * d * dv; }
-double fwdbwd_flops(double d, double dv) { return 20 * d * d + 14 * d * dv; }
+double fwdbwd_flops(double d, double dv) { return 20 * d * d + 16 * d * dv; }
 
 void BM_mesa_forward(benchmark::State& state) {
   const long T = state.range(0), d = state.range(1), dv = d;

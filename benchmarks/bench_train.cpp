@@ -19,7 +19,7 @@
 //   GFLOPS      flops of forward + backward + optimiser per step (one FMA = 2
 //               flops): per layer, projections 3 (2 N D_in H (2d + dv) + 2 N H
 //               dv D), and per head and sequence linear 16 d dv T, softmax T^2
-//               (4 d + 3 dv), mesa (20 d^2 + 14 d dv) T (the op benchmarks'
+//               (4 d + 3 dv), mesa (20 d^2 + 16 d dv) T (the op benchmarks'
 //               counts); embedding and Dense read-out 3 x 2 N D_in D_out; the
 //               optimiser 12 flops per parameter (clip: square-sum and scale;
 //               AdamW: moments, bias-corrected update, weight decay). LayerNorm,
@@ -61,7 +61,7 @@ double step_flops(const nn::ModelConfig& mc, long batch, long parameters) {
     switch (b.attention) {
       case nn::AttentionKind::linear: head = 16 * d * dv * T; break;
       case nn::AttentionKind::softmax: head = T * T * (4 * d + 3 * dv); break;
-      case nn::AttentionKind::mesa: head = (20 * d * d + 14 * d * dv) * T; break;
+      case nn::AttentionKind::mesa: head = (20 * d * d + 16 * d * dv) * T; break;
       case nn::AttentionKind::gated_mesa:  // rough: cg solves cost ~2 d^2 a step, three solves a token
         head = (b.gated_solver == mesaopt::MesaSolver::cg ? 6.0 * b.gated_cg_steps * d * d + 20 * d * d : 20 * d * d) * T +
                14 * d * dv * T;

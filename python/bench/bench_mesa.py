@@ -3,7 +3,7 @@ units of the C++ benchmark benchmarks/bench_mesa.cpp (docs/mesa.md,
 "Performance"): float32, B*H = 8 sequences per call, unit-norm q and k,
 lambda = 1, gamma = 1, threads = 1, head-tokens per second (8 T per call) and
 GFLOP/s by the same flop counts (forward 6d^2 + 4d dv, forward + backward
-20d^2 + 14d dv per token).
+20d^2 + 16d dv per token).
 
     python python/bench/bench_mesa.py [--threads N] [--min-time S] [--repeats R]
     python python/bench/bench_mesa.py --frontends numpy,torch,jax-ffi,jax-callback
@@ -14,7 +14,7 @@ mesaopt.jax with the XLA FFI handlers or pure_callback) on the same problem.
 "fwd+bwd (cache)" is mesa_forward(..., return_cache=True) then
 mesa_backward(..., cache=cache), the C++ benchmark's BM_mesa_fwdbwd;
 "fwd+bwd (recompute)" passes no cache, so the backward recomputes the forward
-(its GFLOP/s credits only the 20d^2 + 14d dv of one forward + backward).
+(its GFLOP/s credits only the 20d^2 + 16d dv of one forward + backward).
 Each number is the median over `repeats` timings of at least `min-time`
 seconds each. With --threads 1 (the default) all work runs on the calling
 thread and the timings are that thread's CPU time (time.thread_time), like the
@@ -89,7 +89,7 @@ def main():
 
             tokens = B * H * T
             f_fwd = 6 * d * d + 4 * d * dv
-            f_all = 20 * d * d + 14 * d * dv
+            f_all = 20 * d * d + 16 * d * dv
             t1 = timeit(fwd, args.min_time, args.repeats, clock)
             t2 = timeit(fwdbwd_cache, args.min_time, args.repeats, clock)
             t3 = timeit(fwdbwd_recompute, args.min_time, args.repeats, clock)

@@ -8,9 +8,12 @@
 // gamma = opt.forget in (0, 1] is the forgetting factor (1 = none, the plain
 // M5-M6). With an initial state (R_0, S_0) the recursion starts from it
 // instead of (lambda I, 0) (M15). Forward: the Sherman-Morrison recursion
-// (M7-M9) with the fused, bitwise-symmetric kernels of
-// kernels/sherman_morrison.hpp and kernels/state_update.hpp. Backward: the
-// reverse sweep (M10-M12, M16-M18) with checkpoints every C tokens; see
+// (M7) with the fused, bitwise-symmetric kernels of
+// kernels/sherman_morrison.hpp gives a_t = R_t q_t; S_t and o_t = S_t a_t
+// (M8-M9) depend on R only through a_t, so once a chunk's a_t are known its S
+// part is one kernels::state_sweep (the state held in registers over the
+// chunk). Backward: the reverse sweep (M10-M12, M16-M18) with R checkpoints
+// every C tokens, its S and G parts again whole-chunk sweeps; see
 // docs/mesa.md for the memory formula and measured precision.
 //
 // The op contract (shared with linear_attention and softmax_attention):
@@ -64,6 +67,7 @@
 #include <mesaopt/kernels/gemv.hpp>
 #include <mesaopt/kernels/rank2.hpp>
 #include <mesaopt/kernels/sherman_morrison.hpp>
+#include <mesaopt/kernels/state_sweep.hpp>
 #include <mesaopt/kernels/state_update.hpp>
 #include <mesaopt/kernels/vector_ops.hpp>
 #include <mesaopt/ops/checks.hpp>
@@ -201,10 +205,12 @@ template <class T>
 }  // namespace detail
 
 // The automatic checkpoint interval: minimises the cache's size
-//   (ceil(seq_len/C)) (d^2 + d dv + d)  +  3 C d      (checkpoints + per-chunk vectors)
-// at C = sqrt(seq_len (d + dv + 1) / 3), i.e. about sqrt(seq_len) times a constant; clamped to [1, seq_len].
-inline long mesa_auto_chunk(long seq_len, long d, long dv) {
-  const double c = std::sqrt(static_cast<double>(seq_len) * static_cast<double>(d + dv + 1) / 3.0);
+//   (ceil(seq_len/C)) (d^2 + d)  +  4 C d      (R checkpoints + per-chunk vectors)
+// at C = sqrt(seq_len (d + 1) / 4), i.e. about sqrt(seq_len) times a constant;
+// clamped to [1, seq_len]. dv does not enter: the cache keeps S only at the
+// start (the backward sweeps S over the whole sequence from S_0, docs/mesa.md).
+inline long mesa_auto_chunk(long seq_len, long d, long /*dv*/) {
+  const double c = std::sqrt(static_cast<double>(seq_len) * static_cast<double>(d + 1) / 4.0);
   return std::clamp(static_cast<long>(std::lround(c)), 1L, std::max(seq_len, 1L));
 }
 
@@ -228,11 +234,12 @@ struct MesaCacheAccess;
 // What mesa_backward needs from mesa_forward, plus all scratch of both passes
 // (reused across calls, so repeated calls with the same sizes do not allocate).
 // Holds, per checkpoint c = 0 .. ceil(seq_len/C)-1, the state after c*C tokens:
-// R (d x d), S^T (d x dv) and u = R k_{cC+1} (d); nothing per token.
-// Checkpoint 0 is the initial state. With MesaRegularizer::constant a
-// checkpoint holds P = R^{-1} (d x d) and S^T instead (the per-token Cholesky
-// factors are recomputed chunk by chunk, like R in the decaying mode, rather
-// than stored: T d^2/2 numbers would defeat the checkpointing), and the cache
+// R (d x d) and u = R k_{cC+1} (d); S^T (d x dv) only for checkpoint 0 (the
+// backward sweeps S from S_0); nothing per token. Checkpoint 0 is the initial
+// state. With MesaRegularizer::constant a checkpoint holds P = R^{-1} (d x d)
+// instead of R and u (the per-token Cholesky factors are recomputed chunk by
+// chunk, like R in the decaying mode, rather than stored: T d^2/2 numbers
+// would defeat the checkpointing), and the cache
 // keeps a copy of the initial R_0 to check the backward's `initial` against.
 // A forward that throws leaves the cache unusable (length() = 0).
 template <class T>
@@ -241,8 +248,8 @@ class MesaCache {
   // Bytes held by the cache (checkpoints and scratch, by capacity).
   std::size_t bytes() const {
     std::size_t n = solver_.capacity();
-    for (const auto* b : {&ck_R_, &ck_St_, &ck_u_, &init_R_, &R_, &St_, &u_, &w_, &a_, &tmp_, &ch_a_, &ch_da_,
-                          &ch_dq_, &Gt_, &M_, &Mk_})
+    for (const auto* b : {&ck_R_, &ck_St_, &ck_u_, &init_R_, &R_, &St_, &u_, &w_, &ch_a_, &ch_da_, &ch_dq_, &ch_Mk_,
+                          &Gt_, &G_, &M_})
       n += b->capacity();
     return n * sizeof(T);
   }
@@ -263,11 +270,12 @@ class MesaCache {
   T lambda_ = T(0), forget_ = T(0);
   MesaRegularizer regularizer_ = MesaRegularizer::decaying;
   bool has_initial_ = false;
-  std::vector<T> ck_R_, ck_St_, ck_u_;             // checkpoints (ck_R_: P in the constant mode; ck_u_: decaying only)
+  std::vector<T> ck_R_, ck_u_;                     // checkpoints (ck_R_: P in the constant mode; ck_u_: decaying only)
+  std::vector<T> ck_St_;                           // S_0^T (d x dv), the S the forward started from
   std::vector<T> init_R_;                          // constant mode with an initial state: R_0 as the forward used it
-  std::vector<T> R_, St_, u_, w_, a_, tmp_;        // running state
-  std::vector<T> ch_a_, ch_da_, ch_dq_;            // a_t, da_t, dq_t of one chunk (C x d each)
-  std::vector<T> Gt_, M_, Mk_;                     // reverse accumulators G^T (d x dv), M (d x d), M k
+  std::vector<T> R_, St_, u_, w_;                  // running state (the backward keeps S, dv x d, in St_)
+  std::vector<T> ch_a_, ch_da_, ch_dq_, ch_Mk_;    // a_t, da_t, dq_t, M_t k_t of one chunk (C x d each)
+  std::vector<T> Gt_, G_, M_;                      // reverse accumulators G^T (d x dv), G (dv x d), M (d x d)
   detail::MesaPrecisionSolver<T> solver_;          // constant mode: P_t and its Cholesky factor
 };
 
@@ -333,14 +341,14 @@ struct MesaCacheAccess {
     c.regularizer_ = opt.regularizer;
     c.has_initial_ = initial != nullptr;
     c.ck_R_.resize(nck * dd * dd);
-    c.ck_St_.resize(nck * dd * ddv);
     c.St_.assign(dd * ddv, T(0));
-    c.a_.resize(dd);
+    c.ch_a_.resize(std::size_t(C) * dd);
     T* St = c.St_.data();
     if (initial != nullptr) {  // (M15) S_0 given, stored transposed
       for (std::size_t i = 0; i < dd; ++i)
         for (std::size_t j = 0; j < ddv; ++j) St[i * ddv + j] = initial->S(long(j), long(i));
     }
+    c.ck_St_.assign(St, St + dd * ddv);
     if (opt.regularizer == MesaRegularizer::constant)
       forward_constant<T>(where, q, k, v, opt, out, c, initial, final);
     else
@@ -348,16 +356,28 @@ struct MesaCacheAccess {
     c.T_ = n;
   }
 
-  // The Sherman-Morrison recursion (M7-M9, M15) with the denominator test.
+  // (M8-M9) for tokens [t0, t1): S_t = gamma S_{t-1} + v_t k_t^T, o_t = S_t a_t,
+  // with the chunk's a_t in c.ch_a_ and S^T in c.St_ (d x dv), carried across chunks.
+  template <class T>
+  static void sweep_chunk_outputs(MesaCache<T>& c, long t0, long t1, const ConstMatrixRef<T>& k,
+                                  const ConstMatrixRef<T>& v, T gamma, MatrixRef<T>& out) {
+    const long ldk = k.outerStride(), ldv = v.outerStride(), ldo = out.outerStride();
+    kernels::state_sweep<T>(std::size_t(t1 - t0), std::size_t(c.d_), std::size_t(c.dv_), c.St_.data(),
+                            std::size_t(c.dv_), gamma, k.data() + t0 * ldk, std::size_t(ldk), v.data() + t0 * ldv,
+                            std::size_t(ldv), c.ch_a_.data(), std::size_t(c.d_), out.data() + t0 * ldo,
+                            std::size_t(ldo), /*reverse=*/false);
+  }
+
+  // The Sherman-Morrison recursion (M7, M15) with the denominator test; M8-M9 by chunks.
   template <class T>
   static void forward_decaying(const char* where, const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
                                const ConstMatrixRef<T>& v, const MesaOptions<T>& opt, MatrixRef<T>& out,
                                MesaCache<T>& c, const MesaState<identity_t<T>>* initial,
                                MesaState<identity_t<T>>* final) {
     const long n = q.rows(), d = q.cols(), dv = v.cols();
-    const long ldq = q.outerStride(), ldk = k.outerStride(), ldv = v.outerStride(), ldo = out.outerStride();
+    const long ldq = q.outerStride(), ldk = k.outerStride();
     const long C = c.C_;
-    const std::size_t dd = static_cast<std::size_t>(d), ddv = static_cast<std::size_t>(dv);
+    const std::size_t dd = static_cast<std::size_t>(d);
     const long nck = (n + C - 1) / C;
     c.ck_u_.resize(nck * dd);
     c.R_.assign(dd * dd, T(0));
@@ -371,11 +391,8 @@ struct MesaCacheAccess {
     T* St = c.St_.data();
     T* u = c.u_.data();
     T* w = c.w_.data();
-    T* a = c.a_.data();
     const T* q0 = q.data();
     const T* k0 = k.data();
-    const T* v0 = v.data();
-    T* o0 = out.data();
     if (initial != nullptr) {  // (M15) R_0 given; u_1 = R_0 k_1
       symmetrised_copy(initial->R, R);
       kernels::gemv(dd, dd, R, dd, k0, u);
@@ -385,22 +402,22 @@ struct MesaCacheAccess {
         u[i] = opt.lambda * k0[i];
       }
     }
-    for (long t = 0; t < n; ++t) {
-      if (t % C == 0) {  // checkpoint: the state after t tokens
-        const long ck = t / C;
-        std::copy(R, R + dd * dd, c.ck_R_.data() + ck * dd * dd);
-        std::copy(St, St + dd * ddv, c.ck_St_.data() + ck * dd * ddv);
-        std::copy(u, u + dd, c.ck_u_.data() + ck * dd);
+    for (long t0 = 0; t0 < n; t0 += C) {
+      const long t1 = std::min(n, t0 + C), ck = t0 / C;
+      // checkpoint: R and u after t0 tokens
+      std::copy(R, R + dd * dd, c.ck_R_.data() + ck * dd * dd);
+      std::copy(u, u + dd, c.ck_u_.data() + ck * dd);
+      for (long t = t0; t < t1; ++t) {
+        const T* kt = k0 + t * ldk;
+        const T* knext = t + 1 < n ? kt + ldk : nullptr;
+        // (M7) R_t = (R_{t-1} - u u^T / (gamma + k.u)) / gamma = R_{t-1}/gamma - w w^T; a_t = R_t q_t, u_{t+1} = R_t k_{t+1}
+        const T den = kernels::sherman_morrison_gain(dd, kt, u, gamma, w);
+        if (!mesa_denominator_ok(den, den_lo, den_hi))
+          throw_mesa_breakdown<T>(where, t, den, kt, d, gamma, opt.lambda, opt.regularizer, initial != nullptr);
+        T* a = c.ch_a_.data() + (t - t0) * dd;
+        kernels::sherman_morrison_update(dd, R, dd, w, inv_gamma, q0 + t * ldq, knext, a, u);
       }
-      const T* kt = k0 + t * ldk;
-      const T* knext = t + 1 < n ? kt + ldk : nullptr;
-      // (M7) R_t = (R_{t-1} - u u^T / (gamma + k.u)) / gamma = R_{t-1}/gamma - w w^T; a_t = R_t q_t, u_{t+1} = R_t k_{t+1}
-      const T den = kernels::sherman_morrison_gain(dd, kt, u, gamma, w);
-      if (!mesa_denominator_ok(den, den_lo, den_hi))
-        throw_mesa_breakdown<T>(where, t, den, kt, d, gamma, opt.lambda, opt.regularizer, initial != nullptr);
-      kernels::sherman_morrison_update(dd, R, dd, w, inv_gamma, q0 + t * ldq, knext, a, u);
-      // (M8-M9) S_t = gamma S_{t-1} + v_t k_t^T, o_t = S_t a_t
-      kernels::state_update_apply(dd, ddv, St, ddv, gamma, kt, v0 + t * ldv, a, o0 + t * ldo);
+      sweep_chunk_outputs(c, t0, t1, k, v, gamma, out);  // (M8-M9)
     }
     if (final != nullptr) {
       final->R = Eigen::Map<const RowMatrix<T>>(R, d, d);
@@ -416,9 +433,9 @@ struct MesaCacheAccess {
                                MesaCache<T>& c, const MesaState<identity_t<T>>* initial,
                                MesaState<identity_t<T>>* final) {
     const long n = q.rows(), d = q.cols(), dv = v.cols();
-    const long ldq = q.outerStride(), ldk = k.outerStride(), ldv = v.outerStride(), ldo = out.outerStride();
+    const long ldq = q.outerStride(), ldk = k.outerStride();
     const long C = c.C_;
-    const std::size_t dd = static_cast<std::size_t>(d), ddv = static_cast<std::size_t>(dv);
+    const std::size_t dd = static_cast<std::size_t>(d);
     const T gamma = opt.forget;
     const T ridge = (T(1) - gamma) / opt.lambda;  // (M20) the ridge added per token; 0 at gamma = 1
     MesaPrecisionSolver<T>& P = c.solver_;
@@ -434,20 +451,17 @@ struct MesaCacheAccess {
       P.set_identity_over(d, opt.lambda);
     }
     T* St = c.St_.data();
-    T* a = c.a_.data();
-    for (long t = 0; t < n; ++t) {
-      if (t % C == 0) {  // checkpoint: P and S after t tokens
-        const long ck = t / C;
-        std::copy(P.data(), P.data() + dd * dd, c.ck_R_.data() + ck * dd * dd);
-        std::copy(St, St + dd * ddv, c.ck_St_.data() + ck * dd * ddv);
+    for (long t0 = 0; t0 < n; t0 += C) {
+      const long t1 = std::min(n, t0 + C), ck = t0 / C;
+      std::copy(P.data(), P.data() + dd * dd, c.ck_R_.data() + ck * dd * dd);  // checkpoint: P after t0 tokens
+      for (long t = t0; t < t1; ++t) {
+        const T* kt = k.data() + t * ldk;
+        if (!P.advance(kt, gamma, ridge))  // (M20) P_t and its Cholesky factor
+          throw_mesa_breakdown<T>(where, t, std::numeric_limits<T>::quiet_NaN(), kt, d, gamma, opt.lambda,
+                                  opt.regularizer, initial != nullptr);
+        P.solve(q.data() + t * ldq, c.ch_a_.data() + (t - t0) * dd);  // a_t = P_t^{-1} q_t = R_t q_t
       }
-      const T* kt = k.data() + t * ldk;
-      if (!P.advance(kt, gamma, ridge))  // (M20) P_t and its Cholesky factor
-        throw_mesa_breakdown<T>(where, t, std::numeric_limits<T>::quiet_NaN(), kt, d, gamma, opt.lambda,
-                                opt.regularizer, initial != nullptr);
-      P.solve(q.data() + t * ldq, a);  // a_t = P_t^{-1} q_t = R_t q_t
-      // (M8-M9) S_t = gamma S_{t-1} + v_t k_t^T, o_t = S_t a_t
-      kernels::state_update_apply(dd, ddv, St, ddv, gamma, kt, v.data() + t * ldv, a, out.data() + t * ldo);
+      sweep_chunk_outputs(c, t0, t1, k, v, gamma, out);  // (M8-M9)
     }
     if (final != nullptr) {
       P.inverse(final->R);  // R_T = P_T^{-1}: the state means the same in both modes
@@ -476,6 +490,12 @@ struct MesaCacheAccess {
   }
 
   // The backward sweep (M10-M12, M16-M18; M21-M22 for the constant regulariser); returns dL/dlambda.
+  // 1. da_t = S_t^T g_t for every t: one forward sweep of S (dv x d) from S_0,
+  //    written into dq's rows (M10; da depends on S alone, not on R).
+  // 2. For each chunk, last first: recompute R_t (P_t) and a_t from the chunk's
+  //    checkpoint with the forward's kernels (bitwise the forward's), then
+  //    dq_t = R_t da_t; then the reverse sweep (M11) over the chunk: G^T, G and
+  //    M as three reverse sweeps (dv_t = G_t k_t, G_t^T v_t, M_t k_t).
   template <class T>
   static T backward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                     const MesaOptions<T>& opt, const ConstMatrixRef<T>& dout, MesaCache<T>& c, MatrixRef<T>& dq,
@@ -494,10 +514,10 @@ struct MesaCacheAccess {
     c.ch_a_.resize(C * dd);
     c.ch_da_.resize(C * dd);
     c.ch_dq_.resize(C * dd);
+    c.ch_Mk_.resize(C * dd);
     c.Gt_.assign(dd * ddv, T(0));
+    c.G_.assign(ddv * dd, T(0));
     c.M_.assign(dd * dd, T(0));
-    c.Mk_.resize(dd);
-    c.tmp_.resize(dd);
     c.St_.resize(dd * ddv);
     if (!constant) {
       c.R_.resize(dd * dd);
@@ -505,18 +525,22 @@ struct MesaCacheAccess {
       c.w_.resize(dd);
     }
     T* R = c.R_.data();
-    T* St = c.St_.data();
+    T* S = c.St_.data();  // S (dv x d): the backward's sweep runs on S, not S^T
     T* u = c.u_.data();
     T* w = c.w_.data();
     T* Gt = c.Gt_.data();
+    T* G = c.G_.data();
     T* M = c.M_.data();
-    T* Mk = c.Mk_.data();
-    T* gk = c.tmp_.data();
     MesaPrecisionSolver<T>& P = c.solver_;
     const T* q0 = q.data();
     const T* k0 = k.data();
     const T* v0 = v.data();
     const T* g0 = dout.data();
+    // forward: o_t = S_t a_t, S_t = gamma S_{t-1} + v_t k_t^T   =>   da_t = S_t^T g_t   (M10), into dq's rows
+    for (std::size_t i = 0; i < dd; ++i)
+      for (std::size_t j = 0; j < ddv; ++j) S[j * dd + i] = c.ck_St_[i * ddv + j];
+    kernels::state_sweep<T>(std::size_t(n), ddv, dd, S, dd, gamma, v0, std::size_t(ldv), k0, std::size_t(ldk), g0,
+                            std::size_t(ldg), dq.data(), std::size_t(lddq), /*reverse=*/false);
     // Scalar sums in double: they add seq_len terms of mixed sign.
     double dlambda_sum = 0;  // decaying: sum_t gamma^t (a_t . dq_t)            (M12)
     double dgamma_sum = 0;   // sum_t t c_t (+ the final state's term)            (M18, M22)
@@ -524,9 +548,8 @@ struct MesaCacheAccess {
     double tau = 0, tau_sum = 0, t_tau_sum = 0;
     for (long ck = nck - 1; ck >= 0; --ck) {
       const long t0 = ck * C, t1 = std::min(n, t0 + C);
-      // Recompute the chunk forward from its checkpoint. The same kernels on the
-      // same state reproduce the forward's R_t (P_t), S_t, a_t bitwise.
-      std::copy(c.ck_St_.data() + ck * dd * ddv, c.ck_St_.data() + (ck + 1) * dd * ddv, St);
+      // Recompute the chunk's R_t (P_t) and a_t from its checkpoint. The same
+      // kernels on the same state reproduce the forward's bitwise.
       if (constant) {
         P.set(d, c.ck_R_.data() + ck * dd * dd);
       } else {
@@ -539,23 +562,19 @@ struct MesaCacheAccess {
         T* da = c.ch_da_.data() + (t - t0) * dd;
         T* dqt = c.ch_dq_.data() + (t - t0) * dd;
         const T* kt = k0 + t * ldk;
+        std::copy(dq.data() + t * lddq, dq.data() + t * lddq + d, da);  // da_t from step 1
         if (constant) {
           if (!P.advance(kt, gamma, ridge))  // the forward passed on the same data; kept as a safety net
             throw_mesa_breakdown<T>("mesa_backward", t, std::numeric_limits<T>::quiet_NaN(), kt, d, gamma,
                                     opt.lambda, opt.regularizer, c.has_initial_);
           P.solve(q0 + t * ldq, a);
+          // forward: a_t = R_t q_t   =>   dq_t = R_t da_t   (M10)
+          P.solve(da, dqt);
         } else {
           const T* knext = t + 1 < n ? kt + ldk : nullptr;
           kernels::sherman_morrison_gain(dd, kt, u, gamma, w);
-          kernels::sherman_morrison_update(dd, R, dd, w, inv_gamma, q0 + t * ldq, knext, a, u);
-        }
-        // forward: o_t = S_t a_t            =>  da_t = S_t^T g_t              (M10)
-        kernels::state_update_dot(dd, ddv, St, ddv, gamma, kt, v0 + t * ldv, g0 + t * ldg, da);
-        // forward: a_t = R_t q_t            =>  dq_t = R_t da_t               (M10)
-        if (constant) {
-          P.solve(da, dqt);
-        } else {
-          kernels::gemv(dd, dd, R, dd, da, dqt);
+          // forward: a_t = R_t q_t   =>   dq_t = R_t da_t   (M10), in the same pass over R
+          kernels::sherman_morrison_update(dd, R, dd, w, inv_gamma, q0 + t * ldq, knext, a, u, da, dqt);
           // forward: R_0 = lambda I enters R_t^{-1} as gamma^t / lambda I   =>  (M12)
           dlambda_sum += gamma_pow * static_cast<double>(kernels::dot(a, dqt, dd));
           gamma_pow *= static_cast<double>(gamma);
@@ -563,16 +582,17 @@ struct MesaCacheAccess {
         std::copy(dqt, dqt + dd, dq.data() + t * lddq);
       }
       if (ck == nck - 1 && grad_final != nullptr) {
-        // R and St now hold the final state R_T, S_T^T (constant mode: R_T = P_T^{-1} from the
-        // last factor). (M16): G_{T+1} = Sbar / gamma, M_{T+1} = 2 R_T sym(Rbar) R_T / gamma;
+        // R now holds R_T (constant mode: R_T = P_T^{-1} from the last factor), S holds S_T
+        // (step 1). (M16): G_{T+1} = Sbar / gamma, M_{T+1} = 2 R_T sym(Rbar) R_T / gamma;
         // their terms of M17 and M18 (M21-M22).
         RowMatrix<T> RT_constant;
         if (constant) P.inverse(RT_constant);
-        const Eigen::Map<const RowMatrix<T>> RT(constant ? RT_constant.data() : R, d, d), StT(St, d, dv);
+        const Eigen::Map<const RowMatrix<T>> RT(constant ? RT_constant.data() : R, d, d), ST(S, dv, d);
         const RowMatrix<T> Rbar = (grad_final->R + grad_final->R.transpose()) / T(2);
         const RowMatrix<T> Minit = (T(2) * inv_gamma) * (RT * Rbar * RT);
         Eigen::Map<RowMatrix<T>>(M, d, d) = (Minit + Minit.transpose()) / T(2);
         Eigen::Map<RowMatrix<T>>(Gt, d, dv) = inv_gamma * grad_final->S.transpose();
+        Eigen::Map<RowMatrix<T>>(G, dv, d) = inv_gamma * grad_final->S;
         const double RRbar = (RT.template cast<double>() * RT.template cast<double>())
                                  .cwiseProduct(Rbar.template cast<double>())
                                  .sum();  // tr(R_T Rbar R_T)
@@ -580,27 +600,34 @@ struct MesaCacheAccess {
           tau = 2.0 * RRbar / static_cast<double>(gamma);  // tau_{T+1} = tr(M_{T+1})
         else
           dlambda_sum += std::pow(static_cast<double>(gamma), static_cast<double>(n)) * RRbar;
-        const double SbarS = grad_final->S.template cast<double>().cwiseProduct(StT.transpose().template cast<double>()).sum();
+        const double SbarS = grad_final->S.template cast<double>().cwiseProduct(ST.template cast<double>()).sum();
         const double RbarR = grad_final->R.template cast<double>().cwiseProduct(RT.template cast<double>()).sum();
         dgamma_sum += static_cast<double>(n) * (SbarS - RbarR);
       }
       // Reverse sweep over the chunk (M11), G and M carried across chunks:
       //   G_t = g_t a_t^T + gamma G_{t+1},  M_t = dq_t a_t^T + a_t dq_t^T + gamma M_{t+1}
+      // forward: S_t = sum_i gamma^{t-i} v_i k_i^T   =>  dv_t = G_t k_t, dk_t = G_t^T v_t - M_t k_t
+      const std::size_t nc = std::size_t(t1 - t0);
+      kernels::state_sweep<T>(nc, dd, ddv, Gt, ddv, gamma, c.ch_a_.data(), dd, g0 + t0 * ldg, std::size_t(ldg),
+                              k0 + t0 * ldk, std::size_t(ldk), grad_v.data() + t0 * lddv, std::size_t(lddv),
+                              /*reverse=*/true);  // G^T <- gamma G^T + a g^T;  dv = G k
+      kernels::state_sweep<T>(nc, ddv, dd, G, dd, gamma, g0 + t0 * ldg, std::size_t(ldg), c.ch_a_.data(), dd,
+                              v0 + t0 * ldv, std::size_t(ldv), dk.data() + t0 * lddk, std::size_t(lddk),
+                              /*reverse=*/true);  // G <- gamma G + g a^T;  dk = G^T v
+      // forward: R_t^{-1} = sum_i gamma^{t-i} k_i k_i^T + ...   =>  dk_t -= M_t k_t
+      // (M <- gamma M + dq a^T + a dq^T;  M k)
+      kernels::rank2_sweep<T>(nc, dd, M, dd, gamma, c.ch_dq_.data(), dd, c.ch_a_.data(), dd, k0 + t0 * ldk,
+                              std::size_t(ldk), c.ch_Mk_.data(), dd, /*reverse=*/true);
       for (long t = t1 - 1; t >= t0; --t) {
         const T* a = c.ch_a_.data() + (t - t0) * dd;
         const T* da = c.ch_da_.data() + (t - t0) * dd;
         const T* dqt = c.ch_dq_.data() + (t - t0) * dd;
+        const T* Mk = c.ch_Mk_.data() + (t - t0) * dd;
         const T* kt = k0 + t * ldk;
         const T* vt = v0 + t * ldv;
-        const T* gt = g0 + t * ldg;
-        T* dvt = grad_v.data() + t * lddv;
+        const T* dvt = grad_v.data() + t * lddv;
         T* dkt = dk.data() + t * lddk;
-        // forward: S_t = sum_i gamma^{t-i} v_i k_i^T   =>  dv_t = G_t k_t, dk_t += G_t^T v_t
-        kernels::state_update_apply(dd, ddv, Gt, ddv, gamma, a, gt, kt, dvt);  // G^T <- gamma G^T + a g^T; dv = G k
-        kernels::gemv(dd, ddv, Gt, ddv, vt, gk);                               // G^T v
-        // forward: R_t^{-1} = sum_i gamma^{t-i} k_i k_i^T + ...   =>  dk_t -= M_t k_t
-        kernels::rank2_update_apply(dd, M, dd, gamma, dqt, a, kt, Mk);
-        for (std::size_t i = 0; i < dd; ++i) dkt[i] = gk[i] - Mk[i];
+        for (std::size_t i = 0; i < dd; ++i) dkt[i] -= Mk[i];
         if (constant) {
           // (M21) tau_t = tr(M_t): the ridge's adjoint (P_t has the term (1 - gamma)/lambda I for every t)
           tau = 2.0 * static_cast<double>(kernels::dot(a, dqt, dd)) + static_cast<double>(gamma) * tau;
@@ -626,8 +653,8 @@ struct MesaCacheAccess {
     }
     if (grad_initial != nullptr) {
       // (M17) dL/dS_0 = gamma G_1,  dL/dR_0 = gamma/2 R_0^{-1} M_1 R_0^{-1}
-      const Eigen::Map<const RowMatrix<T>> M1(M, d, d), G1t(Gt, d, dv), R0(c.ck_R_.data(), d, d);
-      grad_initial->S = gamma * G1t.transpose();
+      const Eigen::Map<const RowMatrix<T>> M1(M, d, d), G1(G, dv, d), R0(c.ck_R_.data(), d, d);
+      grad_initial->S = gamma * G1;
       RowMatrix<T> X;
       if (constant) {  // checkpoint 0 holds P_0 = R_0^{-1} (symmetric)
         X = R0 * M1 * R0;
