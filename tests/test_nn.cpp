@@ -9,6 +9,7 @@
 #include "test_util.hpp"
 
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -338,6 +339,33 @@ TEST_CASE("Activation clipping to +-c and its backward") {
   nn::clip_forward<float>(xf, 4.0, xf, cf);
   CHECK(xf.maxCoeff() <= 4.0f);
   CHECK_THROWS_AS(nn::clip_forward<double>(x, 0.0, y, cache), std::invalid_argument);
+
+  // NaN stays NaN and passes no gradient; row strides past the row (column
+  // blocks of wider matrices), entries outside the blocks untouched.
+  RowMatrix<double> wide = RowMatrix<double>::Constant(3, 7, 0.5);
+  wide(0, 1) = std::numeric_limits<double>::quiet_NaN();
+  wide(1, 2) = 9.0;
+  wide(2, 3) = -9.0;
+  RowMatrix<double> out = RowMatrix<double>::Constant(3, 9, 7.0);
+  nn::ClipCache<double> cn;
+  nn::clip_forward<double>(wide.middleCols(1, 4), c, out.middleCols(2, 4), cn);
+  CHECK(std::isnan(out(0, 2)));
+  CHECK(out(1, 3) == c);
+  CHECK(out(2, 4) == -c);
+  CHECK(out(0, 3) == 0.5);
+  CHECK(out(2, 5) == 0.5);
+  for (long r = 0; r < 3; ++r)
+    for (long j : {0L, 1L, 6L, 7L, 8L}) CHECK(out(r, j) == 7.0);
+  const RowMatrix<double> g = RowMatrix<double>::Constant(3, 6, 1.0);
+  RowMatrix<double> dxn = RowMatrix<double>::Constant(3, 8, 5.0);
+  nn::clip_backward<double>(g.middleCols(1, 4), cn, dxn.middleCols(2, 4));
+  CHECK(dxn(0, 2) == 0.0);
+  CHECK(dxn(1, 3) == 0.0);
+  CHECK(dxn(2, 4) == 0.0);
+  CHECK(dxn(0, 3) == 1.0);
+  CHECK(dxn(2, 5) == 1.0);
+  for (long r = 0; r < 3; ++r)
+    for (long j : {0L, 1L, 6L, 7L}) CHECK(dxn(r, j) == 5.0);
 }
 
 TEST_CASE("float blocks agree with double") {
