@@ -33,7 +33,7 @@ template <class Bt, bool Scaled, bool WithB, bool WithX, class T>
 inline void sherman_morrison_row_batch(Bt rr, T* dst, const Bt& wj, T scale, T wr, T qr, T kr, T xr, Bt& acc_a,
                                        Bt& acc_b, Bt& acc_y) {
   if (Scaled) rr = rr * Bt(scale);
-  rr = fnma_exact(Bt(wr), wj, rr);
+  rr = fma_exact(Bt(-wr), wj, rr);  // -w_r w_j + R: the negation is exact
   rr.store_unaligned(dst);
   acc_a = fma_exact(Bt(qr), rr, acc_a);
   if (WithB) acc_b = fma_exact(Bt(kr), rr, acc_b);
@@ -104,7 +104,7 @@ void sherman_morrison_narrow(std::size_t d, T* R, std::size_t ldr, const T* w, T
     T* row = R + r * ldr;
     B rr = load_partial(row, d);
     if (Scaled) rr = rr * s;
-    rr = fnma_exact(B(w[r]), wj, rr);
+    rr = fma_exact(B(-w[r]), wj, rr);
     store_partial(rr, row, d);
     acc_a = fma_exact(B(q[r]), rr, acc_a);
     if (WithB) acc_b = fma_exact(B(k_next[r]), rr, acc_b);

@@ -64,39 +64,18 @@ T horizontal_sum(const simd_batch<T>& b) {
 #endif
 }
 
-// -(x y) + z and x y + z with a single rounding, whatever the compiler
-// decides, for a full or a half-width batch. xsimd's AVX-512 back end (xsimd
-// 8, as Debian ships it) has no fma of its own: it falls back to the generic
-// x * y + z and leaves the fusing to floating-point contraction, which GCC
-// applies in most instantiations but not all (seen: the Sherman-Morrison pass
-// without its second product, at d >= 33, computed some entries unfused). The
-// kernels whose results must not depend on that (Sherman-Morrison: R bitwise
-// symmetric, the backward's recomputation bitwise the forward's) use these:
+// x y + z with a single rounding, whatever the compiler decides, for a full
+// or a half-width batch. xsimd's AVX-512 back end (xsimd 8, as Debian ships
+// it) has no fma of its own: it falls back to the generic x * y + z and leaves
+// the fusing to floating-point contraction, which GCC applies in most
+// instantiations but not all (seen: the Sherman-Morrison pass without its
+// second product, at d >= 33, computed some entries unfused). The kernels
+// whose results must not depend on that (Sherman-Morrison: R bitwise
+// symmetric, the backward's recomputation bitwise the forward's) use this one:
 // the instruction itself for 512-, 256- and 128-bit batches (the half-width
 // batch of an AVX2 build is xsimd's SSE one, whose fma is generic too),
-// xsimd's otherwise.
-template <class B>
-B fnma_exact(const B& x, const B& y, const B& z) {
-  using T = typename B::value_type;
-#if defined(__AVX512F__)
-  if constexpr (sizeof(B) == 64) {
-    if constexpr (std::is_same_v<T, float>) return B(_mm512_fnmadd_ps(x, y, z));
-    else return B(_mm512_fnmadd_pd(x, y, z));
-  }
-#endif
-#if defined(__FMA__)
-  if constexpr (sizeof(B) == 32) {
-    if constexpr (std::is_same_v<T, float>) return B(_mm256_fnmadd_ps(x, y, z));
-    else return B(_mm256_fnmadd_pd(x, y, z));
-  }
-  if constexpr (sizeof(B) == 16) {
-    if constexpr (std::is_same_v<T, float>) return B(_mm_fnmadd_ps(x, y, z));
-    else return B(_mm_fnmadd_pd(x, y, z));
-  }
-#endif
-  return xsimd::fnma(x, y, z);
-}
-
+// xsimd's otherwise. For -(x y) + z pass -x: the negation is exact, so
+// fma_exact(-x, y, z) has the bits of a fused negative multiply-add.
 template <class B>
 B fma_exact(const B& x, const B& y, const B& z) {
   using T = typename B::value_type;
