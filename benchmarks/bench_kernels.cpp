@@ -25,10 +25,17 @@
 //   sherman_morrison_gain      3 d            (k.u, then w = u / sqrt(den))
 //   mesa_step                  6 d^2          (gain + fused update, one token of the
 //                                              mesa recursion; the O(d) gain is not counted)
+//   gemm, gemm_tn              2 n m k        (C (n x m) = A B or += A^T B, inner dimension k;
+//                                              /simd: kernels::gemm, /eigen: the same product
+//                                              by Eigen on the same row-major buffers, as the
+//                                              layers computed it before kernels/gemm.hpp;
+//                                              shapes: one shard of the paper's models, 400
+//                                              tokens of width 40, H (2d + dv) = 120)
 //
 // Run, e.g.:
 //   ./build/benchmarks/bench_kernels --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
+#include <Eigen/Core>
 #include <mesaopt/kernels.hpp>
 
 #include "peak.hpp"
@@ -360,6 +367,49 @@ void BM_sherman_morrison_gain(benchmark::State& state) {
   set_counters<T>(state, 3.0 * d);
 }
 
+// ---- small matrix products ----------------------------------------------------
+
+// Arguments: n, m, k, tn (0: C = A B with A n x k; 1: C += A^T B with A k x n).
+template <class T, bool Fast>
+void BM_gemm(benchmark::State& state) {
+  const auto n = std::size_t(state.range(0)), m = std::size_t(state.range(1)), kk = std::size_t(state.range(2));
+  const bool tn = state.range(3) != 0;
+  const auto A = random_vector<T>(n * kk, 1), B = random_vector<T>(kk * m, 2);
+  auto C = random_vector<T>(n * m, 3);
+  using Map = Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+  using MutMap = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(A.data());
+    benchmark::DoNotOptimize(B.data());
+    if (Fast) {
+      if (tn) k::gemm_tn(n, m, kk, A.data(), n, B.data(), m, C.data(), m, true);
+      else k::gemm(n, m, kk, A.data(), kk, B.data(), m, C.data(), m, false);
+    } else {
+      MutMap c(C.data(), long(n), long(m));
+      const Map b(B.data(), long(kk), long(m));
+      if (tn) c.noalias() += Map(A.data(), long(kk), long(n)).transpose() * b;
+      else c.noalias() = Map(A.data(), long(n), long(kk)) * b;
+    }
+    benchmark::ClobberMemory();
+  }
+  set_counters<T>(state, 2.0 * double(n) * double(m) * double(kk));
+}
+
+void gemm_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"n", "m", "k", "tn"});
+  b->Args({400, 120, 40, 0});   // QKV = X W_qkv^T
+  b->Args({400, 40, 40, 0});    // Y = O W_o^T, dO = dY W_o
+  b->Args({400, 40, 120, 0});   // dX = dQKV W_qkv
+  b->Args({120, 40, 400, 1});   // dW_qkv += dQKV^T X
+  b->Args({40, 40, 400, 1});    // dW_o += dY^T O
+  b->Args({256, 256, 256, 1});  // larger, for comparison
+}
+
+BENCHMARK_TEMPLATE(BM_gemm, float, true)->Name("BM_gemm<float>/simd")->Apply(gemm_shapes);
+BENCHMARK_TEMPLATE(BM_gemm, float, false)->Name("BM_gemm<float>/eigen")->Apply(gemm_shapes);
+BENCHMARK_TEMPLATE(BM_gemm, double, true)->Name("BM_gemm<double>/simd")->Apply(gemm_shapes);
+BENCHMARK_TEMPLATE(BM_gemm, double, false)->Name("BM_gemm<double>/eigen")->Apply(gemm_shapes);
+
 #define MESAOPT_BENCH_PAIR(fn, type)                                                     \
   BENCHMARK_TEMPLATE(fn, type, true)->Name(#fn "<" #type ">/simd")->Arg(16)->Arg(32)->Arg(64)->Arg(128); \
   BENCHMARK_TEMPLATE(fn, type, false)->Name(#fn "<" #type ">/scalar")->Arg(16)->Arg(32)->Arg(64)->Arg(128)
@@ -409,6 +459,7 @@ MESAOPT_BENCH_PAIR(BM_axpy, double);
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  Eigen::setNbThreads(1);  // the /eigen rows on one core, like the kernels
   // Measured once, before any kernel runs, on one core.
   g_peak_float = mesaopt::bench::peak_flops<float>(1);
   g_peak_double = mesaopt::bench::peak_flops<double>(1);

@@ -271,6 +271,109 @@ TEMPLATE_TEST_CASE("gemv matches the reference for m x n with ld > n", "[kernels
   }
 }
 
+// ---- small matrix products (kernels/gemm.hpp) ---------------------------------------
+
+namespace {
+
+// C = A B (tn = false, A: n x k) or A^T B (tn = true, A: k x n) in double, and
+// sum_p |A_ip B_pj| for the tolerance.
+template <class T>
+void gemm_in_double(bool tn, std::size_t n, std::size_t m, std::size_t kk, const std::vector<T>& A,
+                    const std::vector<T>& B, std::vector<double>& C, std::vector<double>& magnitude) {
+  C.assign(n * m, 0.0);
+  magnitude.assign(n * m, 0.0);
+  for (std::size_t i = 0; i < n; ++i)
+    for (std::size_t j = 0; j < m; ++j)
+      for (std::size_t p = 0; p < kk; ++p) {
+        const double a = tn ? double(A[p * n + i]) : double(A[i * kk + p]), b = double(B[p * m + j]);
+        C[i * m + j] += a * b;
+        magnitude[i * m + j] += std::abs(a * b);
+      }
+}
+
+// The rounding gemm.hpp promises: per entry one chain of FMAs from zero over
+// p in order, then one addition to the old value.
+template <class T>
+std::vector<T> gemm_fma_chain(bool tn, std::size_t n, std::size_t m, std::size_t kk, const std::vector<T>& A,
+                              const std::vector<T>& B, const std::vector<T>& C0, bool accumulate) {
+  std::vector<T> C(n * m);
+  for (std::size_t i = 0; i < n; ++i)
+    for (std::size_t j = 0; j < m; ++j) {
+      T s(0);
+      for (std::size_t p = 0; p < kk; ++p) s = std::fma(tn ? A[p * n + i] : A[i * kk + p], B[p * m + j], s);
+      C[i * m + j] = accumulate ? C0[i * m + j] + s : s;
+    }
+  return C;
+}
+
+template <class T>
+void check_gemm(bool tn, std::size_t n, std::size_t m, std::size_t kk, bool accumulate) {
+  const std::size_t a_rows = tn ? kk : n, a_cols = tn ? n : kk;
+  const auto A0 = random_values<T>(a_rows * a_cols, 1000 + 7 * n + 131 * m + kk);
+  const auto B0 = random_values<T>(kk * m, 2000 + 5 * n + 17 * m + kk);
+  const auto C0 = random_values<T>(n * m, 3000 + n + m + 3 * kk);
+  std::vector<double> exact, magnitude;
+  gemm_in_double(tn, n, m, kk, A0, B0, exact, magnitude);
+  std::vector<T> expected(n * m);
+  std::vector<double> tol(n * m);
+  for (std::size_t i = 0; i < n * m; ++i) {
+    expected[i] = T(accumulate ? double(C0[i]) + exact[i] : exact[i]);
+    tol[i] = 2.0 * (kk + 2) * eps<T>() * (magnitude[i] + (accumulate ? std::abs(double(C0[i])) : 0.0));
+  }
+  auto run = [&](const T* A, std::size_t lda, const T* B, std::size_t ldb, T* C, std::size_t ldc, std::size_t rows) {
+    if (tn) k::gemm_tn(rows, m, kk, A, lda, B, ldb, C, ldc, accumulate);
+    else k::gemm(rows, m, kk, A, lda, B, ldb, C, ldc, accumulate);
+  };
+  INFO((tn ? "gemm_tn" : "gemm") << ": n = " << n << ", m = " << m << ", k = " << kk << ", accumulate = " << accumulate);
+  // Exact-size buffers (ASan sees over-reads and over-writes).
+  std::vector<T> C = C0;
+  run(A0.data(), a_cols, B0.data(), m, C.data(), m, n);
+  CHECK(worst_ratio(C, expected, tol) <= 1.0);
+#if MESAOPT_SIMD && (defined(__FMA__) || defined(__AVX512F__))
+  // Bit for bit the chain of FMAs, whatever block or batch an entry fell in.
+  CHECK(C == gemm_fma_chain(tn, n, m, kk, A0, B0, C0, accumulate));
+#endif
+  // Cut into row chunks of 1, 3 and the rest (as the layers cut a product for
+  // threads): the same bits.
+  std::vector<T> Cc = C0;
+  for (std::size_t r0 = 0; r0 < n;) {
+    const std::size_t rows = std::min(n - r0, r0 == 0 ? std::size_t(1) : r0 == 1 ? std::size_t(3) : n);
+    run(tn ? A0.data() + r0 : A0.data() + r0 * a_cols, a_cols, B0.data(), m, Cc.data() + r0 * m, m, rows);
+    r0 += rows;
+  }
+  CHECK(Cc == C);
+  // Unaligned, padded, guarded; inputs untouched.
+  auto A = guarded_matrix(a_rows, a_cols, a_cols + 3, 1, A0);
+  auto B = guarded_matrix(kk, m, m + 5, 1, B0);
+  auto Cg = guarded_matrix(n, m, m + 2, 1, C0);
+  run(A.data(), A.ld, B.data(), B.ld, Cg.data(), Cg.ld, n);
+  CHECK(Cg.get() == C);
+  CHECK(Cg.guard_violations() == 0);
+  CHECK(A.get() == A0);
+  CHECK(B.get() == B0);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("gemm and gemm_tn match the product in double, bit for bit one FMA chain per entry",
+                   "[kernels][gemm]", float, double) {
+  using T = TestType;
+  std::vector<std::size_t> widths;
+  for (std::size_t m = 1; m <= 70; ++m) widths.push_back(m);
+  for (std::size_t m : {120, 127, 130}) widths.push_back(m);
+  for (bool tn : {false, true})
+    for (bool accumulate : {false, true})
+      for (std::size_t m : widths)
+        for (std::size_t n : {0, 1, 2, 5, 6, 7, 9, 13, 14, 15, 16, 17, 23})
+          for (std::size_t kk : {0, 1, 7, 40}) check_gemm<T>(tn, n, m, kk, accumulate);
+  // The projections' shapes in the paper's models: 400 tokens (one shard),
+  // width 40, 2 heads of q, k, v (120 columns); the weight gradient's inner
+  // dimension runs over the tokens.
+  check_gemm<T>(false, 400, 120, 40, false);
+  check_gemm<T>(false, 400, 40, 120, false);
+  check_gemm<T>(true, 120, 40, 400, true);
+}
+
 // ---- Sherman-Morrison (docs/math.md M7, M9) --------------------------------------------
 
 namespace {

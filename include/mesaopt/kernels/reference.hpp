@@ -41,6 +41,20 @@ void gemv(std::size_t m, std::size_t n, const T* A, std::size_t lda, const T* x,
   for (std::size_t i = 0; i < m; ++i) y[i] = dot(A + i * lda, x, n);
 }
 
+// C (n x m) = A B, or C += A B when accumulate; A's entry (i, p) at
+// A[i * ars + p * aks] (A itself: ars = lda, aks = 1; the transpose of a
+// stored k x n matrix: ars = 1, aks = lda), B: k x m with row stride ldb.
+template <class T>
+void gemm(std::size_t n, std::size_t m, std::size_t k, const T* A, std::size_t ars, std::size_t aks, const T* B,
+          std::size_t ldb, T* C, std::size_t ldc, bool accumulate) {
+  for (std::size_t i = 0; i < n; ++i)
+    for (std::size_t j = 0; j < m; ++j) {
+      T s = 0;
+      for (std::size_t p = 0; p < k; ++p) s += A[i * ars + p * aks] * B[p * ldb + j];
+      C[i * ldc + j] = accumulate ? C[i * ldc + j] + s : s;
+    }
+}
+
 // docs/math.md (M7, M9, M10), fused:  R <- scale R - w w^T;  a = R q;  b = R k_next;  y = R x.
 // R is d x d row-major (row stride ldr); k_next/b may be null (last token), x/y
 // may be null (only the mesa backward asks for y = R da).

@@ -207,7 +207,8 @@ inline void for_each_column_block_masked(std::size_t n, Block&& block) {
 }
 
 // Passes over columns [0, n), n >= W, with only full-size loads and stores:
-// each pass is NB <= 4 batches at the column offsets c[0..NB). When W does not
+// each pass is NB <= MaxNB batches at the column offsets c[0..NB) (MaxNB = 2,
+// 3 or 4: as many as a kernel's register block holds). When W does not
 // divide n, the last pass ends at column n with either a half-width batch
 // (simd_half_batch, Half = true: the remainder fits in it) or a full batch
 // starting at n - W; either may overlap the batch before it (n = 20, W = 16:
@@ -219,33 +220,39 @@ inline void for_each_column_block_masked(std::size_t n, Block&& block) {
 // load or store is left on the path (docs/kernels.md, "Overlapping passes").
 //
 //   pass(std::integral_constant<std::size_t, NB>{}, std::bool_constant<Half>{}, c)
-template <class T, class Pass>
+template <class T, std::size_t MaxNB = 4, class Pass>
 inline void for_each_overlapping_column_pass(std::size_t n, Pass&& pass) {
+  static_assert(MaxNB >= 2 && MaxNB <= 4, "passes of 2 to 4 batches");
   constexpr std::size_t W = simd_width<T>, Wh = simd_half_batch<T>::size;
   using Full = std::false_type;
   std::size_t j = 0;
-  // Full passes of 4 batches; 3 instead when 4 would leave fewer than W columns.
-  while (n - j > 4 * W) {
-    const std::size_t rest = n - j - 4 * W;
-    const std::size_t nb = rest < W ? 3 : 4;
+  // Full passes of MaxNB batches; one fewer when MaxNB would leave fewer than
+  // W columns.
+  while (n - j > MaxNB * W) {
+    const std::size_t rest = n - j - MaxNB * W;
+    const std::size_t nb = rest < W ? MaxNB - 1 : MaxNB;
     const std::size_t c[4] = {j, j + W, j + 2 * W, j + 3 * W};
-    if (nb == 4) pass(std::integral_constant<std::size_t, 4>{}, Full{}, c);
-    else pass(std::integral_constant<std::size_t, 3>{}, Full{}, c);
+    if (nb == MaxNB) pass(std::integral_constant<std::size_t, MaxNB>{}, Full{}, c);
+    else pass(std::integral_constant<std::size_t, MaxNB - 1>{}, Full{}, c);
     j += nb * W;
   }
-  // The last pass: W <= n - j <= 4W columns.
+  // The last pass: W <= n - j <= MaxNB W columns.
   const std::size_t full = (n - j) / W, rem = (n - j) % W;
   std::size_t c[4] = {j, j + W, j + 2 * W, j + 3 * W};
   auto last_pass = [&](std::size_t nb, auto half) {
-    if (nb == 4) pass(std::integral_constant<std::size_t, 4>{}, half, c);
-    else if (nb == 3) pass(std::integral_constant<std::size_t, 3>{}, half, c);
-    else if (nb == 2) pass(std::integral_constant<std::size_t, 2>{}, half, c);
+    if constexpr (MaxNB >= 4) {
+      if (nb == 4) return pass(std::integral_constant<std::size_t, 4>{}, half, c);
+    }
+    if constexpr (MaxNB >= 3) {
+      if (nb == 3) return pass(std::integral_constant<std::size_t, 3>{}, half, c);
+    }
+    if (nb == 2) pass(std::integral_constant<std::size_t, 2>{}, half, c);
     else pass(std::integral_constant<std::size_t, 1>{}, half, c);
   };
   if (rem == 0) {
     last_pass(full, Full{});
   } else if (Wh < W && rem <= Wh) {
-    c[full] = n - Wh;  // full <= 3 here
+    c[full] = n - Wh;  // full <= MaxNB - 1 here
     last_pass(full + 1, std::true_type{});
   } else {
     c[full] = n - W;
