@@ -17,12 +17,17 @@
 // Work partition (see threading.hpp): token GEMMs in fixed chunks of
 // detail::kTokenChunk rows, weight-gradient GEMMs in fixed blocks of detail::kWeightRowBlock
 // weight rows (each a full reduction over all N tokens by one thread), so the
-// order of every sum is independent of the thread count.
+// order of every sum is independent of the thread count. The products are
+// kernels::gemm / gemm_tn, whose entries are each one chain of FMAs however
+// the rows are cut (kernels/gemm.hpp), so the bits do not depend on the chunk
+// sizes either. X W^T needs W^T row-major: each call transposes the weight
+// once into a per-thread buffer (4,800 entries for the paper's W_qkv).
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parameters.hpp>
 #include <mesaopt/layers/threading.hpp>
 #include <mesaopt/common/random.hpp>
+#include <mesaopt/kernels/gemm.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -130,20 +135,32 @@ class AttentionProjections {
 
   // qkv_out (N, width()) = x (N, D) W_qkv^T.
   void project_qkv(const ConstMatrixRef<T>& x, RowMatrix<T>& qkv_out, int threads) const {
-    const long N = x.rows();
-    qkv_out.resize(N, width());
+    const long N = x.rows(), W = width();
+    qkv_out.resize(N, W);
+    // W_qkv^T (D, width()). The lambda below runs on other threads too, and a
+    // thread_local named there would be theirs: it gets the pointer.
+    static thread_local RowMatrix<T> w_t_buffer;
+    w_t_buffer = qkv_.transpose();
+    const T* w_t = w_t_buffer.data();
     detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {
       const long r0 = long(c) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
-      qkv_out.middleRows(r0, n).noalias() = x.middleRows(r0, n) * qkv_.transpose();
+      kernels::gemm<T>(std::size_t(n), std::size_t(W), std::size_t(D_), x.data() + r0 * x.outerStride(),
+                       std::size_t(x.outerStride()), w_t, std::size_t(W), qkv_out.data() + r0 * W,
+                       std::size_t(W), false);
     });
   }
 
   // y (N, D) = o (N, H dv) W_o^T: Delta e_t = sum_h P_h o_{h,t} (docs/math.md §1).
   void project_out(const RowMatrix<T>& o, MatrixRef<T> y, int threads) const {
-    const long N = o.rows();
+    const long N = o.rows(), Hdv = out_.cols();
+    static thread_local RowMatrix<T> w_t_buffer;  // W_o^T (H dv, D); the pointer for the lambda, as above
+    w_t_buffer = out_.transpose();
+    const T* w_t = w_t_buffer.data();
     detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {
       const long r0 = long(c) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
-      y.middleRows(r0, n).noalias() = o.middleRows(r0, n) * out_.transpose();
+      kernels::gemm<T>(std::size_t(n), std::size_t(D_), std::size_t(Hdv), o.data() + r0 * Hdv, std::size_t(Hdv),
+                       w_t, std::size_t(D_), y.data() + r0 * y.outerStride(), std::size_t(y.outerStride()),
+                       false);
     });
   }
 
@@ -151,28 +168,34 @@ class AttentionProjections {
   // Two loops, not one over both kinds of item: parallel_for splits items into
   // contiguous equal-count ranges, which balances only items of equal cost.
   void backward_out(const ConstMatrixRef<T>& dy, const RowMatrix<T>& o, RowMatrix<T>& d_o, int threads) {
-    const long N = o.rows();
-    d_o.resize(N, out_.cols());
+    const long N = o.rows(), Hdv = out_.cols();
+    const std::size_t ldy = std::size_t(dy.outerStride());
+    d_o.resize(N, Hdv);
     detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {
       const long r0 = long(c) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
-      d_o.middleRows(r0, n).noalias() = dy.middleRows(r0, n) * out_;
+      kernels::gemm<T>(std::size_t(n), std::size_t(Hdv), std::size_t(D_), dy.data() + r0 * ldy, ldy, out_.data(),
+                       std::size_t(Hdv), d_o.data() + r0 * Hdv, std::size_t(Hdv), false);
     });
     detail::parallel_for_rethrow(detail::num_chunks(D_, detail::kWeightRowBlock), threads, [&](std::ptrdiff_t c) {
       const long r0 = long(c) * detail::kWeightRowBlock, n = std::min(detail::kWeightRowBlock, D_ - r0);
-      out_grad_.middleRows(r0, n).noalias() += dy.middleCols(r0, n).transpose() * o;
+      kernels::gemm_tn<T>(std::size_t(n), std::size_t(Hdv), std::size_t(N), dy.data() + r0, ldy, o.data(),
+                          std::size_t(Hdv), out_grad_.data() + r0 * Hdv, std::size_t(Hdv), true);
     });
   }
 
   // forward: QKV = X W_qkv^T  =>  dX = dQKV W_qkv (written), dW_qkv += dQKV^T X (added).
   void backward_qkv(const ConstMatrixRef<T>& x, const RowMatrix<T>& dqkv, MatrixRef<T> dx, int threads) {
     const long N = x.rows(), W = width();
+    const std::size_t ldx = std::size_t(x.outerStride()), lddx = std::size_t(dx.outerStride());
     detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {
       const long r0 = long(c) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
-      dx.middleRows(r0, n).noalias() = dqkv.middleRows(r0, n) * qkv_;
+      kernels::gemm<T>(std::size_t(n), std::size_t(D_), std::size_t(W), dqkv.data() + r0 * W, std::size_t(W),
+                       qkv_.data(), std::size_t(D_), dx.data() + r0 * lddx, lddx, false);
     });
     detail::parallel_for_rethrow(detail::num_chunks(W, detail::kWeightRowBlock), threads, [&](std::ptrdiff_t c) {
       const long r0 = long(c) * detail::kWeightRowBlock, n = std::min(detail::kWeightRowBlock, W - r0);
-      qkv_grad_.middleRows(r0, n).noalias() += dqkv.middleCols(r0, n).transpose() * x;
+      kernels::gemm_tn<T>(std::size_t(n), std::size_t(D_), std::size_t(N), dqkv.data() + r0, std::size_t(W),
+                          x.data(), ldx, qkv_grad_.data() + r0 * D_, std::size_t(D_), true);
     });
   }
 

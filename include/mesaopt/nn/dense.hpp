@@ -8,8 +8,10 @@
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parameters.hpp>
+#include <mesaopt/kernels/gemm.hpp>
 #include <mesaopt/nn/random.hpp>
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -55,7 +57,13 @@ class Dense {
     detail::check_size("Dense::forward", "x.cols()", x.cols(), config_.in_features, "config.in_features");
     detail::check_shape("Dense::forward", "y", y, x.rows(), config_.out_features);
     cache.x = x;
-    y.noalias() = x * weight.transpose();
+    // y = x W^T: kernels::gemm against W^T, transposed once per call into a
+    // per-thread buffer (the layers' projections do the same; kernels/gemm.hpp).
+    static thread_local RowMatrix<T> w_t;
+    w_t = weight.transpose();
+    const long in = config_.in_features, out = config_.out_features;
+    kernels::gemm<T>(std::size_t(x.rows()), std::size_t(out), std::size_t(in), x.data(), std::size_t(x.outerStride()),
+                     w_t.data(), std::size_t(out), y.data(), std::size_t(y.outerStride()), false);
     if (config_.bias) y.rowwise() += bias.transpose();
   }
 
@@ -66,7 +74,9 @@ class Dense {
     detail::check_shape("Dense::backward", "dx", dx, cache.x.rows(), config_.in_features);
     accumulate_parameter_grads(dy, cache);
     // forward: y = x W^T   =>   dx = dy W
-    dx.noalias() = dy * weight;
+    kernels::gemm<T>(std::size_t(dy.rows()), std::size_t(config_.in_features), std::size_t(config_.out_features),
+                     dy.data(), std::size_t(dy.outerStride()), weight.data(), std::size_t(config_.in_features),
+                     dx.data(), std::size_t(dx.outerStride()), false);
   }
 
   // Parameter gradients only (e.g. the input embedding, whose input needs no gradient).
@@ -97,7 +107,9 @@ class Dense {
   }
   void accumulate_parameter_grads(ConstMatrixRef<T> dy, const DenseCache<T>& cache) {
     // forward: y = x W^T + b   =>   dW += dy^T x,   db += sum_rows dy
-    weight_grad.noalias() += dy.transpose() * cache.x;
+    kernels::gemm_tn<T>(std::size_t(config_.out_features), std::size_t(config_.in_features), std::size_t(dy.rows()),
+                        dy.data(), std::size_t(dy.outerStride()), cache.x.data(), std::size_t(config_.in_features),
+                        weight_grad.data(), std::size_t(config_.in_features), true);
     if (config_.bias) bias_grad.noalias() += dy.colwise().sum().transpose();
   }
 
