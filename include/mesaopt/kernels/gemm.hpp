@@ -27,13 +27,12 @@
 // It does not depend on where the entry falls (row block, column batch, how
 // many rows the call has), so a product cut into row chunks for threads gives
 // the same bits as one call (tests/test_kernels.cpp checks this bit for bit
-// against a scalar loop of std::fma). Heads narrower than the SIMD width
-// (m < W) take a scalar loop.
+// against a scalar loop of std::fma). Products narrower than the SIMD width
+// (m < W, e.g. a read-out to n = 10 outputs) run one masked batch.
 #include <mesaopt/kernels/reference.hpp>
 #include <mesaopt/kernels/simd.hpp>
 
 #include <algorithm>
-#include <cmath>
 #include <cstddef>
 #include <type_traits>
 
@@ -71,9 +70,14 @@ inline constexpr std::size_t gemm_rows = std::min<std::size_t>(16, (kGemmRegiste
 // A[i * ars + p * aks]. The last batch may overlap the one before it: both
 // compute the shared columns by the same instructions from the same inputs
 // and store the same bits.
-template <class T, class BL, std::size_t R, std::size_t NB>
+//
+// Masked (NB = 1, BL the full batch): the one batch holds only `width` < W
+// columns, loaded and stored with load_partial / store_partial (heads
+// narrower than one batch).
+template <class T, class BL, std::size_t R, std::size_t NB, bool Masked = false>
 inline void gemm_block(std::size_t k, const T* A, std::size_t ars, std::size_t aks, const T* B, std::size_t ldb,
-                       const std::size_t* c, T* C, std::size_t ldc, bool accumulate) {
+                       const std::size_t* c, T* C, std::size_t ldc, bool accumulate, std::size_t width = 0) {
+  static_assert(!Masked || (NB == 1 && std::is_same_v<BL, simd_batch<T>>), "a masked block is one full batch");
   using BF = simd_batch<T>;
   constexpr std::size_t NF = NB - 1;  // full batches before the last one
   BF acc[R][NF > 0 ? NF : 1];
@@ -86,7 +90,9 @@ inline void gemm_block(std::size_t k, const T* A, std::size_t ars, std::size_t a
     const T* bp = B + p * ldb;
     BF bv[NF > 0 ? NF : 1];
     MESAOPT_UNROLL for (std::size_t b = 0; b < NF; ++b) bv[b] = BF::load_unaligned(bp + c[b]);
-    const BL bl = BL::load_unaligned(bp + c[NF]);
+    BL bl;
+    if constexpr (Masked) bl = load_partial(bp + c[NF], width);
+    else bl = BL::load_unaligned(bp + c[NF]);
     const T* ap = A + p * aks;
     MESAOPT_UNROLL for (std::size_t r = 0; r < R; ++r) {
       const T a = ap[r * ars];
@@ -100,26 +106,30 @@ inline void gemm_block(std::size_t k, const T* A, std::size_t ars, std::size_t a
     // may overlap the one before it).
     if (accumulate) {
       MESAOPT_UNROLL for (std::size_t b = 0; b < NF; ++b) acc[r][b] = BF::load_unaligned(cr + c[b]) + acc[r][b];
-      acc_last[r] = BL::load_unaligned(cr + c[NF]) + acc_last[r];
+      if constexpr (Masked) acc_last[r] = load_partial(cr + c[NF], width) + acc_last[r];
+      else acc_last[r] = BL::load_unaligned(cr + c[NF]) + acc_last[r];
     }
     MESAOPT_UNROLL for (std::size_t b = 0; b < NF; ++b) acc[r][b].store_unaligned(cr + c[b]);
-    acc_last[r].store_unaligned(cr + c[NF]);
+    if constexpr (Masked) store_partial(acc_last[r], cr + c[NF], width);
+    else acc_last[r].store_unaligned(cr + c[NF]);
   }
 }
 
 // Rows [0, n) of C in blocks of R = gemm_rows<NB>, the rest in blocks of 8,
 // 4, 2 and 1 rows (fewer instantiations than one per row count).
-template <class T, class BL, std::size_t NB>
+template <class T, class BL, std::size_t NB, bool Masked = false>
 void gemm_rows_pass(std::size_t n, std::size_t k, const T* A, std::size_t ars, std::size_t aks, const T* B,
-                    std::size_t ldb, const std::size_t* c, T* C, std::size_t ldc, bool accumulate) {
+                    std::size_t ldb, const std::size_t* c, T* C, std::size_t ldc, bool accumulate,
+                    std::size_t width = 0) {
   constexpr std::size_t R = gemm_rows<NB>;
   std::size_t i = 0;
-  for (; i + R <= n; i += R) gemm_block<T, BL, R, NB>(k, A + i * ars, ars, aks, B, ldb, c, C + i * ldc, ldc, accumulate);
+  for (; i + R <= n; i += R)
+    gemm_block<T, BL, R, NB, Masked>(k, A + i * ars, ars, aks, B, ldb, c, C + i * ldc, ldc, accumulate, width);
   auto tail = [&](auto rows) {
     constexpr std::size_t P = decltype(rows)::value;
     if constexpr (P < R) {
       if (n - i >= P) {
-        gemm_block<T, BL, P, NB>(k, A + i * ars, ars, aks, B, ldb, c, C + i * ldc, ldc, accumulate);
+        gemm_block<T, BL, P, NB, Masked>(k, A + i * ars, ars, aks, B, ldb, c, C + i * ldc, ldc, accumulate, width);
         i += P;
       }
     }
@@ -134,13 +144,9 @@ template <class T>
 void gemm_strided(std::size_t n, std::size_t m, std::size_t k, const T* A, std::size_t ars, std::size_t aks,
                   const T* B, std::size_t ldb, T* C, std::size_t ldc, bool accumulate) {
   if (n == 0 || m == 0) return;
-  if (m < simd_width<T>) {  // narrower than one batch: scalar, the same chain of FMAs per entry
-    for (std::size_t i = 0; i < n; ++i)
-      for (std::size_t j = 0; j < m; ++j) {
-        T s(0);
-        for (std::size_t p = 0; p < k; ++p) s = std::fma(A[i * ars + p * aks], B[p * ldb + j], s);
-        C[i * ldc + j] = accumulate ? C[i * ldc + j] + s : s;
-      }
+  if (m < simd_width<T>) {  // narrower than one batch: one masked batch, the same FMAs per lane
+    const std::size_t c[1] = {0};
+    gemm_rows_pass<T, simd_batch<T>, 1, true>(n, k, A, ars, aks, B, ldb, c, C, ldc, accumulate, m);
     return;
   }
   for_each_overlapping_column_pass<T, kGemmBatchesMax>(m, [&](auto nb, auto half, const std::size_t* c) {
