@@ -14,14 +14,16 @@
 //   W_o (D, H dv): P_h is its column block [h dv, (h+1) dv), so
 //     Delta E = O W_o^T with O (N, H dv) the heads' outputs side by side.
 //
-// Work partition (see threading.hpp): token GEMMs in fixed chunks of
-// detail::kTokenChunk rows, weight-gradient GEMMs in fixed blocks of detail::kWeightRowBlock
-// weight rows (each a full reduction over all N tokens by one thread), so the
-// order of every sum is independent of the thread count. The products are
-// kernels::gemm / gemm_tn, whose entries are each one chain of FMAs however
-// the rows are cut (kernels/gemm.hpp), so the bits do not depend on the chunk
-// sizes either. X W^T needs W^T row-major: each call transposes the weight
-// once into a per-thread buffer (4,800 entries for the paper's W_qkv).
+// Work partition (see threading.hpp): on several threads, token GEMMs in
+// chunks of detail::kTokenChunk rows and weight-gradient GEMMs in blocks of
+// detail::kWeightRowBlock weight rows (each a full reduction over all N
+// tokens by one thread); on one thread, each product in one call. The
+// products are kernels::gemm / gemm_tn, whose entries are each one chain of
+// FMAs however the rows are cut (kernels/gemm.hpp), so the bits are the same
+// for any thread count. One call on one thread: fewer partial row blocks (a
+// shard of 400 tokens in chunks of 128 left a 2-row and a 16-row block per
+// product). X W^T needs W^T row-major: each call transposes the weight once
+// into a per-thread buffer (4,800 entries for the paper's W_qkv).
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parameters.hpp>
@@ -39,6 +41,20 @@ namespace mesaopt::detail {
 
 inline constexpr long kTokenChunk = 128;
 inline constexpr long kWeightRowBlock = 32;
+
+// Calls body(r0, n) for pieces [r0, r0 + n) covering rows [0, rows): pieces of
+// `piece` rows spread over `threads` threads, or one piece on one thread.
+template <class Body>
+void for_row_pieces(long rows, long piece, int threads, Body&& body) {
+  if (threads <= 1) {
+    if (rows > 0) body(0L, rows);
+    return;
+  }
+  parallel_for_rethrow(num_chunks(rows, piece), threads, [&](std::ptrdiff_t c) {
+    const long r0 = long(c) * piece;
+    body(r0, std::min(piece, rows - r0));
+  });
+}
 
 // Throws unless every size is >= 1.
 inline void check_attention_sizes(const char* where, long D, long H, long d, long dv) {
@@ -142,8 +158,7 @@ class AttentionProjections {
     static thread_local RowMatrix<T> w_t_buffer;
     w_t_buffer = qkv_.transpose();
     const T* w_t = w_t_buffer.data();
-    detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {
-      const long r0 = long(c) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
+    detail::for_row_pieces(N, detail::kTokenChunk, threads, [&](long r0, long n) {
       kernels::gemm<T>(std::size_t(n), std::size_t(W), std::size_t(D_), x.data() + r0 * x.outerStride(),
                        std::size_t(x.outerStride()), w_t, std::size_t(W), qkv_out.data() + r0 * W,
                        std::size_t(W), false);
@@ -156,8 +171,7 @@ class AttentionProjections {
     static thread_local RowMatrix<T> w_t_buffer;  // W_o^T (H dv, D); the pointer for the lambda, as above
     w_t_buffer = out_.transpose();
     const T* w_t = w_t_buffer.data();
-    detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {
-      const long r0 = long(c) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
+    detail::for_row_pieces(N, detail::kTokenChunk, threads, [&](long r0, long n) {
       kernels::gemm<T>(std::size_t(n), std::size_t(D_), std::size_t(Hdv), o.data() + r0 * Hdv, std::size_t(Hdv),
                        w_t, std::size_t(D_), y.data() + r0 * y.outerStride(), std::size_t(y.outerStride()),
                        false);
@@ -171,13 +185,11 @@ class AttentionProjections {
     const long N = o.rows(), Hdv = out_.cols();
     const std::size_t ldy = std::size_t(dy.outerStride());
     d_o.resize(N, Hdv);
-    detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {
-      const long r0 = long(c) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
+    detail::for_row_pieces(N, detail::kTokenChunk, threads, [&](long r0, long n) {
       kernels::gemm<T>(std::size_t(n), std::size_t(Hdv), std::size_t(D_), dy.data() + r0 * ldy, ldy, out_.data(),
                        std::size_t(Hdv), d_o.data() + r0 * Hdv, std::size_t(Hdv), false);
     });
-    detail::parallel_for_rethrow(detail::num_chunks(D_, detail::kWeightRowBlock), threads, [&](std::ptrdiff_t c) {
-      const long r0 = long(c) * detail::kWeightRowBlock, n = std::min(detail::kWeightRowBlock, D_ - r0);
+    detail::for_row_pieces(D_, detail::kWeightRowBlock, threads, [&](long r0, long n) {
       kernels::gemm_tn<T>(std::size_t(n), std::size_t(Hdv), std::size_t(N), dy.data() + r0, ldy, o.data(),
                           std::size_t(Hdv), out_grad_.data() + r0 * Hdv, std::size_t(Hdv), true);
     });
@@ -187,13 +199,11 @@ class AttentionProjections {
   void backward_qkv(const ConstMatrixRef<T>& x, const RowMatrix<T>& dqkv, MatrixRef<T> dx, int threads) {
     const long N = x.rows(), W = width();
     const std::size_t ldx = std::size_t(x.outerStride()), lddx = std::size_t(dx.outerStride());
-    detail::parallel_for_rethrow(detail::num_chunks(N, detail::kTokenChunk), threads, [&](std::ptrdiff_t c) {
-      const long r0 = long(c) * detail::kTokenChunk, n = std::min(detail::kTokenChunk, N - r0);
+    detail::for_row_pieces(N, detail::kTokenChunk, threads, [&](long r0, long n) {
       kernels::gemm<T>(std::size_t(n), std::size_t(D_), std::size_t(W), dqkv.data() + r0 * W, std::size_t(W),
                        qkv_.data(), std::size_t(D_), dx.data() + r0 * lddx, lddx, false);
     });
-    detail::parallel_for_rethrow(detail::num_chunks(W, detail::kWeightRowBlock), threads, [&](std::ptrdiff_t c) {
-      const long r0 = long(c) * detail::kWeightRowBlock, n = std::min(detail::kWeightRowBlock, W - r0);
+    detail::for_row_pieces(W, detail::kWeightRowBlock, threads, [&](long r0, long n) {
       kernels::gemm_tn<T>(std::size_t(n), std::size_t(D_), std::size_t(N), dqkv.data() + r0, std::size_t(W),
                           x.data(), ldx, qkv_grad_.data() + r0 * D_, std::size_t(D_), true);
     });

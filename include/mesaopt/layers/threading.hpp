@@ -4,9 +4,11 @@
 // The layers spread independent work items over threads with
 // mesaopt::parallel_for: (batch, head) pairs for the per-head ops, fixed chunks
 // of token rows for the projection GEMMs, fixed blocks of weight rows for the
-// weight-gradient GEMMs. The partition never depends on the thread count and
-// every item writes only its own memory, so results are bit-identical for any
-// thread count.
+// weight-gradient GEMMs. Every item writes only its own memory, and no result
+// depends on the partition: the per-head partition never depends on the
+// thread count, and the projections' products give the same bits however
+// their rows are cut (kernels/gemm.hpp; on one thread each product is one
+// call). So results are bit-identical for any thread count.
 //
 // Eigen's own threading is held off by ScopedSerialEigen (common/parallel.hpp).
 #include <mesaopt/common/parallel.hpp>
