@@ -2,12 +2,15 @@
 // results equal to the serial order for any thread count, the window bound,
 // and which exception it rethrows.
 #include <atomic>
+#include <chrono>
 #include <catch2/catch.hpp>
 #include <cstdint>
 #include <mesaopt/common/parallel.hpp>
+#include <mesaopt/common/worker_team.hpp>
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <thread>
 #include <vector>
 
 namespace mesaopt_test_parallel {
@@ -132,3 +135,45 @@ TEST_CASE("ordered_pipeline rethrows the serial order's first exception", "[para
 }
 
 }  // namespace mesaopt_test_parallel
+
+TEST_CASE("WorkerTeam runs every item once, on members in range, over many calls", "[parallel][worker_team]") {
+  for (int size : {1, 2, 3, 5}) {
+    mesaopt::WorkerTeam team(size);
+    CHECK(team.size() == size);
+    for (std::ptrdiff_t n : {0, 1, 2, 3, 7, 64, 1000}) {
+      for (int call = 0; call < 20; ++call) {
+        std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+        for (auto& h : hits) h = 0;
+        std::vector<long> value(static_cast<std::size_t>(n), -1);  // plain writes, read after run returns
+        std::atomic<int> bad_worker{0};
+        team.run(n, [&](std::ptrdiff_t i, int worker) {
+          if (worker < 0 || worker >= size) ++bad_worker;
+          ++hits[static_cast<std::size_t>(i)];
+          value[static_cast<std::size_t>(i)] = long(i) * 3 + call;
+        });
+        INFO("size = " << size << ", n = " << n << ", call = " << call);
+        CHECK(bad_worker == 0);
+        int wrong = 0;
+        for (std::ptrdiff_t i = 0; i < n; ++i)
+          if (hits[static_cast<std::size_t>(i)] != 1 || value[static_cast<std::size_t>(i)] != long(i) * 3 + call) ++wrong;
+        CHECK(wrong == 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("WorkerTeam uses its helpers", "[parallel][worker_team]") {
+  // Two items that each wait (up to 30 s) until both have started: both
+  // members must hold one at the same time.
+  mesaopt::WorkerTeam team(2);
+  std::atomic<int> started{0};
+  std::atomic<int> mask{0};
+  team.run(2, [&](std::ptrdiff_t, int worker) {
+    mask |= 1 << worker;
+    ++started;
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (started < 2 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+  });
+  CHECK(started == 2);
+  CHECK(mask == 3);
+}

@@ -4,9 +4,11 @@
 //
 // The batch of B sequences is cut into S shards of whole sequences, shard s
 // holding sequences [s B / S, (s + 1) B / S). Worker threads take shards one
-// at a time (parallel_for_dynamic) and run the whole model forward, the loss
+// at a time (WorkerTeam::run) and run the whole model forward, the loss
 // and the backward on them: there is no barrier inside the model, one per step
-// at the end. Each worker has a replica of the model (the same configuration
+// at the end (the workers are a WorkerTeam, common/worker_team.hpp: threads
+// that sleep while they wait, so a busy core elsewhere does not make them
+// steal time from each other). Each worker has a replica of the model (the same configuration
 // with its own copy of the weights, gradient buffers and activations, its
 // attention layers on one thread); each SHARD has its own gradient buffer, into
 // which the worker's replica leaves that shard's gradients. Then the shards'
@@ -39,6 +41,7 @@
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parallel.hpp>
 #include <mesaopt/common/parameters.hpp>
+#include <mesaopt/common/worker_team.hpp>
 #include <mesaopt/nn/model.hpp>
 #include <mesaopt/train/loss.hpp>
 #include <mesaopt/train/process_group.hpp>
@@ -156,9 +159,11 @@ class ShardedStep {
     std::fill(errors_.begin(), errors_.end(), nullptr);
     const long count = range_.count;
     if (count > 0) {
-      add_workers(parallel_team_size(count, threads_));
+      const int team = parallel_team_size(count, threads_ > 0 ? threads_ : default_num_threads());
+      if (!team_ || team_->size() != team) team_ = std::make_unique<WorkerTeam>(team);
+      add_workers(team);
       for (auto& w : workers_) w.has_weights = false;
-      parallel_for_dynamic(count, threads_, [&](std::ptrdiff_t i, int worker) {
+      team_->run(count, [&](std::ptrdiff_t i, int worker) {
         try {
           run_shard(range_.first + long(i), std::size_t(i), workers_[std::size_t(worker)], inputs, targets, seq_len,
                     sequences);
@@ -327,6 +332,9 @@ class ShardedStep {
   MseSums other_sums_;
   std::vector<T> other_grads_;
   std::vector<std::exception_ptr> errors_;
+  // The threads that run the shards (sleeping between and inside steps; made
+  // at the first step, again when the thread count changes).
+  std::unique_ptr<WorkerTeam> team_;
 };
 
 }  // namespace mesaopt::train
