@@ -12,9 +12,9 @@
 // X W^T, is gemm against W^T stored once per call by the caller.
 //
 // Why not Eigen's GEMM: at these shapes it packs both operands into its own
-// layout on every call and reaches 0.58-0.68 of the core's FMA peak; the
-// packing alone was about 10 % of a linear-1L training step (docs/kernels.md,
-// "Small matrix products"). Row-major B is already the layout the inner loop
+// layout on every call, and the packing alone was about a tenth of a linear-1L
+// training step (measurements: docs/kernels.md, "gemm and gemm_tn", and
+// docs/training.md). Row-major B is already the layout the inner loop
 // wants: a block of R rows of C by NB batches of columns lives in R NB
 // registers, and each step p of the inner dimension loads NB batches of row p
 // of B, broadcasts R entries of A and does R NB FMAs. Columns past the last
@@ -37,7 +37,8 @@
 #include <type_traits>
 
 // Full unrolling of the register block's loops at any optimisation level: at
-// -O2 GCC keeps them as loops and the block goes through memory (2x slower).
+// -O2 GCC keeps them as loops and the block goes through memory (several times
+// slower; docs/kernels.md).
 #ifndef MESAOPT_UNROLL
 #if defined(__GNUC__)
 #define MESAOPT_UNROLL _Pragma("GCC unroll 16")
