@@ -338,7 +338,9 @@ void check_gemm(bool tn, std::size_t n, std::size_t m, std::size_t kk, bool accu
   std::vector<T> Cc = C0;
   for (std::size_t r0 = 0; r0 < n;) {
     const std::size_t rows = std::min(n - r0, r0 == 0 ? std::size_t(1) : r0 == 1 ? std::size_t(3) : n);
-    run(tn ? A0.data() + r0 : A0.data() + r0 * a_cols, a_cols, B0.data(), m, Cc.data() + r0 * m, m, rows);
+    // (k = 0: A0 is empty and its data() may be null, which takes no offset)
+    const T* a_chunk = A0.empty() ? A0.data() : tn ? A0.data() + r0 : A0.data() + r0 * a_cols;
+    run(a_chunk, a_cols, B0.data(), m, Cc.data() + r0 * m, m, rows);
     r0 += rows;
   }
   CHECK(Cc == C);

@@ -145,6 +145,11 @@ template <class T>
 void gemm_strided(std::size_t n, std::size_t m, std::size_t k, const T* A, std::size_t ars, std::size_t aks,
                   const T* B, std::size_t ldb, T* C, std::size_t ldc, bool accumulate) {
   if (n == 0 || m == 0) return;
+  if (k == 0) {  // an empty sum: no pointer arithmetic on A or B (they may be null)
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t j = 0; j < m; ++j) C[i * ldc + j] = accumulate ? C[i * ldc + j] + T(0) : T(0);
+    return;
+  }
   if (m < simd_width<T>) {  // narrower than one batch: one masked batch, the same FMAs per lane
     const std::size_t c[1] = {0};
     gemm_rows_pass<T, simd_batch<T>, 1, true>(n, k, A, ars, aks, B, ldb, c, C, ldc, accumulate, m);
