@@ -34,4 +34,19 @@ using ConstVectorRef = Eigen::Ref<const Vector<identity_t<T>>>;
 template <class T>
 using VectorRef = Eigen::Ref<Vector<identity_t<T>>>;
 
+namespace detail {
+
+// W^T, row-major, in a buffer owned by the calling thread: what a product
+// X W^T needs to run as kernels::gemm(X, W^T) on row-major operands. The
+// buffer is reused by this thread's next call, so the pointer is valid until
+// then. A lambda that runs on other threads must take this pointer, not call
+// the function itself: there it would get (and fill) its own thread's buffer.
+template <class T>
+const T* transposed_in_thread_buffer(const RowMatrix<T>& w) {
+  static thread_local RowMatrix<T> buffer;
+  buffer = w.transpose();
+  return buffer.data();
+}
+
+}  // namespace detail
 }  // namespace mesaopt

@@ -23,7 +23,8 @@
 // for any thread count. One call on one thread: fewer partial row blocks (a
 // shard of 400 tokens in chunks of 128 left a 2-row and a 16-row block per
 // product). X W^T needs W^T row-major: each call transposes the weight once
-// into a per-thread buffer (4,800 entries for the paper's W_qkv).
+// into a per-thread buffer (detail::transposed_in_thread_buffer; 4,800
+// entries for the paper's W_qkv).
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parameters.hpp>
@@ -153,11 +154,7 @@ class AttentionProjections {
   void project_qkv(const ConstMatrixRef<T>& x, RowMatrix<T>& qkv_out, int threads) const {
     const long N = x.rows(), W = width();
     qkv_out.resize(N, W);
-    // W_qkv^T (D, width()). The lambda below runs on other threads too, and a
-    // thread_local named there would be theirs: it gets the pointer.
-    static thread_local RowMatrix<T> w_t_buffer;
-    w_t_buffer = qkv_.transpose();
-    const T* w_t = w_t_buffer.data();
+    const T* w_t = detail::transposed_in_thread_buffer(qkv_);  // W_qkv^T (D, width())
     detail::for_row_pieces(N, detail::kTokenChunk, threads, [&](long r0, long n) {
       kernels::gemm<T>(std::size_t(n), std::size_t(W), std::size_t(D_), x.data() + r0 * x.outerStride(),
                        std::size_t(x.outerStride()), w_t, std::size_t(W), qkv_out.data() + r0 * W,
@@ -168,9 +165,7 @@ class AttentionProjections {
   // y (N, D) = o (N, H dv) W_o^T: Delta e_t = sum_h P_h o_{h,t} (docs/math.md §1).
   void project_out(const RowMatrix<T>& o, MatrixRef<T> y, int threads) const {
     const long N = o.rows(), Hdv = out_.cols();
-    static thread_local RowMatrix<T> w_t_buffer;  // W_o^T (H dv, D); the pointer for the lambda, as above
-    w_t_buffer = out_.transpose();
-    const T* w_t = w_t_buffer.data();
+    const T* w_t = detail::transposed_in_thread_buffer(out_);  // W_o^T (H dv, D)
     detail::for_row_pieces(N, detail::kTokenChunk, threads, [&](long r0, long n) {
       kernels::gemm<T>(std::size_t(n), std::size_t(D_), std::size_t(Hdv), o.data() + r0 * Hdv, std::size_t(Hdv),
                        w_t, std::size_t(D_), y.data() + r0 * y.outerStride(), std::size_t(y.outerStride()),

@@ -57,13 +57,11 @@ class Dense {
     detail::check_size("Dense::forward", "x.cols()", x.cols(), config_.in_features, "config.in_features");
     detail::check_shape("Dense::forward", "y", y, x.rows(), config_.out_features);
     cache.x = x;
-    // y = x W^T: kernels::gemm against W^T, transposed once per call into a
-    // per-thread buffer (the layers' projections do the same; kernels/gemm.hpp).
-    static thread_local RowMatrix<T> w_t;
-    w_t = weight.transpose();
+    // y = x W^T: kernels::gemm against W^T, transposed once per call.
+    const T* w_t = detail::transposed_in_thread_buffer(weight);
     const long in = config_.in_features, out = config_.out_features;
     kernels::gemm<T>(std::size_t(x.rows()), std::size_t(out), std::size_t(in), x.data(), std::size_t(x.outerStride()),
-                     w_t.data(), std::size_t(out), y.data(), std::size_t(y.outerStride()), false);
+                     w_t, std::size_t(out), y.data(), std::size_t(y.outerStride()), false);
     if (config_.bias) y.rowwise() += bias.transpose();
   }
 
