@@ -519,6 +519,84 @@ TEMPLATE_TEST_CASE("sherman_morrison_gain matches its formula", "[kernels][sherm
   }
 }
 
+namespace {
+
+// The fused update + next gain against its two-call definition: R, a, b and y
+// bit for bit as sherman_morrison_update gives them, den against a double
+// reference, w_next = b * (1 / sqrt(gamma den)) bit for bit from the den it returned.
+template <class T>
+void check_sherman_morrison_update_gain(std::size_t d, T gamma, bool with_x, bool w_next_is_b) {
+  const std::size_t ld = d + 2;
+  const T scale = T(1) / gamma;
+  const auto R0 = random_spd<T>(d, 2000 + d);
+  const auto w = random_values<T>(d, 2100 + d, -0.3, 0.3), q = random_values<T>(d, 2200 + d);
+  const auto kn = random_values<T>(d, 2300 + d), x = random_values<T>(d, 2400 + d);
+
+  std::vector<T> R_two(R0), a_two(d), b_two(d), y_two(d);
+  k::sherman_morrison_update(d, R_two.data(), d, w.data(), scale, q.data(), kn.data(), a_two.data(), b_two.data(),
+                             with_x ? x.data() : nullptr, with_x ? y_two.data() : nullptr);
+  double magnitude = gamma;  // gamma + sum_i |k_i b_i|
+  for (std::size_t i = 0; i < d; ++i) magnitude += std::abs(double(kn[i]) * double(b_two[i]));
+  const double den_ref = double(gamma) + ref::dot(kn.data(), b_two.data(), d);
+
+  auto R = guarded_matrix(d, d, ld, 1, R0);
+  auto gw = guarded_vector(w, 1), gq = guarded_vector(q, 0), gk = guarded_vector(kn, 1), gx = guarded_vector(x, 0);
+  auto ga = guarded_vector(std::vector<T>(d, T(0)), 1), gb = guarded_vector(std::vector<T>(d, T(0)), 0);
+  auto gy = guarded_vector(std::vector<T>(d, T(0)), 1), gwn = guarded_vector(std::vector<T>(d, T(0)), 1);
+  T* w_next = w_next_is_b ? gb.data() : gwn.data();
+  const T den = k::sherman_morrison_update_gain(d, R.data(), ld, gw.data(), scale, gq.data(), gk.data(), gamma,
+                                                ga.data(), gb.data(), w_next, with_x ? gx.data() : nullptr,
+                                                with_x ? gy.data() : nullptr);
+  CHECK(R.get() == R_two);
+  CHECK(ga.get() == a_two);
+  if (with_x) CHECK(gy.get() == y_two);
+  else CHECK(gy.get() == std::vector<T>(d, T(0)));
+  CHECK(std::abs(double(den) - den_ref) <= 2.0 * (d + 2) * eps<T>() * magnitude);
+  const T inv = T(1) / std::sqrt(gamma * den);
+  std::vector<T> w_next_two(d);
+  for (std::size_t i = 0; i < d; ++i) w_next_two[i] = b_two[i] * inv;
+  if (w_next_is_b) {
+    CHECK(gb.get() == w_next_two);
+  } else {
+    CHECK(gb.get() == b_two);
+    CHECK(gwn.get() == w_next_two);
+  }
+  CHECK(R.guard_violations() == 0);
+  CHECK(ga.guard_violations() + gb.guard_violations() + gy.guard_violations() + gwn.guard_violations() == 0);
+  CHECK(gw.get() == w);
+  CHECK(gq.get() == q);
+  CHECK(gk.get() == kn);
+  CHECK(gx.get() == x);
+
+  // Exact-size buffers with ld = d: ASan sees any read or write past the end.
+  std::vector<T> R2(R0), a2(d), b2(d), wn2(d);
+  const T den2 = k::sherman_morrison_update_gain(d, R2.data(), d, w.data(), scale, q.data(), kn.data(), gamma,
+                                                 a2.data(), b2.data(), wn2.data());
+  CHECK(R2 == R_two);
+  CHECK(a2 == a_two);
+  CHECK(b2 == b_two);
+  CHECK(den2 == den);
+  CHECK(wn2 == w_next_two);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("sherman_morrison_update_gain = update then the next token's gain", "[kernels][sherman_morrison]",
+                   float, double) {
+  using T = TestType;
+  for (std::size_t d : matrix_sizes()) {
+    for (T gamma : {T(1), T(0.9)}) {
+      for (bool with_x : {false, true}) {
+        for (bool w_next_is_b : {false, true}) {
+          INFO("d = " << d << ", gamma = " << gamma << ", x " << (with_x ? "given" : "null") << ", w_next "
+                      << (w_next_is_b ? "is b" : "apart"));
+          check_sherman_morrison_update_gain<T>(d, gamma, with_x, w_next_is_b);
+        }
+      }
+    }
+  }
+}
+
 TEMPLATE_TEST_CASE("sherman_morrison_update keeps R bitwise symmetric over many steps", "[kernels][sherman_morrison]",
                    float, double) {
   using T = TestType;

@@ -27,6 +27,27 @@ namespace mesaopt::kernels {
 #if MESAOPT_SIMD
 namespace detail {
 
+// W zeros then W ones: loadu(kSkipMask<T>.lanes + W - s) has its first s lanes 0.
+template <class T>
+struct SkipMask {
+  alignas(64) T lanes[2 * simd_width<T>];
+  constexpr SkipMask() : lanes{} {
+    for (std::size_t i = simd_width<T>; i < 2 * simd_width<T>; ++i) lanes[i] = T(1);
+  }
+};
+template <class T>
+inline constexpr SkipMask<T> kSkipMask{};
+
+// The sum of a batch's lanes, full or half width.
+template <class B>
+typename B::value_type batch_sum(const B& b) {
+#if XSIMD_VERSION_MAJOR >= 9
+  return xsimd::reduce_add(b);
+#else
+  return xsimd::hadd(b);
+#endif
+}
+
 // One batch of one row: R's entries <- scale R - w_r w_j (stored back), and
 // their products with q_r (and k_r, x_r) added to the batch's accumulators.
 template <class Bt, bool Scaled, bool WithB, bool WithX, class T>
@@ -50,9 +71,14 @@ inline void sherman_morrison_row_batch(Bt rr, T* dst, const Bt& wj, T scale, T w
 // accumulator chains, enough to cover the 4-cycle FMA latency at 2 FMAs per
 // cycle. At d = 20 (float, AVX-512) one pass of a full and a half-width batch
 // replaced a full pass and a masked tail pass (docs/kernels.md).
-template <class T, std::size_t NB, bool Half, bool Scaled, bool WithB, bool WithX>
-void sherman_morrison_pass(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q,
-                           const T* k_next, const T* x, T* a, T* b, T* y, const std::size_t* offsets) {
+//
+// WithDen (with WithB): also returns this pass's share of k_next . b, summed
+// from the accumulators before they are stored: the full batches' products
+// in one FMA chain, then the last batch's with its columns shared with the
+// batch before it masked out (each column counted once).
+template <class T, std::size_t NB, bool Half, bool Scaled, bool WithB, bool WithX, bool WithDen = false>
+T sherman_morrison_pass(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q, const T* k_next,
+                        const T* x, T* a, T* b, T* y, const std::size_t* offsets) {
   using B = simd_batch<T>;
   using L = std::conditional_t<Half, simd_half_batch<T>, B>;  // the last batch
   constexpr std::size_t NF = NB - 1;                         // the full batches before it
@@ -90,12 +116,27 @@ void sherman_morrison_pass(std::size_t d, T* R, std::size_t ldr, const T* w, T s
   last_a.store_unaligned(a + c[NF]);
   if (WithB) last_b.store_unaligned(b + c[NF]);
   if (WithX) last_y.store_unaligned(y + c[NF]);
+  if constexpr (WithDen) {
+    static_assert(WithB, "k_next . b needs b");
+    // Columns of the last batch already in the batch before it: its first `shared` lanes.
+    const std::size_t shared = NB >= 2 ? c[NF - 1] + simd_width<T> - c[NF] : 0;
+    const L kept = L::load_unaligned(kSkipMask<T>.lanes + simd_width<T> - shared);  // 0 for shared lanes, else 1
+    T sum = T(0);
+    if constexpr (NF > 0) {
+      B p = B::load_unaligned(k_next + c[0]) * acc_b[0];
+      for (std::size_t n = 1; n < NF; ++n) p = fma_exact(B::load_unaligned(k_next + c[n]), acc_b[n], p);
+      sum = batch_sum(p);
+    }
+    return sum + batch_sum((L::load_unaligned(k_next + c[NF]) * kept) * last_b);
+  }
+  return T(0);
 }
 
 // d < W: one zero-padded batch per row, through masked loads and stores.
-template <class T, bool Scaled, bool WithB, bool WithX>
-void sherman_morrison_narrow(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q,
-                             const T* k_next, const T* x, T* a, T* b, T* y) {
+// WithDen: returns k_next . b (k_next's padding lanes load as 0).
+template <class T, bool Scaled, bool WithB, bool WithX, bool WithDen = false>
+T sherman_morrison_narrow(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q, const T* k_next,
+                          const T* x, T* a, T* b, T* y) {
   using B = simd_batch<T>;
   B acc_a(T(0)), acc_b(T(0)), acc_y(T(0));
   const B s(scale);
@@ -113,27 +154,48 @@ void sherman_morrison_narrow(std::size_t d, T* R, std::size_t ldr, const T* w, T
   store_partial(acc_a, a, d);
   if (WithB) store_partial(acc_b, b, d);
   if (WithX) store_partial(acc_y, y, d);
+  if constexpr (WithDen) return batch_sum(load_partial(k_next, d) * acc_b);
+  return T(0);
 }
 
-template <class T, bool Scaled, bool WithB, bool WithX>
-void sherman_morrison_all(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q,
-                          const T* k_next, const T* x, T* a, T* b, T* y) {
-  if (d == 0) return;
+template <class T, bool Scaled, bool WithB, bool WithX, bool WithDen = false>
+T sherman_morrison_all(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q, const T* k_next,
+                       const T* x, T* a, T* b, T* y) {
+  if (d == 0) return T(0);
+  if (d < simd_width<T>)
+    return sherman_morrison_narrow<T, Scaled, WithB, WithX, WithDen>(d, R, ldr, w, scale, q, k_next, x, a, b, y);
+  T sum = T(0);  // k_next . b over the passes, in column order
+  for_each_overlapping_column_pass<T>(d, [&](auto nb, auto half, const std::size_t* c) {
+    sum += sherman_morrison_pass<T, decltype(nb)::value, decltype(half)::value, Scaled, WithB, WithX, WithDen>(
+        d, R, ldr, w, scale, q, k_next, x, a, b, y, c);
+  });
+  return sum;
+}
+
+template <class T, bool Scaled, bool WithB, bool WithDen = false>
+T sherman_morrison_dispatch_x(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q,
+                              const T* k_next, const T* x, T* a, T* b, T* y) {
+  if (x != nullptr) return sherman_morrison_all<T, Scaled, WithB, true, WithDen>(d, R, ldr, w, scale, q, k_next, x, a, b, y);
+  return sherman_morrison_all<T, Scaled, WithB, false, WithDen>(d, R, ldr, w, scale, q, k_next, x, a, b, y);
+}
+
+// w = u * inv in the batches of the passes that wrote u, so that each load
+// is one earlier store (store-to-load forwarding; no masked load of a fresh
+// overlapping store).
+template <class T>
+void scale_in_passes(std::size_t d, const T* u, T inv, T* w) {
   if (d < simd_width<T>) {
-    sherman_morrison_narrow<T, Scaled, WithB, WithX>(d, R, ldr, w, scale, q, k_next, x, a, b, y);
+    store_partial(load_partial(u, d) * simd_batch<T>(inv), w, d);
     return;
   }
   for_each_overlapping_column_pass<T>(d, [&](auto nb, auto half, const std::size_t* c) {
-    sherman_morrison_pass<T, decltype(nb)::value, decltype(half)::value, Scaled, WithB, WithX>(d, R, ldr, w, scale, q,
-                                                                                            k_next, x, a, b, y, c);
+    using B = simd_batch<T>;
+    using L = std::conditional_t<decltype(half)::value, simd_half_batch<T>, B>;
+    constexpr std::size_t NF = decltype(nb)::value - 1;
+    const L last = L::load_unaligned(u + c[NF]) * L(inv);  // loaded before any store: w may be u
+    for (std::size_t n = 0; n < NF; ++n) (B::load_unaligned(u + c[n]) * B(inv)).store_unaligned(w + c[n]);
+    last.store_unaligned(w + c[NF]);
   });
-}
-
-template <class T, bool Scaled, bool WithB>
-void sherman_morrison_dispatch_x(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q,
-                                 const T* k_next, const T* x, T* a, T* b, T* y) {
-  if (x != nullptr) sherman_morrison_all<T, Scaled, WithB, true>(d, R, ldr, w, scale, q, k_next, x, a, b, y);
-  else sherman_morrison_all<T, Scaled, WithB, false>(d, R, ldr, w, scale, q, k_next, x, a, b, y);
 }
 
 }  // namespace detail
@@ -160,6 +222,37 @@ void sherman_morrison_update(std::size_t d, T* R, std::size_t ldr, const T* w, T
   }
 #else
   reference::sherman_morrison_update(d, R, ldr, w, scale, q, k_next, a, b, x, y);
+#endif
+}
+
+// sherman_morrison_update with k_next given, followed by the gain of the next
+// token (sherman_morrison_gain) from b = R_t k_next = u_{t+1}:
+//   den = gamma + k_next . b,   w_next = b / sqrt(gamma den);   returns den.
+// R, a, b and y have the bits sherman_morrison_update gives them. den is
+// summed from the pass's accumulators in registers (no reload of b) and w_next
+// is written in the pass's batches, so the next token's pass takes it without
+// a store-forwarding stall; den's sum runs in a different order than
+// sherman_morrison_gain's dot, so its last bits may differ from that one's.
+// On the mesa recursion's chain from one token to the next, this took the
+// fused step from about 73 to 54 ns a token at d = 20 (docs/kernels.md).
+// w_next must not alias R, w, q, k_next, x, a or y; it may be b.
+template <class T>
+T sherman_morrison_update_gain(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q,
+                               const T* k_next, T gamma, T* a, T* b, T* w_next, const T* x = nullptr,
+                               T* y = nullptr) {
+#if MESAOPT_SIMD
+  const T dot_kb = scale != T(1)
+                       ? detail::sherman_morrison_dispatch_x<T, true, true, true>(d, R, ldr, w, scale, q, k_next, x, a, b, y)
+                       : detail::sherman_morrison_dispatch_x<T, false, true, true>(d, R, ldr, w, scale, q, k_next, x, a, b, y);
+  const T den = gamma + dot_kb;
+  detail::scale_in_passes(d, b, T(1) / std::sqrt(gamma * den), w_next);
+  return den;
+#else
+  reference::sherman_morrison_update(d, R, ldr, w, scale, q, k_next, a, b, x, y);
+  const T den = gamma + reference::dot(k_next, b, d);
+  const T inv = T(1) / std::sqrt(gamma * den);
+  for (std::size_t i = 0; i < d; ++i) w_next[i] = b[i] * inv;
+  return den;
 #endif
 }
 
