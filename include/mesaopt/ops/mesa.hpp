@@ -234,10 +234,11 @@ struct MesaCacheAccess;
 // What mesa_backward needs from mesa_forward, plus all scratch of both passes
 // (reused across calls, so repeated calls with the same sizes do not allocate).
 // Holds, per checkpoint c = 0 .. ceil(seq_len/C)-1, the state after c*C tokens:
-// R (d x d) and u = R k_{cC+1} (d); S^T (d x dv) only for checkpoint 0 (the
+// R (d x d) and the gain w of token cC+1 (d; kernels/sherman_morrison.hpp,
+// computed in the update of the token before it); S^T (d x dv) only for checkpoint 0 (the
 // backward sweeps S from S_0); nothing per token. Checkpoint 0 is the initial
 // state. With MesaRegularizer::constant a checkpoint holds P = R^{-1} (d x d)
-// instead of R and u (the per-token Cholesky factors are recomputed chunk by
+// instead of R and w (the per-token Cholesky factors are recomputed chunk by
 // chunk, like R in the decaying mode, rather than stored: T d^2/2 numbers
 // would defeat the checkpointing), and the cache
 // keeps a copy of the initial R_0 to check the backward's `initial` against.
@@ -248,7 +249,7 @@ class MesaCache {
   // Bytes held by the cache (checkpoints and scratch, by capacity).
   std::size_t bytes() const {
     std::size_t n = solver_.capacity();
-    for (const auto* b : {&ck_R_, &ck_St_, &ck_u_, &init_R_, &R_, &St_, &u_, &w_, &ch_a_, &ch_da_, &ch_dq_, &ch_Mk_,
+    for (const auto* b : {&ck_R_, &ck_St_, &ck_w_, &init_R_, &R_, &St_, &w_, &w_next_, &ch_a_, &ch_da_, &ch_dq_, &ch_Mk_,
                           &Gt_, &G_, &M_})
       n += b->capacity();
     return n * sizeof(T);
@@ -270,10 +271,10 @@ class MesaCache {
   T lambda_ = T(0), forget_ = T(0);
   MesaRegularizer regularizer_ = MesaRegularizer::decaying;
   bool has_initial_ = false;
-  std::vector<T> ck_R_, ck_u_;                     // checkpoints (ck_R_: P in the constant mode; ck_u_: decaying only)
+  std::vector<T> ck_R_, ck_w_;                     // checkpoints (ck_R_: P in the constant mode; ck_w_: decaying only)
   std::vector<T> ck_St_;                           // S_0^T (d x dv), the S the forward started from
   std::vector<T> init_R_;                          // constant mode with an initial state: R_0 as the forward used it
-  std::vector<T> R_, St_, u_, w_;                  // running state (the backward keeps S, dv x d, in St_)
+  std::vector<T> R_, St_, w_, w_next_;             // running state: R, S^T (the backward keeps S, dv x d), this and the next token's gain
   std::vector<T> ch_a_, ch_da_, ch_dq_, ch_Mk_;    // a_t, da_t, dq_t, M_t k_t of one chunk (C x d each)
   std::vector<T> Gt_, G_, M_;                      // reverse accumulators G^T (d x dv), G (dv x d), M (d x d)
   detail::MesaPrecisionSolver<T> solver_;          // constant mode: P_t and its Cholesky factor
@@ -379,43 +380,51 @@ struct MesaCacheAccess {
     const long C = c.C_;
     const std::size_t dd = static_cast<std::size_t>(d);
     const long nck = (n + C - 1) / C;
-    c.ck_u_.resize(nck * dd);
+    c.ck_w_.resize(nck * dd);
     c.R_.assign(dd * dd, T(0));
-    c.u_.resize(dd);
     c.w_.resize(dd);
+    c.w_next_.resize(dd);
     const T gamma = opt.forget;
     const T inv_gamma = T(1) / gamma;  // exactly 1 without forgetting: the kernels skip the scaling
     // Breakdown bounds of den_t (docs/mesa.md, "Numerical safety"): one compare pair per token.
     const T den_lo = gamma / T(2), den_hi = gamma / std::numeric_limits<T>::epsilon();
     T* R = c.R_.data();
     T* St = c.St_.data();
-    T* u = c.u_.data();
-    T* w = c.w_.data();
+    T* w = c.w_.data();            // token t's gain
+    T* w_next = c.w_next_.data();  // token t+1's (u_{t+1} = R_t k_{t+1} first, then w_{t+1} in place)
     const T* q0 = q.data();
     const T* k0 = k.data();
     if (initial != nullptr) {  // (M15) R_0 given; u_1 = R_0 k_1
       symmetrised_copy(initial->R, R);
-      kernels::gemv(dd, dd, R, dd, k0, u);
+      kernels::gemv(dd, dd, R, dd, k0, w_next);
     } else {  // R_0 = lambda I, S_0 = 0, so u_1 = R_0 k_1 = lambda k_1.
       for (std::size_t i = 0; i < dd; ++i) {
         R[i * dd + i] = opt.lambda;
-        u[i] = opt.lambda * k0[i];
+        w_next[i] = opt.lambda * k0[i];
       }
     }
+    const T den_first = kernels::sherman_morrison_gain(dd, k0, w_next, gamma, w);
+    if (!mesa_denominator_ok(den_first, den_lo, den_hi))
+      throw_mesa_breakdown<T>(where, 0, den_first, k0, d, gamma, opt.lambda, opt.regularizer, initial != nullptr);
     for (long t0 = 0; t0 < n; t0 += C) {
       const long t1 = std::min(n, t0 + C), ck = t0 / C;
-      // checkpoint: R and u after t0 tokens
+      // checkpoint: R after t0 tokens and the gain w of the next one
       std::copy(R, R + dd * dd, c.ck_R_.data() + ck * dd * dd);
-      std::copy(u, u + dd, c.ck_u_.data() + ck * dd);
+      std::copy(w, w + dd, c.ck_w_.data() + ck * dd);
       for (long t = t0; t < t1; ++t) {
-        const T* kt = k0 + t * ldk;
-        const T* knext = t + 1 < n ? kt + ldk : nullptr;
-        // (M7) R_t = (R_{t-1} - u u^T / (gamma + k.u)) / gamma = R_{t-1}/gamma - w w^T; a_t = R_t q_t, u_{t+1} = R_t k_{t+1}
-        const T den = kernels::sherman_morrison_gain(dd, kt, u, gamma, w);
-        if (!mesa_denominator_ok(den, den_lo, den_hi))
-          throw_mesa_breakdown<T>(where, t, den, kt, d, gamma, opt.lambda, opt.regularizer, initial != nullptr);
         T* a = c.ch_a_.data() + (t - t0) * dd;
-        kernels::sherman_morrison_update(dd, R, dd, w, inv_gamma, q0 + t * ldq, knext, a, u);
+        // (M7) R_t = (R_{t-1} - u u^T / (gamma + k.u)) / gamma = R_{t-1}/gamma - w w^T; a_t = R_t q_t
+        if (t + 1 == n) {
+          kernels::sherman_morrison_update<T>(dd, R, dd, w, inv_gamma, q0 + t * ldq, nullptr, a, nullptr);
+          break;
+        }
+        // ... and in the same pass u_{t+1} = R_t k_{t+1}, den_{t+1} and w_{t+1}
+        const T* knext = k0 + (t + 1) * ldk;
+        const T den = kernels::sherman_morrison_update_gain(dd, R, dd, w, inv_gamma, q0 + t * ldq, knext, gamma, a,
+                                                            w_next, w_next);
+        if (!mesa_denominator_ok(den, den_lo, den_hi))
+          throw_mesa_breakdown<T>(where, t + 1, den, knext, d, gamma, opt.lambda, opt.regularizer, initial != nullptr);
+        std::swap(w, w_next);
       }
       sweep_chunk_outputs(c, t0, t1, k, v, gamma, out);  // (M8-M9)
     }
@@ -439,7 +448,7 @@ struct MesaCacheAccess {
     const T gamma = opt.forget;
     const T ridge = (T(1) - gamma) / opt.lambda;  // (M20) the ridge added per token; 0 at gamma = 1
     MesaPrecisionSolver<T>& P = c.solver_;
-    c.ck_u_.clear();
+    c.ck_w_.clear();
     if (initial != nullptr) {  // (M15) P_0 = R_0^{-1}
       c.init_R_.resize(dd * dd);
       symmetrised_copy(initial->R, c.init_R_.data());
@@ -521,13 +530,11 @@ struct MesaCacheAccess {
     c.St_.resize(dd * ddv);
     if (!constant) {
       c.R_.resize(dd * dd);
-      c.u_.resize(dd);
       c.w_.resize(dd);
+      c.w_next_.resize(dd);
     }
     T* R = c.R_.data();
     T* S = c.St_.data();  // S (dv x d): the backward's sweep runs on S, not S^T
-    T* u = c.u_.data();
-    T* w = c.w_.data();
     T* Gt = c.Gt_.data();
     T* G = c.G_.data();
     T* M = c.M_.data();
@@ -554,8 +561,10 @@ struct MesaCacheAccess {
         P.set(d, c.ck_R_.data() + ck * dd * dd);
       } else {
         std::copy(c.ck_R_.data() + ck * dd * dd, c.ck_R_.data() + (ck + 1) * dd * dd, R);
-        std::copy(c.ck_u_.data() + ck * dd, c.ck_u_.data() + (ck + 1) * dd, u);
+        std::copy(c.ck_w_.data() + ck * dd, c.ck_w_.data() + (ck + 1) * dd, c.w_.data());
       }
+      T* w = c.w_.data();            // token t's gain (decaying mode)
+      T* w_next = c.w_next_.data();  // token t+1's
       double gamma_pow = std::pow(static_cast<double>(gamma), static_cast<double>(t0 + 1));  // gamma^t, t 1-based
       for (long t = t0; t < t1; ++t) {
         T* a = c.ch_a_.data() + (t - t0) * dd;
@@ -571,10 +580,15 @@ struct MesaCacheAccess {
           // forward: a_t = R_t q_t   =>   dq_t = R_t da_t   (M10)
           P.solve(da, dqt);
         } else {
-          const T* knext = t + 1 < n ? kt + ldk : nullptr;
-          kernels::sherman_morrison_gain(dd, kt, u, gamma, w);
-          // forward: a_t = R_t q_t   =>   dq_t = R_t da_t   (M10), in the same pass over R
-          kernels::sherman_morrison_update(dd, R, dd, w, inv_gamma, q0 + t * ldq, knext, a, u, da, dqt);
+          // forward: a_t = R_t q_t   =>   dq_t = R_t da_t   (M10), in the same pass over R,
+          // with the forward's own calls (its bits: the same R_t, a_t and w_{t+1})
+          if (t + 1 < n) {
+            kernels::sherman_morrison_update_gain(dd, R, dd, w, inv_gamma, q0 + t * ldq, kt + ldk, gamma, a, w_next,
+                                                  w_next, da, dqt);
+            std::swap(w, w_next);
+          } else {
+            kernels::sherman_morrison_update<T>(dd, R, dd, w, inv_gamma, q0 + t * ldq, nullptr, a, nullptr, da, dqt);
+          }
           // forward: R_0 = lambda I enters R_t^{-1} as gamma^t / lambda I   =>  (M12)
           dlambda_sum += gamma_pow * static_cast<double>(kernels::dot(a, dqt, dd));
           gamma_pow *= static_cast<double>(gamma);
