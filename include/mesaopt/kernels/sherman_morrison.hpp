@@ -179,25 +179,6 @@ T sherman_morrison_dispatch_x(std::size_t d, T* R, std::size_t ldr, const T* w, 
   return sherman_morrison_all<T, Scaled, WithB, false, WithDen>(d, R, ldr, w, scale, q, k_next, x, a, b, y);
 }
 
-// w = u * inv in the batches of the passes that wrote u, so that each load
-// is one earlier store (store-to-load forwarding; no masked load of a fresh
-// overlapping store).
-template <class T>
-void scale_in_passes(std::size_t d, const T* u, T inv, T* w) {
-  if (d < simd_width<T>) {
-    store_partial(load_partial(u, d) * simd_batch<T>(inv), w, d);
-    return;
-  }
-  for_each_overlapping_column_pass<T>(d, [&](auto nb, auto half, const std::size_t* c) {
-    using B = simd_batch<T>;
-    using L = std::conditional_t<decltype(half)::value, simd_half_batch<T>, B>;
-    constexpr std::size_t NF = decltype(nb)::value - 1;
-    const L last = L::load_unaligned(u + c[NF]) * L(inv);  // loaded before any store: w may be u
-    for (std::size_t n = 0; n < NF; ++n) (B::load_unaligned(u + c[n]) * B(inv)).store_unaligned(w + c[n]);
-    last.store_unaligned(w + c[NF]);
-  });
-}
-
 }  // namespace detail
 #endif
 
@@ -229,12 +210,11 @@ void sherman_morrison_update(std::size_t d, T* R, std::size_t ldr, const T* w, T
 // token (sherman_morrison_gain) from b = R_t k_next = u_{t+1}:
 //   den = gamma + k_next . b,   w_next = b / sqrt(gamma den);   returns den.
 // R, a, b and y have the bits sherman_morrison_update gives them. den is
-// summed from the pass's accumulators in registers (no reload of b) and w_next
-// is written in the pass's batches, so the next token's pass takes it without
-// a store-forwarding stall; den's sum runs in a different order than
-// sherman_morrison_gain's dot, so its last bits may differ from that one's.
-// On the mesa recursion's chain from one token to the next, this took the
-// fused step from about 73 to 54 ns a token at d = 20 (docs/kernels.md).
+// summed from the pass's accumulators in registers, without reloading b (in
+// a different order than sherman_morrison_gain's dot, so its last bits may
+// differ from that one's). w_next is written by a plain loop: the next
+// token's pass loads w_r one by one, and those loads stalled behind the
+// overlapping vector stores of the pass's batch layout (docs/kernels.md).
 // w_next must not alias R, w, q, k_next, x, a or y; it may be b.
 template <class T>
 T sherman_morrison_update_gain(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q,
@@ -244,16 +224,14 @@ T sherman_morrison_update_gain(std::size_t d, T* R, std::size_t ldr, const T* w,
   const T dot_kb = scale != T(1)
                        ? detail::sherman_morrison_dispatch_x<T, true, true, true>(d, R, ldr, w, scale, q, k_next, x, a, b, y)
                        : detail::sherman_morrison_dispatch_x<T, false, true, true>(d, R, ldr, w, scale, q, k_next, x, a, b, y);
-  const T den = gamma + dot_kb;
-  detail::scale_in_passes(d, b, T(1) / std::sqrt(gamma * den), w_next);
-  return den;
 #else
   reference::sherman_morrison_update(d, R, ldr, w, scale, q, k_next, a, b, x, y);
-  const T den = gamma + reference::dot(k_next, b, d);
+  const T dot_kb = reference::dot(k_next, b, d);
+#endif
+  const T den = gamma + dot_kb;
   const T inv = T(1) / std::sqrt(gamma * den);
   for (std::size_t i = 0; i < d; ++i) w_next[i] = b[i] * inv;
   return den;
-#endif
 }
 
 // The w of (M7) with forgetting factor gamma (docs/math.md §3):
