@@ -319,10 +319,14 @@ double step_size_from_weights(nn::Model<float>& model, long n, long heads, long 
 
 // Step s trains on sequences [s B, (s + 1) B) of the training seed: fresh
 // sequences every step, and the same ones for every model.
-train::BatchSource<float> make_source(const mt::DynamicsConfig& dc, long batch, std::uint64_t seed, int threads,
+// Generated on the calling thread (threads = 1; the data's bits do not depend
+// on it): an OpenMP region here would leave libgomp's threads spinning for
+// milliseconds after it, on the cores the sharded step's workers need
+// (docs/training.md, "Shards and threads").
+train::BatchSource<float> make_source(const mt::DynamicsConfig& dc, long batch, std::uint64_t seed,
                                       mt::TokenSlots slots = mt::TokenSlots::both) {
-  return [dc, batch, seed, threads, slots](long step) {
-    const auto db = mt::make_dynamics_batch<float>(dc, batch, seed, std::uint64_t(step) * std::uint64_t(batch), threads);
+  return [dc, batch, seed, slots](long step) {
+    const auto db = mt::make_dynamics_batch<float>(dc, batch, seed, std::uint64_t(step) * std::uint64_t(batch), 1);
     train::TrainBatch<float> tb;
     tb.inputs = mt::constructed_tokens<float>(db, slots);
     tb.targets = db.targets;
@@ -367,7 +371,7 @@ examples::SeedRun run_seed(const Options& opt, unsigned long long seed, const st
     const mt::TokenSlots slots = mask_1l && s.layers == 1 ? mt::TokenSlots::last_only : mt::TokenSlots::both;
     nn::Model<float> model(model_config(s, n, opt.threads, lambda));
     model.init(seed, opt.init_std);
-    const train::BatchSource<float> source = make_source(dc, batch, seed, opt.threads, slots);
+    const train::BatchSource<float> source = make_source(dc, batch, seed, slots);
     train::TrainerConfig tc;
     tc.steps = steps;
     tc.adam = train::adamw_config(0.1);  // docs/paper.md §3: AdamW (0.9, 0.999, 1e-8), weight decay 0.1
@@ -529,9 +533,9 @@ int main(int argc, char** argv) {
         tc.schedule = train::constant_schedule(lr_of(opt, s));
         tc.threads = opt.threads;
         tc.progress = false;
-        train::Trainer<float>(probe, make_source(dc, batch, seeds.front(), opt.threads), tc).run();  // warms up
+        train::Trainer<float>(probe, make_source(dc, batch, seeds.front()), tc).run();  // warms up
         tc.steps = 3;
-        const auto r = train::Trainer<float>(probe, make_source(dc, batch, seeds.front(), opt.threads), tc).run();
+        const auto r = train::Trainer<float>(probe, make_source(dc, batch, seeds.front()), tc).run();
         estimate += r.seconds / 3.0 * double(steps_of(opt, s));
       }
       // Seeds spread over the ranks run side by side (data-parallel ranks: not estimated).

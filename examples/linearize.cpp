@@ -238,7 +238,7 @@ int main(int argc, char** argv) {
       train::TrainerConfig tc = raw_token::trainer_config(lr, warmup, steps, opt.threads);
       tc.progress = true;  // drawn only on a terminal
       tc.process_group = group;
-      const train::BatchSource<float> source = raw_token::batch_source(dc, batch, seed, opt.threads);
+      const train::BatchSource<float> source = raw_token::batch_source(dc, batch, seed);
       train::Trainer<float> trainer(model, source, tc);
       const auto r = trainer.run();
       run.train_seconds = r.seconds;

@@ -97,10 +97,13 @@ inline std::vector<nn::BlockConfig> hybrid_blocks(bool layer_norm) {
 
 // Training batches: step s gets sequences [s*batch, (s+1)*batch) of the
 // dynamics stream of data_seed; inputs are the raw states s_t.
-inline train::BatchSource<float> batch_source(const tasks::DynamicsConfig& dc, long batch, std::uint64_t data_seed,
-                                              int threads) {
-  return [dc, batch, data_seed, threads](long step) {
-    const auto db = tasks::make_dynamics_batch<float>(dc, batch, data_seed, std::uint64_t(step) * batch, threads);
+// Generated on the calling thread (threads = 1; the data's bits do not depend
+// on it): an OpenMP region here would leave libgomp's threads spinning for
+// milliseconds after it, on the cores the sharded step's workers need
+// (docs/training.md, "Shards and threads").
+inline train::BatchSource<float> batch_source(const tasks::DynamicsConfig& dc, long batch, std::uint64_t data_seed) {
+  return [dc, batch, data_seed](long step) {
+    const auto db = tasks::make_dynamics_batch<float>(dc, batch, data_seed, std::uint64_t(step) * batch, 1);
     train::TrainBatch<float> tb;
     tb.inputs = db.inputs;  // raw s_t
     tb.targets = db.targets;
@@ -151,7 +154,7 @@ inline train::TrainResult train_fresh(nn::Model<float>& model, const tasks::Dyna
   train::TrainerConfig tc = trainer_config(b.lr, b.warmup, b.steps, threads);
   tc.progress = true;  // drawn only on a terminal
   tc.process_group = group;
-  train::Trainer<float> trainer(model, batch_source(dc, b.batch, seed, threads), tc);
+  train::Trainer<float> trainer(model, batch_source(dc, b.batch, seed), tc);
   return trainer.run();
 }
 

@@ -353,7 +353,7 @@ int main(int argc, char** argv) {
         batch, steps, kWeightDecay, warmup, kLrFloor, kInitStd, opt.layer_norm ? "on" : "off");
 
     const std::vector<unsigned long long>& seeds = opt.seeds;
-    auto make_source = [&](std::uint64_t data_seed) { return raw_token::batch_source(dc, batch, data_seed, opt.threads); };
+    auto make_source = [&](std::uint64_t data_seed) { return raw_token::batch_source(dc, batch, data_seed); };
     auto trainer_config = [&](double peak_lr, long total) {
       return raw_token::trainer_config(peak_lr, warmup, total, opt.threads);
     };

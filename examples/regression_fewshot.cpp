@@ -274,9 +274,10 @@ examples::SeedRun run_seed(const Options& opt, unsigned long long seed, const st
     const nn::ModelConfig mc = model_config(s, opt);
     nn::Model<float> model(mc);
     model.init(seed, opt.init_std);
-    train::BatchSource<float> source = [rc, batch = opt.batch, data_seed = std::uint64_t(seed),
-                                        threads = opt.threads](long step) {
-      const auto db = mt::make_regression_batch<float>(rc, batch, data_seed, step * batch, threads);
+    // On the calling thread, as in linear_dynamics (make_source): no OpenMP
+    // threads left spinning beside the sharded step's workers.
+    train::BatchSource<float> source = [rc, batch = opt.batch, data_seed = std::uint64_t(seed)](long step) {
+      const auto db = mt::make_regression_batch<float>(rc, batch, data_seed, step * batch, 1);
       train::TrainBatch<float> tb;
       tb.inputs = constructed_tokens<float>(db);
       tb.targets = db.y;
