@@ -38,16 +38,6 @@ struct SkipMask {
 template <class T>
 inline constexpr SkipMask<T> kSkipMask{};
 
-// The sum of a batch's lanes, full or half width.
-template <class B>
-typename B::value_type batch_sum(const B& b) {
-#if XSIMD_VERSION_MAJOR >= 9
-  return xsimd::reduce_add(b);
-#else
-  return xsimd::hadd(b);
-#endif
-}
-
 // One batch of one row: R's entries <- scale R - w_r w_j (stored back), and
 // their products with q_r (and k_r, x_r) added to the batch's accumulators.
 template <class Bt, bool Scaled, bool WithB, bool WithX, class T>
@@ -125,9 +115,9 @@ T sherman_morrison_pass(std::size_t d, T* R, std::size_t ldr, const T* w, T scal
     if constexpr (NF > 0) {
       B p = B::load_unaligned(k_next + c[0]) * acc_b[0];
       for (std::size_t n = 1; n < NF; ++n) p = fma_exact(B::load_unaligned(k_next + c[n]), acc_b[n], p);
-      sum = batch_sum(p);
+      sum = horizontal_sum(p);
     }
-    return sum + batch_sum((L::load_unaligned(k_next + c[NF]) * kept) * last_b);
+    return sum + horizontal_sum((L::load_unaligned(k_next + c[NF]) * kept) * last_b);
   }
   return T(0);
 }
@@ -154,7 +144,7 @@ T sherman_morrison_narrow(std::size_t d, T* R, std::size_t ldr, const T* w, T sc
   store_partial(acc_a, a, d);
   if (WithB) store_partial(acc_b, b, d);
   if (WithX) store_partial(acc_y, y, d);
-  if constexpr (WithDen) return batch_sum(load_partial(k_next, d) * acc_b);
+  if constexpr (WithDen) return horizontal_sum(load_partial(k_next, d) * acc_b);
   return T(0);
 }
 
@@ -206,16 +196,26 @@ void sherman_morrison_update(std::size_t d, T* R, std::size_t ldr, const T* w, T
 #endif
 }
 
+namespace detail {
+// w = u / sqrt(gamma den): the gain's second half, shared by
+// sherman_morrison_gain and sherman_morrison_update_gain (the same bits for
+// the same u and den). A plain loop: the next token's pass loads w_r one by
+// one, and those loads stalled behind vector stores in the pass's
+// overlapping batch layout (docs/kernels.md). w may be u.
+template <class T>
+void scale_to_gain(std::size_t d, const T* u, T gamma, T den, T* w) {
+  const T inv = T(1) / std::sqrt(gamma * den);
+  for (std::size_t i = 0; i < d; ++i) w[i] = u[i] * inv;
+}
+}  // namespace detail
+
 // sherman_morrison_update with k_next given, followed by the gain of the next
 // token (sherman_morrison_gain) from b = R_t k_next = u_{t+1}:
 //   den = gamma + k_next . b,   w_next = b / sqrt(gamma den);   returns den.
 // R, a, b and y have the bits sherman_morrison_update gives them. den is
 // summed from the pass's accumulators in registers, without reloading b (in
 // a different order than sherman_morrison_gain's dot, so its last bits may
-// differ from that one's). w_next is written by a plain loop: the next
-// token's pass loads w_r one by one, and those loads stalled behind the
-// overlapping vector stores of the pass's batch layout (docs/kernels.md).
-// w_next must not alias R, w, q, k_next, x, a or y; it may be b.
+// differ from that one's). w_next must not alias R, w, q, k_next, x, a or y; it may be b.
 template <class T>
 T sherman_morrison_update_gain(std::size_t d, T* R, std::size_t ldr, const T* w, T scale, const T* q,
                                const T* k_next, T gamma, T* a, T* b, T* w_next, const T* x = nullptr,
@@ -229,8 +229,7 @@ T sherman_morrison_update_gain(std::size_t d, T* R, std::size_t ldr, const T* w,
   const T dot_kb = reference::dot(k_next, b, d);
 #endif
   const T den = gamma + dot_kb;
-  const T inv = T(1) / std::sqrt(gamma * den);
-  for (std::size_t i = 0; i < d; ++i) w_next[i] = b[i] * inv;
+  detail::scale_to_gain(d, b, gamma, den, w_next);
   return den;
 }
 
@@ -241,8 +240,7 @@ T sherman_morrison_update_gain(std::size_t d, T* R, std::size_t ldr, const T* w,
 template <class T>
 T sherman_morrison_gain(std::size_t d, const T* k, const T* u, T gamma, T* w) {
   const T den = gamma + dot(k, u, d);
-  const T inv = T(1) / std::sqrt(gamma * den);
-  for (std::size_t i = 0; i < d; ++i) w[i] = u[i] * inv;
+  detail::scale_to_gain(d, u, gamma, den, w);
   return den;
 }
 

@@ -54,9 +54,10 @@ inline const char* simd_arch_name() { return simd_arch::name(); }
 
 namespace detail {
 
-// xsimd 8 spells the horizontal sum hadd; 9 renamed it reduce_add.
-template <class T>
-T horizontal_sum(const simd_batch<T>& b) {
+// xsimd 8 spells the horizontal sum hadd; 9 renamed it reduce_add. Any batch
+// type: full (simd_batch) or half width (simd_half_batch).
+template <class B>
+typename B::value_type horizontal_sum(const B& b) {
 #if XSIMD_VERSION_MAJOR >= 9
   return xsimd::reduce_add(b);
 #else
