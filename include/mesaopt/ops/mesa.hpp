@@ -369,6 +369,25 @@ struct MesaCacheAccess {
                             std::size_t(ldo), /*reverse=*/false);
   }
 
+  // One token of the decaying recursion (M7, M9), the same calls in the
+  // forward and in the backward's recompute, so the recompute has the
+  // forward's bits: R <- R/gamma - w w^T and a = R q (with x: y = R x, the
+  // backward's dq), and, unless this is the last token (k_next null), the
+  // next token's gain into w_next, after which w and w_next swap. Returns
+  // den_{t+1} = gamma + k_next . R k_next (gamma without a next token).
+  template <class T>
+  static T advance_token(std::size_t d, T* R, T*& w, T*& w_next, T inv_gamma, T gamma, const T* q,
+                         const T* k_next, T* a, const T* x = nullptr, T* y = nullptr) {
+    if (k_next == nullptr) {
+      kernels::sherman_morrison_update<T>(d, R, d, w, inv_gamma, q, nullptr, a, nullptr, x, y);
+      return gamma;
+    }
+    const T den = kernels::sherman_morrison_update_gain(d, R, d, w, inv_gamma, q, k_next, gamma, a, w_next, w_next,
+                                                        x, y);  // u_{t+1} = R_t k_{t+1} in w_next, then w_{t+1}
+    std::swap(w, w_next);
+    return den;
+  }
+
   // The Sherman-Morrison recursion (M7, M15) with the denominator test; M8-M9 by chunks.
   template <class T>
   static void forward_decaying(const char* where, const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
@@ -412,19 +431,13 @@ struct MesaCacheAccess {
       std::copy(R, R + dd * dd, c.ck_R_.data() + ck * dd * dd);
       std::copy(w, w + dd, c.ck_w_.data() + ck * dd);
       for (long t = t0; t < t1; ++t) {
+        // (M7) R_t = (R_{t-1} - u u^T / (gamma + k.u)) / gamma = R_{t-1}/gamma - w w^T; a_t = R_t q_t;
+        // and in the same pass u_{t+1} = R_t k_{t+1}, den_{t+1} and w_{t+1}
+        const T* knext = t + 1 < n ? k0 + (t + 1) * ldk : nullptr;
         T* a = c.ch_a_.data() + (t - t0) * dd;
-        // (M7) R_t = (R_{t-1} - u u^T / (gamma + k.u)) / gamma = R_{t-1}/gamma - w w^T; a_t = R_t q_t
-        if (t + 1 == n) {
-          kernels::sherman_morrison_update<T>(dd, R, dd, w, inv_gamma, q0 + t * ldq, nullptr, a, nullptr);
-          break;
-        }
-        // ... and in the same pass u_{t+1} = R_t k_{t+1}, den_{t+1} and w_{t+1}
-        const T* knext = k0 + (t + 1) * ldk;
-        const T den = kernels::sherman_morrison_update_gain(dd, R, dd, w, inv_gamma, q0 + t * ldq, knext, gamma, a,
-                                                            w_next, w_next);
-        if (!mesa_denominator_ok(den, den_lo, den_hi))
+        const T den = advance_token(dd, R, w, w_next, inv_gamma, gamma, q0 + t * ldq, knext, a);
+        if (knext != nullptr && !mesa_denominator_ok(den, den_lo, den_hi))
           throw_mesa_breakdown<T>(where, t + 1, den, knext, d, gamma, opt.lambda, opt.regularizer, initial != nullptr);
-        std::swap(w, w_next);
       }
       sweep_chunk_outputs(c, t0, t1, k, v, gamma, out);  // (M8-M9)
     }
@@ -582,13 +595,7 @@ struct MesaCacheAccess {
         } else {
           // forward: a_t = R_t q_t   =>   dq_t = R_t da_t   (M10), in the same pass over R,
           // with the forward's own calls (its bits: the same R_t, a_t and w_{t+1})
-          if (t + 1 < n) {
-            kernels::sherman_morrison_update_gain(dd, R, dd, w, inv_gamma, q0 + t * ldq, kt + ldk, gamma, a, w_next,
-                                                  w_next, da, dqt);
-            std::swap(w, w_next);
-          } else {
-            kernels::sherman_morrison_update<T>(dd, R, dd, w, inv_gamma, q0 + t * ldq, nullptr, a, nullptr, da, dqt);
-          }
+          advance_token(dd, R, w, w_next, inv_gamma, gamma, q0 + t * ldq, t + 1 < n ? kt + ldk : nullptr, a, da, dqt);
           // forward: R_0 = lambda I enters R_t^{-1} as gamma^t / lambda I   =>  (M12)
           dlambda_sum += gamma_pow * static_cast<double>(kernels::dot(a, dqt, dd));
           gamma_pow *= static_cast<double>(gamma);
