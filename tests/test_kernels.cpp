@@ -376,6 +376,55 @@ TEMPLATE_TEST_CASE("gemm and gemm_tn match the product in double, bit for bit on
   check_gemm<T>(true, 120, 40, 400, true);
 }
 
+TEMPLATE_TEST_CASE("gemm_entry has the bits of an entry of gemm's product", "[kernels][gemm]", float, double) {
+  using T = TestType;
+  for (std::size_t kk : {0, 1, 2, 7, 16, 20, 33, 64}) {
+    // A 3 x kk times kk x m product; gemm_entry of A's row i and B's column j
+    // (stride m) must equal C(i, j) wherever j falls (full, half-width,
+    // overlapping or masked batch).
+    for (std::size_t m : {1, 5, 8, 13, 16, 20, 40, 50}) {
+      const auto A = random_values<T>(3 * kk, 40 + kk + m), B = random_values<T>(kk * m, 50 + kk + 3 * m);
+      std::vector<T> C(3 * m, T(1));
+      k::gemm<T>(3, m, kk, A.data(), kk, B.data(), m, C.data(), m, false);
+      INFO("k = " << kk << ", m = " << m);
+      std::size_t mismatches = 0;
+      for (std::size_t i = 0; i < 3; ++i)
+        for (std::size_t j = 0; j < m; ++j) {
+          const T e = k::gemm_entry<T>(kk, A.data() + i * kk, 1, B.data() + j, m);
+          if (std::memcmp(&e, &C[i * m + j], sizeof(T)) != 0) ++mismatches;
+        }
+      CHECK(mismatches == 0);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("all_finite finds every NaN and Inf and reads only the live entries", "[kernels][all_finite]", float,
+                   double) {
+  using T = TestType;
+  const T bad[] = {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity(),
+                   -std::numeric_limits<T>::infinity()};
+  for (std::size_t rows : {0, 1, 2, 5})
+    for (std::size_t cols = 1; cols <= 70; ++cols) {
+      INFO("rows = " << rows << ", cols = " << cols);
+      auto X = guarded_matrix(rows, cols, cols + 3, 1, random_values<T>(rows * cols, 60 + cols + rows, -1e30, 1e30));
+      // Non-finite values everywhere outside the live entries: never read.
+      for (std::size_t r = 0; r < rows; ++r)
+        for (std::size_t c = cols; c < X.ld; ++c) X.at(r, c) = bad[(r + c) % 3];
+      for (std::size_t g = 0; g < Guarded<T>::kGuard; ++g) X.storage[g] = X.storage[X.storage.size() - 1 - g] = bad[g % 3];
+      CHECK(k::all_finite<T>(rows, cols, X.data(), X.ld));
+      CHECK(ref::all_finite<T>(rows, cols, X.data(), X.ld));
+      std::size_t missed = 0;
+      for (std::size_t r = 0; r < rows; ++r)
+        for (std::size_t c = 0; c < cols; ++c) {
+          const T keep = X.at(r, c);
+          X.at(r, c) = bad[(r * cols + c) % 3];
+          if (k::all_finite<T>(rows, cols, X.data(), X.ld) || ref::all_finite<T>(rows, cols, X.data(), X.ld)) ++missed;
+          X.at(r, c) = keep;
+        }
+      CHECK(missed == 0);
+    }
+}
+
 // ---- Sherman-Morrison (docs/math.md M7, M9) --------------------------------------------
 
 namespace {

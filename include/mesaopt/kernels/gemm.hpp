@@ -33,6 +33,7 @@
 #include <mesaopt/kernels/simd.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <type_traits>
 
@@ -164,6 +165,23 @@ void gemm_strided(std::size_t n, std::size_t m, std::size_t k, const T* A, std::
 
 }  // namespace detail
 #endif
+
+// x . y over p = 0 ... k-1 (x with stride incx, y with incy) rounded as one
+// entry of gemm's product without accumulate: one fused multiply-add per p,
+// in order, from zero. For a caller that must match an entry of a gemm result
+// bit for bit (the softmax backward's D_t = g_t . o_t against the entries
+// g_t . v_i of its dO V^T, whose difference is exactly 0 where o_t = v_i;
+// ops/softmax_attention.hpp). Without SIMD it is reference::gemm's loop.
+template <class T>
+T gemm_entry(std::size_t k, const T* x, std::size_t incx, const T* y, std::size_t incy) {
+  T s = 0;
+#if MESAOPT_SIMD
+  for (std::size_t p = 0; p < k; ++p) s = std::fma(x[p * incx], y[p * incy], s);
+#else
+  for (std::size_t p = 0; p < k; ++p) s += x[p * incx] * y[p * incy];
+#endif
+  return s;
+}
 
 // C (n x m, row stride ldc) = A B, or C += A B when accumulate; A: n x k (row
 // stride lda), B: k x m (row stride ldb). C must not overlap A or B.

@@ -21,6 +21,15 @@ void axpy(std::size_t n, T alpha, const T* x, T* y) {
   for (std::size_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// Every entry of the rows x cols row-major X (row stride ld) finite.
+template <class T>
+bool all_finite(std::size_t rows, std::size_t cols, const T* X, std::size_t ld) {
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::size_t j = 0; j < cols; ++j)
+      if (!std::isfinite(X[r * ld + j])) return false;
+  return true;
+}
+
 // A += c x y^T, A is m x n row-major with row stride lda.
 template <class T>
 void ger(std::size_t m, std::size_t n, T c, const T* x, const T* y, T* A, std::size_t lda) {

@@ -1,8 +1,10 @@
 #pragma once
-// Level-1 kernels: dot product and axpy, with xsimd batches.
+// Level-1 kernels: dot product, axpy and the finiteness check of a matrix,
+// with xsimd batches.
 #include <mesaopt/kernels/reference.hpp>
 #include <mesaopt/kernels/simd.hpp>
 
+#include <cmath>
 #include <cstddef>
 
 namespace mesaopt::kernels {
@@ -46,6 +48,38 @@ void axpy(std::size_t n, T alpha, const T* x, T* y) {
   }
 #else
   reference::axpy(n, alpha, x, y);
+#endif
+}
+
+// True when every entry of the rows x cols row-major matrix X (row stride ld)
+// is finite. x * 0 is +-0 for finite x and NaN for NaN or +-Inf, so the sum of
+// the products is finite exactly when X is. For the masked products' check
+// before a GEMM (ops/masked_product.hpp): rows of 20 entries at the paper's
+// sizes, where Eigen's reduction over a strided block ran a scalar tail on
+// every row (5 % of a softmax-1L training step; docs/softmax_attention.md).
+template <class T>
+bool all_finite(std::size_t rows, std::size_t cols, const T* X, std::size_t ld) {
+#if MESAOPT_SIMD
+  using B = simd_batch<T>;
+  constexpr std::size_t W = B::size;
+  const B zero(T(0));
+  B s0(T(0)), s1(T(0));  // two chains: the adds of a row do not wait on the last row's
+  for (std::size_t r = 0; r < rows; ++r) {
+    const T* x = X + r * ld;
+    std::size_t j = 0;
+    for (; j + 2 * W <= cols; j += 2 * W) {
+      s0 = s0 + B::load_unaligned(x + j) * zero;
+      s1 = s1 + B::load_unaligned(x + j + W) * zero;
+    }
+    if (j + W <= cols) {
+      s0 = s0 + B::load_unaligned(x + j) * zero;
+      j += W;
+    }
+    if (j < cols) s1 = s1 + detail::load_partial(x + j, cols - j) * zero;
+  }
+  return std::isfinite(detail::horizontal_sum(s0 + s1));
+#else
+  return reference::all_finite(rows, cols, X, ld);
 #endif
 }
 
