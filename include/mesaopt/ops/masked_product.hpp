@@ -18,6 +18,7 @@
 // row over its unmasked columns only. Finite inputs therefore give the same
 // bits as the plain GEMM did.
 #include <mesaopt/common/matrix.hpp>
+#include <mesaopt/kernels/vector_ops.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -29,18 +30,29 @@ namespace mesaopt::detail {
 // allFinite() (two compares per entry, no early exit either), Eigen vectorises
 // this sum, which matters beside the small GEMMs of short sequences (measured:
 // docs/softmax_attention.md, "Bad values and aliasing").
+// A row-major block with unit inner stride (the ops' operands: rows of q, k,
+// v or of a gradient) goes through kernels::all_finite, which runs each row's
+// tail as one masked batch.
 template <class M>
 bool all_entries_finite(const M& X) {
   using Scalar = typename M::Scalar;
-  return X.size() == 0 || std::isfinite((X.array() * Scalar(0)).sum());
+  if (X.size() == 0) return true;
+  if constexpr (bool(M::Flags & Eigen::DirectAccessBit) && bool(M::IsRowMajor)) {
+    if (X.innerStride() == 1)
+      return kernels::all_finite(std::size_t(X.rows()), std::size_t(X.cols()), X.data(), std::size_t(X.outerStride()));
+  }
+  return std::isfinite((X.array() * Scalar(0)).sum());
 }
 
 // Y = L X (accumulate = false) or Y += L X (accumulate = true), where row i of
 // L is masked outside the columns [begin(i), end(i)) (clamped to [0, L.cols())).
 // Masked entries of L are never read in the row-by-row path; in the GEMM path
-// they must be zero.
-template <class Lhs, class Rhs, class Out, class Begin, class End>
-void masked_product(const Lhs& L, Begin begin, End end, const Rhs& X, Out&& Y, bool accumulate) {
+// they must be zero. The GEMM path calls product(), which must compute the
+// whole product into Y (accumulating or not, as asked): callers with the
+// operands' raw layout use the kernels' GEMM there (the tiled softmax).
+template <class Lhs, class Rhs, class Out, class Begin, class End, class Product>
+void masked_product_with(const Lhs& L, Begin begin, End end, const Rhs& X, Out&& Y, bool accumulate,
+                         Product product) {
   const long rows = L.rows(), cols = L.cols();
   // Columns unmasked in every row: [common_begin, common_end).
   long common_begin = 0, common_end = cols;
@@ -56,10 +68,7 @@ void masked_product(const Lhs& L, Begin begin, End end, const Rhs& X, Out&& Y, b
            all_entries_finite(X.middleRows(common_end, cols - common_end));
   }
   if (safe) {
-    if (accumulate)
-      Y.noalias() += L * X.topRows(cols);
-    else
-      Y.noalias() = L * X.topRows(cols);
+    product();
     return;
   }
   for (long i = 0; i < rows; ++i) {
@@ -67,6 +76,17 @@ void masked_product(const Lhs& L, Begin begin, End end, const Rhs& X, Out&& Y, b
     if (!accumulate) Y.row(i).setZero();
     if (e > b) Y.row(i).noalias() += L.row(i).segment(b, e - b) * X.middleRows(b, e - b);
   }
+}
+
+// The same with Eigen's product in the GEMM path.
+template <class Lhs, class Rhs, class Out, class Begin, class End>
+void masked_product(const Lhs& L, Begin begin, End end, const Rhs& X, Out&& Y, bool accumulate) {
+  masked_product_with(L, begin, end, X, Y, accumulate, [&] {
+    if (accumulate)
+      Y.noalias() += L * X.topRows(L.cols());
+    else
+      Y.noalias() = L * X.topRows(L.cols());
+  });
 }
 
 }  // namespace mesaopt::detail

@@ -5,9 +5,9 @@
 //   s_{t,i} = (q_t . k_i) / sqrt(d),   a_{t,i} = softmax_{i<=t}(s_{t,.}),   o_t = sum_{i<=t} a_{t,i} v_i
 //
 // Tiled ("flash") forward: query rows are processed in blocks of Br, keys in
-// blocks of Bc; each tile of logits Q_b K_b^T is an Eigen GEMM, exponentiated
-// with Eigen's vectorised exp against a running max, and P_b V_b is a second
-// GEMM into a running output. Per query row we carry the running max m and
+// blocks of Bc; each tile of logits Q_b K_b^T is a GEMM (kernels::gemm against
+// K^T, transposed once per call), exponentiated with Eigen's vectorised exp
+// against a running max, and P_b V_b is a second GEMM into a running output. Per query row we carry the running max m and
 // running sum l; the seq_len x seq_len matrix is never formed (scratch
 // O(Br Bc + Br dv)). The cache saves lse_t = log sum_{i<=t} exp(s_{t,i}) and a
 // copy of o_t.
@@ -39,6 +39,7 @@
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parallel.hpp>
+#include <mesaopt/kernels/gemm.hpp>
 #include <mesaopt/ops/checks.hpp>
 #include <mesaopt/ops/masked_product.hpp>
 #include <mesaopt/ops/state.hpp>
@@ -47,11 +48,14 @@
 #include <cmath>
 #include <limits>
 
-// Each op call runs its Eigen GEMMs on the calling thread only
-// (detail::ScopedSerialEigen, common/parallel.hpp): parallelism belongs to the
-// caller, one call per (batch, head); outside a parallel region Eigen would
-// otherwise split even a 64 x 64 tile product over all threads (the slowdown is
-// measured in docs/linear_attention.md).
+// The tile products are the kernels' GEMMs (kernels/gemm.hpp): at the paper's
+// T = 50 and d = 20 Eigen's GEMM packed both operands on every call and ran
+// its remainder rows in 4-wide packets, about a third of a softmax-1L training
+// step (docs/softmax_attention.md, "The tile products"). Each op call runs its
+// remaining Eigen products on the calling thread only (detail::ScopedSerialEigen,
+// common/parallel.hpp): parallelism belongs to the caller, one call per (batch,
+// head); outside a parallel region Eigen would otherwise split even a 64 x 64
+// product over all threads (docs/linear_attention.md).
 
 namespace mesaopt {
 
@@ -90,6 +94,25 @@ void check_softmax_cache(const char* where, const SoftmaxCache<T>& sc, long n, l
   }
 }
 
+// Columns of a tile of logits or probabilities: the key block's width rounded
+// up to whole packets of Eigen's exp, which then never runs its scalar tail
+// (std::exp, one call per entry: 9 % of a softmax-1L step at T = 50 when
+// the rows had 1-50 entries; docs/softmax_attention.md). The extra columns
+// are scratch: exponentiated with the row, never read by a product.
+template <class T>
+long tile_columns(long keys) {
+  constexpr long W = Eigen::internal::packet_traits<T>::size;
+  return (keys + W - 1) / W * W;
+}
+
+// The first n entries of a row of a tile_columns-wide tile, rounded up to
+// whole packets: the span an elementwise exp runs over (the entries past n
+// are scratch; see tile_columns).
+template <class T>
+Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> packet_span(T* row, long n, long row_capacity) {
+  return {row, std::min(tile_columns<T>(n), row_capacity)};
+}
+
 // [initial keys; k] (P + n rows), or k itself when there is no prefix.
 template <class T>
 struct PrefixedRows {
@@ -118,7 +141,8 @@ void softmax_forward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& 
   sc.prefix = P;
   const ScopedSerialEigen serial;
 
-  RowMatrix<T> S(Br, Bc);     // raw logits q_t . k_i of one tile, then P in place
+  const RowMatrix<T> Kt = K.transpose();  // (d, P + n): the right factor of Q K^T, row-major
+  RowMatrix<T> S = RowMatrix<T>::Zero(Br, tile_columns<T>(Bc));  // raw logits q_t . k_i of one tile, then P in place
   RowMatrix<T> acc(Br, dv);   // running sum_i exp(s_{t,i} - m_t) v_i
   Vector<T> m(Br), l(Br);     // running max of raw logits, running sum of exp
   for (long r0 = 0; r0 < n; r0 += Br) {
@@ -132,7 +156,8 @@ void softmax_forward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& 
     for (long c0 = 0; c0 < key_end; c0 += Bc) {
       const long bc = std::min(Bc, key_end - c0);
       auto Sb = S.topLeftCorner(br, bc);
-      Sb.noalias() = Qb * K.middleRows(c0, bc).transpose();
+      kernels::gemm<T>(std::size_t(br), std::size_t(bc), std::size_t(d), Qb.data(), std::size_t(q.outerStride()),
+                       Kt.data() + c0, std::size_t(Kt.outerStride()), S.data(), std::size_t(S.outerStride()), false);
       for (long i = 0; i < br; ++i) {
         // Keys c0 .. c0 + valid - 1 are at or before query t = r0 + i (position P + t).
         const long valid = std::min(bc, P + r0 + i - c0 + 1);
@@ -144,7 +169,8 @@ void softmax_forward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& 
         // s = scale * raw and scale > 0, so the max of s is scale * max(raw).
         const T m_new = std::max(m(i), row.head(valid).maxCoeff());
         const T alpha = std::exp(scale * (m(i) - m_new));  // 0 on the first tile (m = -inf)
-        row.head(valid) = ((row.head(valid).array() - m_new) * scale).exp();
+        auto span = packet_span(row.data(), valid, S.cols());
+        span = ((span - m_new) * scale).exp();
         row.tail(bc - valid).setZero();
         l(i) = l(i) * alpha + row.head(valid).sum();
         if (alpha != T(1)) acc.row(i) *= alpha;
@@ -152,9 +178,13 @@ void softmax_forward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& 
       }
       // acc += Sb V over the keys each query may see (masked_product.hpp: a
       // non-finite value in a later token's v must not reach earlier outputs).
-      detail::masked_product(
-          Sb, [](long) { return 0L; }, [&](long i) { return P + r0 + i - c0 + 1; }, V.middleRows(c0, bc),
-          acc.topRows(br), /*accumulate=*/true);
+      const auto Vb = V.middleRows(c0, bc);
+      detail::masked_product_with(
+          Sb, [](long) { return 0L; }, [&](long i) { return P + r0 + i - c0 + 1; }, Vb, acc.topRows(br),
+          /*accumulate=*/true, [&] {
+            kernels::gemm<T>(std::size_t(br), std::size_t(dv), std::size_t(bc), S.data(), std::size_t(S.outerStride()),
+                             Vb.data(), std::size_t(V.outerStride()), acc.data(), std::size_t(acc.outerStride()), true);
+          });
     }
     for (long i = 0; i < br; ++i) {
       out.row(r0 + i) = acc.row(i) / l(i);
@@ -174,9 +204,16 @@ void softmax_backward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
   const T scale = T(1) / std::sqrt(T(d));
 
   const ScopedSerialEigen serial;
-  // D_t = g_t . o_t = sum_j a_{t,j} da_{t,j}  (M4)
-  const Vector<T> D = (dout.array() * sc.out.array()).rowwise().sum();
-  RowMatrix<T> Pm(Br, Bc), dP(Br, Bc);
+  // D_t = g_t . o_t = sum_j a_{t,j} da_{t,j}  (M4), rounded as an entry of the
+  // GEMM dP = dO V^T below (kernels::gemm_entry): where o_t = v_i exactly (the
+  // first token: a_{0,0} = 1) da_{t,i} - D_t is then exactly 0, as is the
+  // gradient it carries.
+  Vector<T> D(n);
+  for (long t = 0; t < n; ++t)
+    D(t) = kernels::gemm_entry<T>(std::size_t(dv), dout.row(t).data(), 1, sc.out.row(t).data(), 1);
+  // K^T and V^T, row-major: the right factors of Q K^T and dO V^T.
+  const RowMatrix<T> Kt = K.transpose(), Vt = V.transpose();
+  RowMatrix<T> Pm = RowMatrix<T>::Zero(Br, tile_columns<T>(Bc)), dP(Br, Bc);
   RowMatrix<T> dKb(Bc, d), dVb(Bc, dv);
   // dq sums over key tiles in a buffer of our own, copied out at the end: the
   // small products vectorise their destination with alignment peeling, so
@@ -199,7 +236,8 @@ void softmax_backward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
       auto Pb = Pm.topLeftCorner(br, bc);
       auto dPb = dP.topLeftCorner(br, bc);
       // forward: a_{t,i} = exp(s_{t,i} - lse_t), recomputed from the cache.
-      Pb.noalias() = Qb * Kb.transpose();
+      kernels::gemm<T>(std::size_t(br), std::size_t(bc), std::size_t(d), Qb.data(), std::size_t(q.outerStride()),
+                       Kt.data() + c0, std::size_t(Kt.outerStride()), Pm.data(), std::size_t(Pm.outerStride()), false);
       for (long i = 0; i < br; ++i) {
         const long valid = std::min(bc, P + r0 + i - c0 + 1);
         auto row = Pb.row(i);
@@ -207,7 +245,8 @@ void softmax_backward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
           row.setZero();
           continue;
         }
-        row.head(valid) = (row.head(valid).array() * scale - sc.lse(r0 + i)).exp();
+        auto span = packet_span(row.data(), valid, Pm.cols());
+        span = (span * scale - sc.lse(r0 + i)).exp();
         row.tail(bc - valid).setZero();
       }
       // Query row i sees the keys [0, valid(i)) of this tile; key j is seen by
@@ -217,8 +256,12 @@ void softmax_backward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
       const auto first_query = [&](long j) { return c0 + j - P - r0; };
       const auto all_queries = [&](long) { return br; };
       // forward: o_t = sum_i a_{t,i} v_i  =>  dv_i += a_{t,i} g_t,  da_{t,i} = g_t . v_i
-      detail::masked_product(Pb.transpose(), first_query, all_queries, dOb, dV, /*accumulate=*/true);
-      dPb.noalias() = dOb * Vb.transpose();
+      detail::masked_product_with(Pb.transpose(), first_query, all_queries, dOb, dV, /*accumulate=*/true, [&] {
+        kernels::gemm_tn<T>(std::size_t(bc), std::size_t(dv), std::size_t(br), Pm.data(), std::size_t(Pm.outerStride()),
+                            dOb.data(), std::size_t(dout.outerStride()), dV.data(), std::size_t(dVb.outerStride()), true);
+      });
+      kernels::gemm<T>(std::size_t(br), std::size_t(bc), std::size_t(dv), dOb.data(), std::size_t(dout.outerStride()),
+                       Vt.data() + c0, std::size_t(Vt.outerStride()), dP.data(), std::size_t(dP.outerStride()), false);
       // forward: a = softmax(s)  =>  ds_{t,i} = a_{t,i} (da_{t,i} - D_t); s = q.k / sqrt(d).
       // Masked entries are set to 0, not computed as 0 * (g_t . v_i - D_t).
       for (long i = 0; i < br; ++i) {
@@ -227,8 +270,15 @@ void softmax_backward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
         row.head(n_valid).array() = Pb.row(i).head(n_valid).array() * (row.head(n_valid).array() - D(r0 + i)) * scale;
         row.tail(bc - n_valid).setZero();
       }
-      detail::masked_product(dPb, [](long) { return 0L; }, valid, Kb, dq_sum.middleRows(r0, br), /*accumulate=*/true);
-      detail::masked_product(dPb.transpose(), first_query, all_queries, Qb, dK, /*accumulate=*/true);
+      auto dq_b = dq_sum.middleRows(r0, br);
+      detail::masked_product_with(dPb, [](long) { return 0L; }, valid, Kb, dq_b, /*accumulate=*/true, [&] {
+        kernels::gemm<T>(std::size_t(br), std::size_t(d), std::size_t(bc), dP.data(), std::size_t(dP.outerStride()),
+                         Kb.data(), std::size_t(K.outerStride()), dq_b.data(), std::size_t(dq_sum.outerStride()), true);
+      });
+      detail::masked_product_with(dPb.transpose(), first_query, all_queries, Qb, dK, /*accumulate=*/true, [&] {
+        kernels::gemm_tn<T>(std::size_t(bc), std::size_t(d), std::size_t(br), dP.data(), std::size_t(dP.outerStride()),
+                            Qb.data(), std::size_t(q.outerStride()), dK.data(), std::size_t(dKb.outerStride()), true);
+      });
     }
     dK_all.middleRows(c0, bc) = dK;
     dV_all.middleRows(c0, bc) = dV;
