@@ -383,7 +383,8 @@ TEMPLATE_TEST_CASE("gemm_entry has the bits of an entry of gemm's product", "[ke
     // (stride m) must equal C(i, j) wherever j falls (full, half-width,
     // overlapping or masked batch).
     for (std::size_t m : {1, 5, 8, 13, 16, 20, 40, 50}) {
-      const auto A = random_values<T>(3 * kk, 40 + kk + m), B = random_values<T>(kk * m, 50 + kk + 3 * m);
+      // (one spare entry each: at k = 0 the pointers must still point into a buffer)
+      const auto A = random_values<T>(3 * kk + 1, 40 + kk + m), B = random_values<T>(kk * m + m, 50 + kk + 3 * m);
       std::vector<T> C(3 * m, T(1));
       k::gemm<T>(3, m, kk, A.data(), kk, B.data(), m, C.data(), m, false);
       INFO("k = " << kk << ", m = " << m);
