@@ -171,11 +171,14 @@ void gemm_strided(std::size_t n, std::size_t m, std::size_t k, const T* A, std::
 // in order, from zero. For a caller that must match an entry of a gemm result
 // bit for bit (the softmax backward's D_t = g_t . o_t against the entries
 // g_t . v_i of its dO V^T, whose difference is exactly 0 where o_t = v_i;
-// ops/softmax_attention.hpp). Without SIMD it is reference::gemm's loop.
+// ops/softmax_attention.hpp). A build without FMA instructions has no fused
+// chain in gemm either (fma_exact falls back to xsimd's x * y + z, two
+// roundings), and without SIMD gemm is reference::gemm's loop: both are the
+// plain loop here.
 template <class T>
 T gemm_entry(std::size_t k, const T* x, std::size_t incx, const T* y, std::size_t incy) {
   T s = 0;
-#if MESAOPT_SIMD
+#if MESAOPT_SIMD && (defined(__FMA__) || defined(__AVX512F__))
   for (std::size_t p = 0; p < k; ++p) s = std::fma(x[p * incx], y[p * incy], s);
 #else
   for (std::size_t p = 0; p < k; ++p) s += x[p * incx] * y[p * incy];
