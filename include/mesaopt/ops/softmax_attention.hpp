@@ -223,7 +223,6 @@ void softmax_backward_tiled(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
   for (long c0 = 0; c0 < nk; c0 += Bc) {
     const long bc = std::min(Bc, nk - c0);
     const auto Kb = K.middleRows(c0, bc);
-    const auto Vb = V.middleRows(c0, bc);
     auto dK = dKb.topRows(bc);
     auto dV = dVb.topRows(bc);
     dK.setZero();
