@@ -31,6 +31,10 @@
 //                                              layers computed it before kernels/gemm.hpp;
 //                                              shapes: one shard of the paper's models, 400
 //                                              tokens of width 40, H (2d + dv) = 120)
+//   adam_update                counted in parameters/s instead (three divisions and
+//                              a square root per entry, in double: no FMA-bound
+//                              rate to compare with); n = the parameter counts of
+//                              linear-1L, mesa-1L and linear-2L (6400, 12804, 25600)
 //
 // Run, e.g.:
 //   ./build/benchmarks/bench_kernels --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
@@ -133,6 +137,27 @@ void BM_axpy(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   set_counters<T>(state, 2.0 * n);
+}
+
+// One AdamW step over n parameters: m, v and the weights stay bounded (the
+// gradient is fixed, so the weights drift by at most lr per step).
+template <class T, bool Fast>
+void BM_adam_update(benchmark::State& state) {
+  const std::size_t n = static_cast<std::size_t>(state.range(0));
+  auto value = random_vector<T>(n, 1), m = std::vector<T>(n, T(0)), v = std::vector<T>(n, T(0));
+  auto grad = random_vector<T>(n, 2);
+  for (auto& g : grad) g *= T(1e-2);
+  k::AdamCoefficients c;
+  c.bias1 = 1 - c.beta1;
+  c.bias2 = 1 - c.beta2;
+  c.weight_decay = 1e-4;
+  c.lr = 1e-6;
+  for (auto _ : state) {
+    if (Fast) k::adam_update(n, value.data(), grad.data(), m.data(), v.data(), c);
+    else ref::adam_update(n, value.data(), grad.data(), m.data(), v.data(), c);
+    benchmark::ClobberMemory();
+  }
+  state.counters["parameters/s"] = benchmark::Counter(double(n), benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // ---- level 2 -----------------------------------------------------------------
@@ -420,6 +445,10 @@ BENCHMARK_TEMPLATE(BM_gemm, double, false)->Name("BM_gemm<double>/eigen")->Apply
   BENCHMARK_TEMPLATE(fn, type, true)->Name(#fn "<" #type ">/simd")->Arg(20)->Arg(32)->Arg(64)->Arg(128); \
   BENCHMARK_TEMPLATE(fn, type, false)->Name(#fn "<" #type ">/scalar")->Arg(20)->Arg(32)->Arg(64)->Arg(128)
 
+BENCHMARK_TEMPLATE(BM_adam_update, float, true)->Name("BM_adam_update<float>/simd")->Arg(6400)->Arg(12804)->Arg(25600);
+BENCHMARK_TEMPLATE(BM_adam_update, float, false)->Name("BM_adam_update<float>/scalar")->Arg(6400)->Arg(12804)->Arg(25600);
+BENCHMARK_TEMPLATE(BM_adam_update, double, true)->Name("BM_adam_update<double>/simd")->Arg(6400)->Arg(12804)->Arg(25600);
+BENCHMARK_TEMPLATE(BM_adam_update, double, false)->Name("BM_adam_update<double>/scalar")->Arg(6400)->Arg(12804)->Arg(25600);
 MESAOPT_BENCH_PAIR(BM_mesa_step, float);
 MESAOPT_BENCH_PAIR(BM_mesa_step, double);
 MESAOPT_BENCH_PAIR(BM_sherman_morrison_update, float);

@@ -35,6 +35,7 @@
 #include <limits>
 #include <random>
 #include <sstream>
+#include <type_traits>
 #include <vector>
 
 // Everything of this file lives in its own namespace, so that test files can be
@@ -424,6 +425,57 @@ TEMPLATE_TEST_CASE("all_finite finds every NaN and Inf and reads only the live e
         }
       CHECK(missed == 0);
     }
+}
+
+// ---- Adam update (train/adam.hpp's equations) ---------------------------------------------
+
+TEMPLATE_TEST_CASE("adam_update has the reference's bits at every n, tails included, and writes nothing past n",
+                   "[kernels][adam]", float, double) {
+  using T = TestType;
+  // The kernel writes every multiply-add the reference fuses as one
+  // instruction (fma_exact), so the two agree bit for bit.
+  const T sentinel = T(12345.5);
+  constexpr std::size_t kGuard = 17;
+  for (std::size_t n : {0, 1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 100, 1000})
+    for (bool decoupled : {true, false})
+      for (long t : {1L, 2L, 50L}) {
+        INFO("n = " << n << ", decoupled = " << decoupled << ", t = " << t);
+        k::AdamCoefficients c;
+        c.bias1 = 1.0 - std::pow(c.beta1, double(t));
+        c.bias2 = 1.0 - std::pow(c.beta2, double(t));
+        c.weight_decay = 0.1;
+        c.lr = 1e-2;
+        c.decoupled = decoupled;
+        auto with_guard = [&](std::vector<T> x) {
+          x.resize(n + kGuard, sentinel);
+          return x;
+        };
+        const std::uint64_t seed = 1000 * n + 10 * std::uint64_t(t) + (decoupled ? 1 : 0);
+        auto value = with_guard(random_values<T>(n, seed));
+        auto grad = with_guard(random_values<T>(n, seed + 1, -1e-2, 1e-2));
+        auto m = with_guard(random_values<T>(n, seed + 2, -1e-2, 1e-2));
+        auto v = with_guard(random_values<T>(n, seed + 3, 0.0, 1e-4));
+        // One entry with a zero gradient and zero moments: vhat = 0.
+        if (n > 2) value[n / 2 + 1] = grad[n / 2 + 1] = m[n / 2 + 1] = v[n / 2 + 1] = T(0);
+        const auto value_before = value, grad_before = grad;
+        auto rvalue = value, rm = m, rv = v;
+        k::adam_update<T>(n, value.data(), grad.data(), m.data(), v.data(), c);
+        ref::adam_update<T>(n, rvalue.data(), grad.data(), rm.data(), rv.data(), c);
+        std::size_t off = 0, still = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+          if (value[i] != rvalue[i] || m[i] != rm[i] || v[i] != rv[i]) ++off;
+          // Every entry with a gradient moves by about lr: a kernel that skips entries fails.
+          if (grad[i] != T(0) && value[i] == value_before[i]) ++still;
+        }
+        CHECK(off == 0);
+        CHECK(still == 0);
+        for (std::size_t i = n; i < n + kGuard; ++i) {
+          CHECK(value[i] == sentinel);
+          CHECK(m[i] == sentinel);
+          CHECK(v[i] == sentinel);
+        }
+        CHECK(grad == grad_before);
+      }
 }
 
 // ---- Sherman-Morrison (docs/math.md M7, M9) --------------------------------------------

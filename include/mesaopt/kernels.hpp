@@ -1,5 +1,6 @@
 #pragma once
 // Module header: the SIMD kernel layer and its scalar references.
+#include <mesaopt/kernels/adam_update.hpp>
 #include <mesaopt/kernels/gemm.hpp>
 #include <mesaopt/kernels/gemv.hpp>
 #include <mesaopt/kernels/rank1.hpp>

@@ -5,6 +5,21 @@
 #include <cmath>
 #include <cstddef>
 
+namespace mesaopt::kernels {
+
+// The constants of one Adam update (kernels/adam_update.hpp; the equations
+// in train/adam.hpp).
+struct AdamCoefficients {
+  double beta1 = 0.9, beta2 = 0.999;  // moment decays
+  double bias1 = 1, bias2 = 1;        // 1 - beta1^t, 1 - beta2^t at the 1-based step t
+  double eps = 1e-8;
+  double weight_decay = 0;
+  double lr = 0;
+  bool decoupled = true;  // AdamW's decay (true) or decay added to the gradient (false)
+};
+
+}  // namespace mesaopt::kernels
+
 namespace mesaopt::kernels::reference {
 
 // sum_i x_i y_i
@@ -31,6 +46,36 @@ bool all_finite(std::size_t rows, std::size_t cols, const T* X, std::size_t ld) 
 }
 
 // A += c x y^T, A is m x n row-major with row stride lda.
+// x y + z rounded once where the machine has a fused multiply-add (as the
+// compiler contracts it there), twice where it has none: the rounding of
+// kernels::adam_update's fma_exact in either case.
+inline double fused(double x, double y, double z) {
+#if defined(__FMA__) || defined(__AVX512F__)
+  return std::fma(x, y, z);
+#else
+  return x * y + z;
+#endif
+}
+
+// One Adam update (train/adam.hpp's equations), in double. The multiply-adds
+// are the ones GCC fused in train::Adam's loop before it became a kernel, so
+// training keeps its bits.
+template <class T>
+void adam_update(std::size_t n, T* value, const T* grad, T* m, T* v, const AdamCoefficients& c) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const double theta = static_cast<double>(value[i]);
+    double g = static_cast<double>(grad[i]);
+    if (!c.decoupled) g = fused(c.weight_decay, theta, g);
+    const double mi = fused(c.beta1, static_cast<double>(m[i]), (1.0 - c.beta1) * g);
+    const double vi = fused(c.beta2, static_cast<double>(v[i]), ((1.0 - c.beta2) * g) * g);
+    m[i] = static_cast<T>(mi);
+    v[i] = static_cast<T>(vi);
+    double step = (mi / c.bias1) / (std::sqrt(vi / c.bias2) + c.eps);
+    if (c.decoupled) step = fused(c.weight_decay, theta, step);
+    value[i] = static_cast<T>(fused(-c.lr, step, theta));
+  }
+}
+
 template <class T>
 void ger(std::size_t m, std::size_t n, T c, const T* x, const T* y, T* A, std::size_t lda) {
   for (std::size_t i = 0; i < m; ++i)

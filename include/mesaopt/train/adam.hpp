@@ -11,10 +11,12 @@
 // A per-parameter mask turns decay off (e.g. LayerNorm gains and biases):
 // default_decay_mask decays only tensors of rank >= 2 (weight matrices).
 //
+// The loop over a tensor's entries is kernels::adam_update (double batches).
 // State m, v is kept in T, one buffer per parameter, so checkpoints store it in
 // the model's dtype ("optim.m.<name>", "optim.v.<name>", train/checkpoint.hpp).
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/parameters.hpp>
+#include <mesaopt/kernels/adam_update.hpp>
 
 #include <cmath>
 #include <string>
@@ -82,24 +84,18 @@ class Adam {
     const double b1 = config_.beta1, b2 = config_.beta2;
     const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step_));
     const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step_));
+    kernels::AdamCoefficients c;
+    c.beta1 = b1;
+    c.beta2 = b2;
+    c.bias1 = bc1;
+    c.bias2 = bc2;
+    c.eps = config_.eps;
+    c.lr = lr;
+    c.decoupled = config_.decoupled_weight_decay;
     for (std::size_t k = 0; k < params_.size(); ++k) {
       const auto& p = params_[k];
-      const double wd = decay_[k] ? config_.weight_decay : 0.0;
-      T* m = m_[k].data();
-      T* v = v_[k].data();
-      for (std::size_t i = 0; i < p.size; ++i) {
-        const double theta = static_cast<double>(p.value[i]);
-        double g = static_cast<double>(p.grad[i]);
-        if (!config_.decoupled_weight_decay) g += wd * theta;
-        const double mi = b1 * static_cast<double>(m[i]) + (1.0 - b1) * g;
-        const double vi = b2 * static_cast<double>(v[i]) + (1.0 - b2) * g * g;
-        m[i] = static_cast<T>(mi);
-        v[i] = static_cast<T>(vi);
-        const double mhat = mi / bc1, vhat = vi / bc2;
-        double update = mhat / (std::sqrt(vhat) + config_.eps);
-        if (config_.decoupled_weight_decay) update += wd * theta;
-        p.value[i] = static_cast<T>(theta - lr * update);
-      }
+      c.weight_decay = decay_[k] ? config_.weight_decay : 0.0;
+      kernels::adam_update(p.size, p.value, p.grad, m_[k].data(), v_[k].data(), c);
     }
   }
 
