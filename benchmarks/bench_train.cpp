@@ -12,7 +12,9 @@
 // automatic: fixed shards on the threads, one barrier per step); 1 or 2
 // threads. train_step_busy_core: the same with a thread of this program
 // spinning on one core throughout (a shared machine; 2 threads should not be
-// slower than 1). The peer: benchmarks/peers/train_step_jax.py.
+// slower than 1). train_step_scaling: 1 and 2 threads in alternating turns
+// of one run, for their ratio (see BM_TrainStepScaling). The peer:
+// benchmarks/peers/train_step_jax.py.
 //
 // Counters (wall-clock rates):
 //   tokens/s    B T tokens per step.
@@ -38,6 +40,7 @@
 #include "peak.hpp"
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <thread>
@@ -132,6 +135,59 @@ void BM_TrainStep(benchmark::State& state) {
   state.counters["shards"] = double(trainer.shards());
 }
 
+// 2 threads over 1, side by side: a 1-thread and a 2-thread trainer of the
+// same model on the same batch take turns, kTurnSteps steps each, and each
+// turn is timed on its own. A slow stretch of a shared or virtual machine
+// (tokens/s drift by 10-20 % over seconds here) then slows both alike,
+// where two separate runs of train_step can land in different stretches and
+// their ratio with them. Counters: tokens/s_1, tokens/s_2 and speedup (the
+// 1-thread time over the 2-thread time). Each turn's first step wakes the
+// 2-thread trainer's helper, asleep during the other turn; in a run of
+// consecutive steps it would still be spinning (common/worker_team.hpp), so
+// the speedup is, if anything, low.
+constexpr int kTurnSteps = 8;
+
+void BM_TrainStepScaling(benchmark::State& state) {
+  const Spec& spec = kSpecs[state.range(0)];
+  const long batch_size = state.range(1);
+  mesaopt::tasks::DynamicsConfig dc;
+  dc.state_dim = kN;
+  dc.seq_len = kT;
+  const auto db = mesaopt::tasks::make_dynamics_batch<float>(dc, batch_size, 1);
+  train::TrainBatch<float> batch;
+  batch.inputs = spec.hybrid ? db.inputs : mesaopt::tasks::constructed_tokens<float>(db);
+  batch.targets = db.targets;
+  batch.seq_len = db.seq_len;
+  std::unique_ptr<nn::Model<float>> models[2];
+  std::unique_ptr<train::Trainer<float>> trainers[2];
+  for (int i = 0; i < 2; ++i) {
+    models[i] = std::make_unique<nn::Model<float>>(model_config(spec, i + 1));
+    models[i]->init(1, 0.05);
+    train::TrainerConfig tc;
+    tc.steps = 1L << 40;
+    tc.adam.weight_decay = 1e-4;
+    tc.clip_norm = 1.0;
+    tc.schedule.peak = 1e-4;
+    tc.progress = false;
+    tc.shards = 0;
+    tc.threads = i + 1;
+    trainers[i] = std::make_unique<train::Trainer<float>>(*models[i], [&batch](long) { return batch; }, tc);
+    trainers[i]->run(1);
+  }
+  double seconds[2] = {0, 0};
+  for (auto _ : state)
+    for (int i = 0; i < 2; ++i) {
+      const auto start = std::chrono::steady_clock::now();
+      trainers[i]->run(trainers[i]->step() + kTurnSteps);
+      seconds[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+  const double tokens = double(state.iterations()) * kTurnSteps * double(batch_size * kT);
+  state.counters["tokens/s_1"] = tokens / seconds[0];
+  state.counters["tokens/s_2"] = tokens / seconds[1];
+  state.counters["speedup"] = seconds[0] / seconds[1];
+  state.counters["shards"] = double(trainers[1]->shards());
+}
+
 void grid(benchmark::internal::Benchmark* b) {
   b->ArgNames({"model", "batch", "shards", "threads", "busy"});
   for (long m = 0; m < long(sizeof kSpecs / sizeof kSpecs[0]); ++m)
@@ -156,4 +212,10 @@ void busy_grid(benchmark::internal::Benchmark* b) {
 // model: 0 linear-1L, 1 linear-2L, 2 linear-4L, 3 linear-6L, 4 softmax-1L, 5 mesa-1L, 6 hybrid (raw tokens)
 BENCHMARK(BM_TrainStep)->Name("train_step")->Apply(grid);
 BENCHMARK(BM_TrainStep)->Name("train_step_busy_core")->Apply(busy_grid);
+BENCHMARK(BM_TrainStepScaling)
+    ->Name("train_step_scaling")
+    ->ArgNames({"model", "batch"})
+    ->ArgsProduct({{0, 1, 2, 3, 4, 5, 6}, {64, 256}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK_MAIN();
