@@ -35,6 +35,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -319,20 +320,25 @@ double step_size_from_weights(nn::Model<float>& model, long n, long heads, long 
 
 // Step s trains on sequences [s B, (s + 1) B) of the training seed: fresh
 // sequences every step, and the same ones for every model.
-// Generated on the calling thread (threads = 1; the data's bits do not depend
-// on it): an OpenMP region here would leave libgomp's threads spinning for
-// milliseconds after it, on the cores the sharded step's workers need
-// (docs/training.md, "Shards and threads").
+// Generated on `team` (the data's bits do not depend on its size): threads
+// that sleep between steps, where an OpenMP region would leave libgomp's
+// threads spinning for milliseconds after it, on the cores the sharded step's
+// workers need (docs/training.md, "Shards and threads" and "Stop 44").
 train::BatchSource<float> make_source(const mt::DynamicsConfig& dc, long batch, std::uint64_t seed,
-                                      mt::TokenSlots slots = mt::TokenSlots::both) {
-  return [dc, batch, seed, slots](long step) {
-    const auto db = mt::make_dynamics_batch<float>(dc, batch, seed, std::uint64_t(step) * std::uint64_t(batch), 1);
+                                      std::shared_ptr<WorkerTeam> team, mt::TokenSlots slots = mt::TokenSlots::both) {
+  return [dc, batch, seed, team, slots](long step) {
+    const auto db = mt::make_dynamics_batch<float>(dc, batch, seed, std::uint64_t(step) * std::uint64_t(batch), *team);
     train::TrainBatch<float> tb;
     tb.inputs = mt::constructed_tokens<float>(db, slots);
     tb.targets = db.targets;
     tb.seq_len = db.seq_len;
     return tb;
   };
+}
+
+// The threads that generate each step's batch (make_source): --threads of them.
+std::shared_ptr<WorkerTeam> make_batch_team(const Options& opt) {
+  return std::make_shared<WorkerTeam>(opt.threads > 0 ? opt.threads : default_num_threads());
 }
 
 // A model's step count and learning rate under the options: --steps / --lr
@@ -355,6 +361,7 @@ examples::SeedRun run_seed(const Options& opt, unsigned long long seed, const st
   // Held-out data: a different seed from training; learners' hyperparameters
   // are tuned on a third set (as in icl_baselines).
   const long batch = opt.batch;
+  const auto batch_team = make_batch_team(opt);
   const auto eval = mt::make_dynamics_batch<double>(dc, opt.eval_sequences, seed + 1000003, 0, opt.threads);
   const auto tune = mt::make_dynamics_batch<double>(dc, opt.tune_sequences, seed + 2000003, 0, opt.threads);
   const bool element_clip = opt.clip == "element", mask_1l = opt.mask_1l == "on";
@@ -371,7 +378,7 @@ examples::SeedRun run_seed(const Options& opt, unsigned long long seed, const st
     const mt::TokenSlots slots = mask_1l && s.layers == 1 ? mt::TokenSlots::last_only : mt::TokenSlots::both;
     nn::Model<float> model(model_config(s, n, opt.threads, lambda));
     model.init(seed, opt.init_std);
-    const train::BatchSource<float> source = make_source(dc, batch, seed, slots);
+    const train::BatchSource<float> source = make_source(dc, batch, seed, batch_team, slots);
     train::TrainerConfig tc;
     tc.steps = steps;
     tc.adam = train::adamw_config(0.1);  // docs/paper.md §3: AdamW (0.9, 0.999, 1e-8), weight decay 0.1
@@ -509,6 +516,7 @@ int main(int argc, char** argv) {
     const long n = dc.state_dim, T = dc.seq_len;
     const long batch = opt.batch, eval_sequences = opt.eval_sequences;
     const std::vector<unsigned long long>& seeds = opt.seeds;
+    const auto batch_team = make_batch_team(opt);
 
     std::vector<ModelSpec> specs;
     for (const ModelSpec& s : kSpecs)
@@ -533,9 +541,9 @@ int main(int argc, char** argv) {
         tc.schedule = train::constant_schedule(lr_of(opt, s));
         tc.threads = opt.threads;
         tc.progress = false;
-        train::Trainer<float>(probe, make_source(dc, batch, seeds.front()), tc).run();  // warms up
+        train::Trainer<float>(probe, make_source(dc, batch, seeds.front(), batch_team), tc).run();  // warms up
         tc.steps = 3;
-        const auto r = train::Trainer<float>(probe, make_source(dc, batch, seeds.front()), tc).run();
+        const auto r = train::Trainer<float>(probe, make_source(dc, batch, seeds.front(), batch_team), tc).run();
         estimate += r.seconds / 3.0 * double(steps_of(opt, s));
       }
       // Seeds spread over the ranks run side by side (data-parallel ranks: not estimated).

@@ -170,6 +170,35 @@ TEST_CASE("dynamics: same seed gives the same batch whatever the order or thread
   CHECK(v != r3.next_u64());
 }
 
+TEST_CASE("dynamics on a WorkerTeam: the same batch, bit for bit, for every team size; bad input still throws") {
+  mt::DynamicsConfig cfg;
+  cfg.seq_len = 20;
+  cfg.observed_dim = 7;  // hidden_inputs too
+  const auto ref = mt::make_dynamics_batch<float>(cfg, 37, 42, 5, 1);
+  for (int size : {1, 2, 3}) {
+    INFO("team size " << size);
+    mesaopt::WorkerTeam team(size);
+    for (int call = 0; call < 2; ++call) {  // a team serves call after call
+      const auto b = mt::make_dynamics_batch<float>(cfg, 37, 42, 5, team);
+      CHECK(b.inputs == ref.inputs);
+      CHECK(b.targets == ref.targets);
+      CHECK(b.hidden_inputs == ref.hidden_inputs);
+      REQUIRE(b.W.size() == ref.W.size());
+      for (std::size_t i = 0; i < b.W.size(); ++i) CHECK(b.W[i] == ref.W[i]);
+      CHECK(b.batch == 37);
+      CHECK(b.observed_dim == 7);
+    }
+    // Another first sequence is another batch.
+    const auto other = mt::make_dynamics_batch<float>(cfg, 37, 42, 6, team);
+    CHECK((other.inputs - ref.inputs).cwiseAbs().maxCoeff() > 0.1f);
+    mt::DynamicsConfig bad_cfg = cfg;
+    bad_cfg.noise_std = -0.1;
+    CHECK_THROWS_WITH(mt::make_dynamics_batch<float>(bad_cfg, 2, 1, 0, team), Contains("noise_std must be finite and >= 0"));
+    CHECK_THROWS_WITH(mt::make_dynamics_batch<float>(cfg, 0, 1, 0, team), Contains("batch"));
+    CHECK_THROWS_WITH(mt::make_dynamics_batch<float>(cfg, 2, 1, -1, team), Contains("first_sequence must be >= 0, got -1"));
+  }
+}
+
 TEST_CASE("dynamics partially observed: inputs are the first n_s coordinates of the same states and the noise floor") {
   mt::DynamicsConfig full;
   full.state_dim = 20;

@@ -18,6 +18,7 @@
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parallel.hpp>
+#include <mesaopt/common/worker_team.hpp>
 #include <mesaopt/tasks/random.hpp>
 
 #include <Eigen/Eigenvalues>
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <vector>
 
 namespace mesaopt::tasks {
@@ -142,6 +144,38 @@ inline void generate_dynamics_sequence(const tasks::DynamicsConfig& c, std::uint
     }
   }
 }
+
+// make_dynamics_batch's body; for_each(n, body) calls body(b) for every b in
+// [0, n), on whatever threads it has.
+template <class T, class ForEach>
+tasks::DynamicsBatch<T> make_dynamics_batch_with(const char* where, const tasks::DynamicsConfig& config, long batch,
+                                                 std::uint64_t seed, long first_sequence, ForEach&& for_each) {
+  tasks::validate(where, config);
+  detail::check_positive_size(where, "batch", batch);
+  if (first_sequence < 0) detail::fail(where, "first_sequence must be >= 0, got ", first_sequence);
+  const long len = config.seq_len, n = config.state_dim;
+  const long seen = config.observed_dim > 0 ? config.observed_dim : n;
+  tasks::DynamicsBatch<T> out;
+  out.batch = batch;
+  out.seq_len = len;
+  out.state_dim = n;
+  out.observed_dim = seen;
+  out.transition = config.transition;
+  out.inputs.resize(batch * len, seen);
+  out.targets.resize(batch * len, seen);
+  out.hidden_inputs.resize(batch * len, n - seen);
+  out.W.resize(static_cast<std::size_t>(batch));
+  for_each(batch, [&](std::ptrdiff_t b) {
+    RowMatrix<double> W, states;
+    detail::generate_dynamics_sequence(config, seed, static_cast<std::uint64_t>(first_sequence + b), W, states);
+    out.W[static_cast<std::size_t>(b)] = W.template cast<T>();
+    out.inputs.middleRows(b * len, len) = states.topLeftCorner(len, seen).template cast<T>();
+    out.targets.middleRows(b * len, len) = states.bottomLeftCorner(len, seen).template cast<T>();
+    out.hidden_inputs.middleRows(b * len, len) = states.topRightCorner(len, n - seen).template cast<T>();
+  });
+  return out;
+}
+
 }  // namespace mesaopt::detail
 
 namespace mesaopt::tasks {
@@ -152,31 +186,37 @@ namespace mesaopt::tasks {
 template <class T = double>
 DynamicsBatch<T> make_dynamics_batch(const DynamicsConfig& config, long batch, std::uint64_t seed,
                                      long first_sequence = 0, int num_threads = 0) {
-  const char* where = "make_dynamics_batch";
-  validate(where, config);
-  detail::check_positive_size(where, "batch", batch);
-  if (first_sequence < 0) detail::fail(where, "first_sequence must be >= 0, got ", first_sequence);
-  const long len = config.seq_len, n = config.state_dim;
-  const long seen = config.observed_dim > 0 ? config.observed_dim : n;
-  DynamicsBatch<T> out;
-  out.batch = batch;
-  out.seq_len = len;
-  out.state_dim = n;
-  out.observed_dim = seen;
-  out.transition = config.transition;
-  out.inputs.resize(batch * len, seen);
-  out.targets.resize(batch * len, seen);
-  out.hidden_inputs.resize(batch * len, n - seen);
-  out.W.resize(static_cast<std::size_t>(batch));
-  parallel_for(batch, num_threads, [&](std::ptrdiff_t b) {
-    RowMatrix<double> W, states;
-    detail::generate_dynamics_sequence(config, seed, static_cast<std::uint64_t>(first_sequence + b), W, states);
-    out.W[static_cast<std::size_t>(b)] = W.template cast<T>();
-    out.inputs.middleRows(b * len, len) = states.topLeftCorner(len, seen).template cast<T>();
-    out.targets.middleRows(b * len, len) = states.bottomLeftCorner(len, seen).template cast<T>();
-    out.hidden_inputs.middleRows(b * len, len) = states.topRightCorner(len, n - seen).template cast<T>();
-  });
-  return out;
+  return detail::make_dynamics_batch_with<T>(
+      "make_dynamics_batch", config, batch, seed, first_sequence,
+      [num_threads](std::ptrdiff_t n, auto&& body) { parallel_for(n, num_threads, body); });
+}
+
+// The same batch, bit for bit, generated on a WorkerTeam's threads
+// (common/worker_team.hpp) instead of an OpenMP region: for a training loop
+// that makes each step's batch between sharded steps. libgomp's threads spin
+// for milliseconds after a region, on the cores the step's workers need next;
+// a team's helpers spin 50 us at most and then sleep. Why it matters: one
+// thread takes about 0.7 ms for 64 sequences of the paper's task (11 us a
+// sequence, most of it drawing normal numbers), as long as a 2-thread
+// linear-1L step on them (docs/training.md, "Stop 44"). An exception in a
+// sequence (none is expected beyond std::bad_alloc) is rethrown after all
+// ended, the one of the lowest sequence.
+template <class T = double>
+DynamicsBatch<T> make_dynamics_batch(const DynamicsConfig& config, long batch, std::uint64_t seed,
+                                     long first_sequence, WorkerTeam& team) {
+  return detail::make_dynamics_batch_with<T>(
+      "make_dynamics_batch", config, batch, seed, first_sequence, [&team](std::ptrdiff_t n, auto&& body) {
+        std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
+        team.run(n, [&](std::ptrdiff_t i, int) {
+          try {
+            body(i);
+          } catch (...) {
+            errors[static_cast<std::size_t>(i)] = std::current_exception();
+          }
+        });
+        for (const auto& e : errors)
+          if (e) std::rethrow_exception(e);
+      });
 }
 
 // Which slots of a constructed token carry s_t.
