@@ -93,11 +93,9 @@ class BusyCore {
   std::thread worker_;
 };
 
-void BM_TrainStep(benchmark::State& state) {
-  const Spec& spec = kSpecs[state.range(0)];
-  const long batch_size = state.range(1), shards = state.range(2);
-  const int threads = int(state.range(3));
-  const bool contended = state.range(4) != 0;
+// The benchmarks' batch of the linear dynamics task: constructed tokens, or
+// raw tokens for the hybrid.
+train::TrainBatch<float> paper_batch(const Spec& spec, long batch_size) {
   mesaopt::tasks::DynamicsConfig dc;
   dc.state_dim = kN;
   dc.seq_len = kT;
@@ -106,12 +104,11 @@ void BM_TrainStep(benchmark::State& state) {
   batch.inputs = spec.hybrid ? db.inputs : mesaopt::tasks::constructed_tokens<float>(db);
   batch.targets = db.targets;
   batch.seq_len = db.seq_len;
+  return batch;
+}
 
-  const nn::ModelConfig mc = model_config(spec, threads);
-  nn::Model<float> model(mc);
-  model.init(1, 0.05);
-  long parameters = 0;
-  for (const auto& p : model.parameters()) parameters += long(p.size);
+// AdamW (weight decay 1e-4), global-norm clip 1, constant lr 1e-4, endless.
+train::TrainerConfig bench_trainer_config(long shards, int threads) {
   train::TrainerConfig tc;
   tc.steps = 1L << 40;
   tc.adam.weight_decay = 1e-4;
@@ -120,6 +117,22 @@ void BM_TrainStep(benchmark::State& state) {
   tc.progress = false;
   tc.shards = shards;
   tc.threads = threads;
+  return tc;
+}
+
+void BM_TrainStep(benchmark::State& state) {
+  const Spec& spec = kSpecs[state.range(0)];
+  const long batch_size = state.range(1), shards = state.range(2);
+  const int threads = int(state.range(3));
+  const bool contended = state.range(4) != 0;
+  const train::TrainBatch<float> batch = paper_batch(spec, batch_size);
+
+  const nn::ModelConfig mc = model_config(spec, threads);
+  nn::Model<float> model(mc);
+  model.init(1, 0.05);
+  long parameters = 0;
+  for (const auto& p : model.parameters()) parameters += long(p.size);
+  const train::TrainerConfig tc = bench_trainer_config(shards, threads);
   train::Trainer<float> trainer(model, [&batch](long) { return batch; }, tc);
   trainer.run(1);  // the first step resolves the shards and sizes the buffers
   std::unique_ptr<BusyCore> busy;
@@ -150,28 +163,14 @@ constexpr int kTurnSteps = 8;
 void BM_TrainStepScaling(benchmark::State& state) {
   const Spec& spec = kSpecs[state.range(0)];
   const long batch_size = state.range(1);
-  mesaopt::tasks::DynamicsConfig dc;
-  dc.state_dim = kN;
-  dc.seq_len = kT;
-  const auto db = mesaopt::tasks::make_dynamics_batch<float>(dc, batch_size, 1);
-  train::TrainBatch<float> batch;
-  batch.inputs = spec.hybrid ? db.inputs : mesaopt::tasks::constructed_tokens<float>(db);
-  batch.targets = db.targets;
-  batch.seq_len = db.seq_len;
+  const train::TrainBatch<float> batch = paper_batch(spec, batch_size);
   std::unique_ptr<nn::Model<float>> models[2];
   std::unique_ptr<train::Trainer<float>> trainers[2];
   for (int i = 0; i < 2; ++i) {
     models[i] = std::make_unique<nn::Model<float>>(model_config(spec, i + 1));
     models[i]->init(1, 0.05);
-    train::TrainerConfig tc;
-    tc.steps = 1L << 40;
-    tc.adam.weight_decay = 1e-4;
-    tc.clip_norm = 1.0;
-    tc.schedule.peak = 1e-4;
-    tc.progress = false;
-    tc.shards = 0;
-    tc.threads = i + 1;
-    trainers[i] = std::make_unique<train::Trainer<float>>(*models[i], [&batch](long) { return batch; }, tc);
+    trainers[i] = std::make_unique<train::Trainer<float>>(*models[i], [&batch](long) { return batch; },
+                                                         bench_trainer_config(0, i + 1));
     trainers[i]->run(1);
   }
   double seconds[2] = {0, 0};

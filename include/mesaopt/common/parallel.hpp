@@ -96,6 +96,25 @@ void parallel_for_dynamic(std::ptrdiff_t n, int num_threads, Body&& body) {
 
 namespace detail {
 
+// A loop whose items may throw, on any threads: loop(n, item) must call
+// item(i) once for every i in [0, n). Every item's exception is caught into
+// its own slot (none crosses the threads, where it would terminate) and the
+// one of the lowest index is rethrown after the loop. The callers validate
+// their inputs first; this is a safety net (e.g. std::bad_alloc).
+template <class Loop, class Body>
+void for_each_rethrow(std::ptrdiff_t n, Loop&& loop, Body&& body) {
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n > 0 ? n : 0));
+  loop(n, [&](std::ptrdiff_t i) {
+    try {
+      body(i);
+    } catch (...) {
+      errors[static_cast<std::size_t>(i)] = std::current_exception();
+    }
+  });
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
 // A three-stage pipeline over n items: pre(i) and post(i) may run on any
 // thread and in parallel with other items' stages, seq(i) runs strictly in
 // item order (seq(i) after seq(i - 1)), and each item's stages run in the order

@@ -26,22 +26,12 @@ namespace mesaopt::detail {
 inline int resolve_num_threads(int requested) { return requested > 0 ? requested : default_num_threads(); }
 
 
-// parallel_for whose items may throw: every item's exception is caught into
-// its own slot (no exception crosses the OpenMP region, which would terminate)
-// and the one from the lowest item index is rethrown afterwards. Inputs are
-// validated before the layers get here; this is a safety net (e.g. bad_alloc).
+// parallel_for whose items may throw (detail::for_each_rethrow: the
+// exception of the lowest item is rethrown after the OpenMP region).
 template <class Body>
 void parallel_for_rethrow(std::ptrdiff_t n, int num_threads, Body&& body) {
-  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n > 0 ? n : 0));
-  parallel_for(n, num_threads, [&](std::ptrdiff_t i) {
-    try {
-      body(i);
-    } catch (...) {
-      errors[static_cast<std::size_t>(i)] = std::current_exception();
-    }
-  });
-  for (const auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  for_each_rethrow(
+      n, [num_threads](std::ptrdiff_t count, auto&& item) { parallel_for(count, num_threads, item); }, body);
 }
 
 // Number of chunks of `chunk` items covering n items.

@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <exception>
 #include <vector>
 
 namespace mesaopt::tasks {
@@ -206,16 +205,9 @@ DynamicsBatch<T> make_dynamics_batch(const DynamicsConfig& config, long batch, s
                                      long first_sequence, WorkerTeam& team) {
   return detail::make_dynamics_batch_with<T>(
       "make_dynamics_batch", config, batch, seed, first_sequence, [&team](std::ptrdiff_t n, auto&& body) {
-        std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
-        team.run(n, [&](std::ptrdiff_t i, int) {
-          try {
-            body(i);
-          } catch (...) {
-            errors[static_cast<std::size_t>(i)] = std::current_exception();
-          }
-        });
-        for (const auto& e : errors)
-          if (e) std::rethrow_exception(e);
+        detail::for_each_rethrow(
+            n, [&team](std::ptrdiff_t count, auto&& item) { team.run(count, [&](std::ptrdiff_t i, int) { item(i); }); },
+            body);
       });
 }
 
