@@ -45,7 +45,6 @@ bool all_finite(std::size_t rows, std::size_t cols, const T* X, std::size_t ld) 
   return true;
 }
 
-// A += c x y^T, A is m x n row-major with row stride lda.
 // x y + z rounded once where the machine has a fused multiply-add (as the
 // compiler contracts it there), twice where it has none: the rounding of
 // kernels::adam_update's fma_exact in either case.
@@ -76,6 +75,7 @@ void adam_update(std::size_t n, T* value, const T* grad, T* m, T* v, const AdamC
   }
 }
 
+// A += c x y^T, A is m x n row-major with row stride lda.
 template <class T>
 void ger(std::size_t m, std::size_t n, T c, const T* x, const T* y, T* A, std::size_t lda) {
   for (std::size_t i = 0; i < m; ++i)
