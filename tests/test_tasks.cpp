@@ -170,7 +170,7 @@ TEST_CASE("dynamics: same seed gives the same batch whatever the order or thread
   CHECK(v != r3.next_u64());
 }
 
-TEST_CASE("dynamics on a WorkerTeam: the same batch, bit for bit, for every team size; bad input still throws") {
+TEST_CASE("dynamics on a WorkerTeam: the same batch, bit for bit, for every team size, and bad input still throws") {
   mt::DynamicsConfig cfg;
   cfg.seq_len = 20;
   cfg.observed_dim = 7;  // hidden_inputs too
