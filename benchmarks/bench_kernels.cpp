@@ -144,7 +144,8 @@ void BM_axpy(benchmark::State& state) {
 template <class T, bool Fast>
 void BM_adam_update(benchmark::State& state) {
   const std::size_t n = static_cast<std::size_t>(state.range(0));
-  auto value = random_vector<T>(n, 1), m = std::vector<T>(n, T(0)), v = std::vector<T>(n, T(0));
+  auto value = random_vector<T>(n, 1);
+  std::vector<T> m(n, T(0)), v(n, T(0));
   auto grad = random_vector<T>(n, 2);
   for (auto& g : grad) g *= T(1e-2);
   k::AdamCoefficients c;
