@@ -35,7 +35,6 @@
 #include <limits>
 #include <random>
 #include <sstream>
-#include <type_traits>
 #include <vector>
 
 // Everything of this file lives in its own namespace, so that test files can be
