@@ -36,6 +36,7 @@
 #include <mesaopt/common/check.hpp>
 #include <mesaopt/common/matrix.hpp>
 #include <mesaopt/common/parallel.hpp>
+#include <mesaopt/common/scratch.hpp>
 #include <mesaopt/kernels/state_sweep.hpp>
 #include <mesaopt/ops/checks.hpp>
 #include <mesaopt/ops/masked_product.hpp>
@@ -72,6 +73,15 @@ void check_linear_attention_backward_args(const char* where, const ConstMatrixRe
   check_gradient_shapes<T>(where, q.rows(), q.cols(), v.cols(), dout, dq, dk, grad_v);
   check_gradients_distinct<T>(where, q, k, v, dout, dq, dk, grad_v);
   if (grad_final != nullptr) check_linear_attention_state(where, "grad_final", *grad_final, q.cols(), v.cols());
+}
+
+// A rows x cols state in a buffer with row stride ld >= cols (rows padded to
+// the SIMD width for the sweep kernel).
+template <class T>
+using PaddedStateMap = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
+template <class T>
+PaddedStateMap<T> padded_state(T* data, long rows, long cols, std::size_t ld) {
+  return PaddedStateMap<T>(data, rows, cols, Eigen::OuterStride<>(Eigen::Index(ld)));
 }
 
 // St (d x dv) = S_0^T, or 0.
@@ -113,15 +123,17 @@ void linear_attention_forward_recurrent(ConstMatrixRef<T> q, ConstMatrixRef<T> k
   detail::check_output<T>(where, "out", out, q.rows(), v.cols());
   detail::check_output_distinct<T>(where, out, q, k, v);
   const long n = q.rows(), d = q.cols(), dv = v.cols();
-  // St = S^T (d x dv), rows padded to the SIMD width (kernels::padded_stride).
+  // St = S^T (d x dv), rows padded to the SIMD width (kernels::padded_stride);
+  // on the stack at the paper's head sizes (detail::ZeroedScratch).
   const auto lds = kernels::padded_stride<T>(std::size_t(dv));
-  RowMatrix<T> St = RowMatrix<T>::Zero(d, long(lds));
-  St.leftCols(dv) = detail::initial_transposed_state<T>(initial, d, dv);
+  detail::ZeroedScratch<T> scratch(std::size_t(d), lds);
+  auto St = detail::padded_state<T>(scratch.data(), d, dv, lds);
+  if (initial != nullptr) St = initial->S.transpose();
   // M1: St += k_t v_t^T;  M2: o_t = S_t q_t = St^T q_t, for t = 0 .. n-1.
-  kernels::state_sweep<T>(std::size_t(n), std::size_t(d), std::size_t(dv), St.data(), lds, T(1), k.data(),
+  kernels::state_sweep<T>(std::size_t(n), std::size_t(d), std::size_t(dv), scratch.data(), lds, T(1), k.data(),
                           detail::row_stride(k), v.data(), detail::row_stride(v), q.data(), detail::row_stride(q),
                           out.data(), detail::row_stride(out), /*reverse=*/false);
-  if (final != nullptr) final->S = St.leftCols(dv).transpose();
+  if (final != nullptr) final->S = St.transpose();
 }
 
 // Three sweeps of the same kernel (kernels::state_sweep), 12 d dv flops per token:
@@ -141,21 +153,21 @@ void linear_attention_backward_recurrent(ConstMatrixRef<T> q, ConstMatrixRef<T> 
   const auto ud = std::size_t(d), udv = std::size_t(dv);
   // The states' rows are padded to the SIMD width (kernels::padded_stride).
   const auto pd = kernels::padded_stride<T>(ud), pdv = kernels::padded_stride<T>(udv);
+  // The states on the stack at the paper's head sizes (detail::ZeroedScratch).
   {
     // forward: o_t = S_t q_t   =>   dq_t = S_t^T g_t   (M3)
-    RowMatrix<T> S = RowMatrix<T>::Zero(dv, long(pd));
-    if (initial != nullptr) S.leftCols(d) = initial->S;
+    detail::ZeroedScratch<T> S(udv, pd);
+    if (initial != nullptr) detail::padded_state<T>(S.data(), dv, d, pd) = initial->S;
     kernels::state_sweep<T>(std::size_t(n), udv, ud, S.data(), pd, T(1), v.data(), detail::row_stride(v), k.data(),
                             detail::row_stride(k), dout.data(), detail::row_stride(dout), dq.data(),
                             detail::row_stride(dq), /*reverse=*/false);
   }
   // forward: S_t = S_0 + sum_{i<=t} v_i k_i^T  =>  G_t = dL/dS_T + sum_{tau>=t} g_tau q_tau^T,
   //          dv_t = G_t k_t, dk_t = G_t^T v_t, dL/dS_0 = G_1   (M3, M14; G kept in both layouts)
-  RowMatrix<T> Gt = RowMatrix<T>::Zero(d, long(pdv));
-  RowMatrix<T> G = RowMatrix<T>::Zero(dv, long(pd));
+  detail::ZeroedScratch<T> Gt(ud, pdv), G(udv, pd);
   if (grad_final != nullptr) {
-    Gt.leftCols(dv) = grad_final->S.transpose();
-    G.leftCols(d) = grad_final->S;
+    detail::padded_state<T>(Gt.data(), d, dv, pdv) = grad_final->S.transpose();
+    detail::padded_state<T>(G.data(), dv, d, pd) = grad_final->S;
   }
   // Two reverse sweeps (t = n-1 .. 0): Gt += q_t g_t^T, dv_t = Gt^T k_t; G += g_t q_t^T, dk_t = G^T v_t.
   kernels::state_sweep<T>(std::size_t(n), ud, udv, Gt.data(), pdv, T(1), q.data(), detail::row_stride(q), dout.data(),
@@ -164,7 +176,7 @@ void linear_attention_backward_recurrent(ConstMatrixRef<T> q, ConstMatrixRef<T> 
   kernels::state_sweep<T>(std::size_t(n), udv, ud, G.data(), pd, T(1), dout.data(), detail::row_stride(dout), q.data(),
                           detail::row_stride(q), v.data(), detail::row_stride(v), dk.data(), detail::row_stride(dk),
                           /*reverse=*/true);
-  if (grad_initial != nullptr) grad_initial->S = G.leftCols(d);
+  if (grad_initial != nullptr) grad_initial->S = detail::padded_state<T>(G.data(), dv, d, pd);
 }
 
 // ---------------------------------------------------------------------------
