@@ -332,6 +332,10 @@ TEST_CASE("Activation clipping to +-c and its backward") {
     return weighted_sum(yy, w);
   };
   check_buffer("dx", loss, x.data(), dx.data(), x.size());
+  // The backward in place (dy and dx one matrix, as the model calls it).
+  RowMatrix<double> g_in_place = w;
+  nn::clip_backward<double>(g_in_place, cache, g_in_place);
+  CHECK(g_in_place == dx);
 
   // in place and float
   RowMatrix<float> xf = x.cast<float>();

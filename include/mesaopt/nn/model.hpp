@@ -483,10 +483,7 @@ class Model {
   // dh (B*T, width): dL/d(block output) in, dL/d(block input) out.
   void block_backward(Block& b, RowMatrix<T>& dh, long seq_len, BlockCache<T>& c) {
     const long rows = dh.rows(), W = config_.width, p = b.config.positional_dim;
-    if (config_.clip > 0) {
-      RowMatrix<T> g = dh;
-      clip_backward<T>(g, c.clip, dh);
-    }
+    if (config_.clip > 0) clip_backward<T>(dh, c.clip, dh);  // element-wise, in place
     if (b.mlp) {  // h_out = h_mid + MLP(LN2?(h_mid))
       RowMatrix<T> du(rows, W);
       b.mlp->backward(dh, c.mlp, du);
@@ -499,14 +496,19 @@ class Model {
       }
     }
     // h_mid = h_in + Attn([LN1?(h_in), pe])[:, :W]: the pe columns and the
-    // dropped output columns get no gradient.
-    RowMatrix<T> dy = RowMatrix<T>::Zero(rows, W + p);
-    dy.leftCols(W) = dh;
+    // dropped output columns get no gradient. Without positional columns the
+    // layer's output gradient is dh itself (no copy).
+    RowMatrix<T> dy_padded;
+    if (p > 0) {
+      dy_padded = RowMatrix<T>::Zero(rows, W + p);
+      dy_padded.leftCols(W) = dh;
+    }
     RowMatrix<T> da(rows, W + p);
     std::visit(
         [&](auto& layer) {
           using Layer = std::decay_t<decltype(layer)>;
-          layer.backward(c.attn_in, seq_len, dy, layer_cache_for_backward<Layer>(c), da);
+          layer.backward(c.attn_in, seq_len, p > 0 ? ConstMatrixRef<T>(dy_padded) : ConstMatrixRef<T>(dh),
+                         layer_cache_for_backward<Layer>(c), da);
         },
         b.attn);
     if (b.ln1) {
