@@ -264,7 +264,7 @@ class ScopedSerialEigen {
   ScopedSerialEigen& operator=(const ScopedSerialEigen&) = delete;
 
  private:
-  int saved_ = 1;
+  [[maybe_unused]] int saved_ = 1;  // unused without OpenMP
 };
 
 }  // namespace detail

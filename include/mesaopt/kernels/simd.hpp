@@ -79,7 +79,7 @@ typename B::value_type horizontal_sum(const B& b) {
 // fma_exact(-x, y, z) has the bits of a fused negative multiply-add.
 template <class B>
 B fma_exact(const B& x, const B& y, const B& z) {
-  using T = typename B::value_type;
+  using T [[maybe_unused]] = typename B::value_type;  // unused without AVX-512 and FMA
 #if defined(__AVX512F__)
   if constexpr (sizeof(B) == 64) {
     if constexpr (std::is_same_v<T, float>) return B(_mm512_fmadd_ps(x, y, z));
