@@ -58,9 +58,8 @@ void clip_backward(ConstMatrixRef<T> dy, const ClipCache<T>& cache, MatrixRef<T>
     const T* dyr = dy.data() + r * dy.outerStride();
     T* dxr = dx.data() + r * dx.outerStride();
     const std::uint8_t* pr = cache.pass.data() + static_cast<std::size_t>(r * cache.cols);
-    // The load before the select, so that GCC vectorises the row: with the
-    // load under the condition it kept a scalar loop (1.5 % of a linear-6L
-    // training step; docs/training.md, "Stop 45").
+    // The load before the select, so that GCC vectorises the row (with the
+    // load under the condition it kept a scalar loop).
     for (long j = 0; j < cache.cols; ++j) {
       const T g = dyr[j];
       dxr[j] = pr[j] ? g : T(0);
