@@ -117,6 +117,67 @@ TEMPLATE_TEST_CASE("ShardedStep computes the batch's loss and gradient for any s
   }
 }
 
+TEST_CASE("ShardedStep adds the shards' gradients in the pairwise tree over shard indices, bit for bit, on any thread count",
+          "[train][shards]") {
+  // The tree written out by hand for each shard count (docs/training.md,
+  // "Shards and threads"), in float, where another order of the same sums
+  // changes bits. Each shard's gradient is computed here as a worker's
+  // replica computes it: the shard's rows through a one-thread model, the
+  // whole batch's loss restricted to them (mse_loss_backward_part).
+  using T = float;
+  const long sequences = 7;
+  const train::TrainBatch<T> batch = source<T>(sequences)(0);
+  using G = std::vector<T>;
+  auto add = [](const G& a, const G& b) {
+    G c(a.size());
+    for (std::size_t i = 0; i < a.size(); ++i) c[i] = a[i] + b[i];
+    return c;
+  };
+  for (const auto& [name, kind] : kKinds) {
+    DYNAMIC_SECTION(name) {
+      nn::ModelConfig mc = model_config(kind);
+      mc.num_threads = 1;
+      nn::Model<T> model(mc);
+      model.init(13, 0.4);
+      const auto params = model.parameters();
+      for (long shards : {3L, 5L, 6L, 7L}) {
+        INFO("shards = " << shards);
+        std::vector<G> g;
+        for (long s = 0; s < shards; ++s) {
+          const long b0 = train::shard_begin(s, shards, sequences), b1 = train::shard_begin(s + 1, shards, sequences);
+          const auto x = batch.inputs.middleRows(b0 * kSeq, (b1 - b0) * kSeq);
+          const auto y = batch.targets.middleRows(b0 * kSeq, (b1 - b0) * kSeq);
+          zero_grad(params);
+          typename nn::Model<T>::Cache cache;
+          const RowMatrix<T> pred = model.forward(x, kSeq, cache);
+          RowMatrix<T> dpred(pred.rows(), pred.cols());
+          train::mse_loss_backward_part<T>(pred, y, kSeq, batch.inputs.rows(), dpred);
+          model.backward(dpred, cache);
+          g.push_back(gradients(params));
+        }
+        G tree;
+        if (shards == 3) tree = add(add(g[0], g[1]), g[2]);
+        if (shards == 5) tree = add(add(add(g[0], g[1]), add(g[2], g[3])), g[4]);
+        if (shards == 6) tree = add(add(add(g[0], g[1]), add(g[2], g[3])), add(g[4], g[5]));
+        if (shards == 7) tree = add(add(add(g[0], g[1]), add(g[2], g[3])), add(add(g[4], g[5]), g[6]));
+        // The test can tell orders apart: left to right gives other bits.
+        G left_to_right = g[0];
+        for (long s = 1; s < shards; ++s) left_to_right = add(left_to_right, g[std::size_t(s)]);
+        if (shards >= 5) CHECK_FALSE(left_to_right == tree);
+        for (int threads : {1, 2, 3}) {
+          INFO("threads = " << threads);
+          for (const auto& p : params) std::fill(p.grad, p.grad + p.size, T(1e3));
+          train::ShardedStep<T> step(model, shards, threads);
+          for (int repeat = 0; repeat < 3; ++repeat) {  // the tree's state is reset between steps
+            step.compute(batch.inputs, batch.targets, kSeq);
+            CHECK(gradients(params) == tree);
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("A sharded run is bit-identical for 1, 2 and 3 threads, and differs from another shard count only by rounding",
           "[train][shards]") {
   const long steps = 5, sequences = 8;
