@@ -39,11 +39,13 @@
 #include "paper_models.hpp"
 #include "peak.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <memory>
 #include <thread>
+#include <vector>
 
 namespace {
 
@@ -154,11 +156,22 @@ void BM_TrainStep(benchmark::State& state) {
 // (tokens/s drift by 10-20 % over seconds here) then slows both alike,
 // where two separate runs of train_step can land in different stretches and
 // their ratio with them. Counters: tokens/s_1, tokens/s_2 and speedup (the
-// 1-thread time over the 2-thread time). Each turn's first step wakes the
+// 1-thread time over the 2-thread time) and speedup_median (the median over
+// the pairs of turns of the same ratio: a stretch in which the VM runs only
+// one of its two vCPUs lowers a few pairs, where it lowers the summed ratio
+// in proportion to its length; docs/training.md, "Stop 46"). Each turn's first step wakes the
 // 2-thread trainer's helper, asleep during the other turn; in a run of
 // consecutive steps it would still be spinning (common/worker_team.hpp), so
 // the speedup is, if anything, low.
 constexpr int kTurnSteps = 8;
+
+double median(std::vector<double> x) {
+  if (x.empty()) return 0;
+  const auto mid = x.begin() + std::ptrdiff_t(x.size() / 2);
+  std::nth_element(x.begin(), mid, x.end());
+  if (x.size() % 2 == 1) return *mid;
+  return (*std::max_element(x.begin(), mid) + *mid) / 2;
+}
 
 void BM_TrainStepScaling(benchmark::State& state) {
   const Spec& spec = kSpecs[state.range(0)];
@@ -174,16 +187,22 @@ void BM_TrainStepScaling(benchmark::State& state) {
     trainers[i]->run(1);
   }
   double seconds[2] = {0, 0};
-  for (auto _ : state)
+  std::vector<double> turn_ratios;  // per pair of turns: 1-thread time over 2-thread time
+  for (auto _ : state) {
+    double turn[2];
     for (int i = 0; i < 2; ++i) {
       const auto start = std::chrono::steady_clock::now();
       trainers[i]->run(trainers[i]->step() + kTurnSteps);
-      seconds[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      turn[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      seconds[i] += turn[i];
     }
+    turn_ratios.push_back(turn[0] / turn[1]);
+  }
   const double tokens = double(state.iterations()) * kTurnSteps * double(batch_size * kT);
   state.counters["tokens/s_1"] = tokens / seconds[0];
   state.counters["tokens/s_2"] = tokens / seconds[1];
   state.counters["speedup"] = seconds[0] / seconds[1];
+  state.counters["speedup_median"] = median(turn_ratios);
   state.counters["shards"] = double(trainers[1]->shards());
 }
 

@@ -10,12 +10,29 @@
 // The context lines peak_flops<T>(n) are what peak.hpp returns to the other
 // benchmarks (best of 9 bursts, per-thread CPU time, summed over threads).
 //
+// fma_bursts/idle_us:N/threads:2 asks whether the two threads really have a
+// core each, all the time. On a virtual machine the host may for stretches of
+// a second or so give the two vCPUs the resources of one core: each thread
+// then runs at about half speed, although both are running and on different
+// vCPUs. Each thread alternates a float burst of about 2.5 ms (timed on the
+// wall clock) and a sleep of N microseconds (0: back to back, as in a long
+// GEMM; 200: as a training step's helper thread that sleeps between steps).
+//   slow_frac   the fraction of a thread's bursts that took over 1.5 times its
+//               5th-percentile burst (averaged over the threads). Near 0 on
+//               two dedicated cores; docs/training.md, "Stop 46", has what the
+//               development VM gave and what it does to the 2-thread training
+//               step.
+//
 // Run: ./build/benchmarks/peak --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
 
 #include "peak.hpp"
 
+#include <algorithm>
+#include <chrono>
 #include <string>
+#include <thread>
+#include <vector>
 
 namespace {
 
@@ -42,6 +59,27 @@ BENCHMARK_TEMPLATE(BM_fma_peak, double)->Name("fma_peak<double>")->Threads(1)->T
 // agree.
 BENCHMARK_TEMPLATE(BM_fma_peak, float)->Name("fma_peak<float>/cpu_time")->Threads(1)->Threads(2);
 BENCHMARK_TEMPLATE(BM_fma_peak, double)->Name("fma_peak<double>/cpu_time")->Threads(1)->Threads(2);
+
+void BM_fma_bursts(benchmark::State& state) {
+  const auto idle = std::chrono::microseconds(state.range(0));
+  const std::size_t iterations = 1'600'000;  // about 2.6 ms at a float peak of 240 GFLOP/s
+  std::vector<double> seconds;
+  for (auto _ : state) {
+    const auto start = std::chrono::steady_clock::now();
+    mesaopt::bench::detail::fma_burst<float>(iterations, 1e-3f * float(state.thread_index() + 1));
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    if (idle.count() > 0) std::this_thread::sleep_for(idle);
+  }
+  if (seconds.empty()) return;
+  std::vector<double> sorted = seconds;
+  std::sort(sorted.begin(), sorted.end());
+  const double fast = sorted[sorted.size() / 20];
+  const auto slow = std::count_if(seconds.begin(), seconds.end(), [fast](double s) { return s > 1.5 * fast; });
+  state.counters["slow_frac"] = benchmark::Counter(double(slow) / double(seconds.size()), benchmark::Counter::kAvgThreads);
+}
+
+// 20 s each: the stretches come and go over seconds.
+BENCHMARK(BM_fma_bursts)->Name("fma_bursts")->ArgName("idle_us")->Arg(0)->Arg(200)->Threads(2)->UseRealTime()->MinTime(20);
 
 }  // namespace
 
