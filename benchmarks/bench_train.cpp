@@ -155,14 +155,17 @@ void BM_TrainStep(benchmark::State& state) {
 // turn is timed on its own. A slow stretch of a shared or virtual machine
 // (tokens/s drift by 10-20 % over seconds here) then slows both alike,
 // where two separate runs of train_step can land in different stretches and
-// their ratio with them. Counters: tokens/s_1, tokens/s_2 and speedup (the
-// 1-thread time over the 2-thread time) and speedup_median (the median over
-// the pairs of turns of the same ratio: a stretch in which the VM runs only
-// one of its two vCPUs lowers a few pairs, where it lowers the summed ratio
-// in proportion to its length; docs/training.md, "Stop 46"). Each turn's first step wakes the
-// 2-thread trainer's helper, asleep during the other turn; in a run of
-// consecutive steps it would still be spinning (common/worker_team.hpp), so
-// the speedup is, if anything, low.
+// their ratio with them. Counters: tokens/s_1, tokens/s_2, speedup (the
+// 1-thread time over the 2-thread time, summed over the turns) and
+// speedup_median (the median over the pairs of turns of the same ratio). A
+// stretch in which the machine gives the two threads one core's worth (seen
+// on the development VM; docs/training.md, "Stop 46") lowers the pairs it
+// covers, and the summed ratio in proportion to its length. Each turn's
+// first step wakes the 2-thread trainer's helper, asleep during the other
+// turn. In a run of consecutive steps it is woken at every step too, but for
+// linear-1L: the step's serial end (78-407 us for the other models, 28-39 us
+// for linear-1L) outlasts its 50 us spin (common/worker_team.hpp;
+// docs/training.md, "Stop 46").
 constexpr int kTurnSteps = 8;
 
 double median(std::vector<double> x) {
