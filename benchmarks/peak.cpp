@@ -11,12 +11,12 @@
 // benchmarks (best of 9 bursts, per-thread CPU time, summed over threads).
 //
 // fma_bursts/idle_us:N/threads:2 asks whether the two threads really have a
-// core each, all the time. On a virtual machine the host may for stretches of
-// a second or so give the two vCPUs the resources of one core: each thread
-// then runs at about half speed, although both are running and on different
-// vCPUs. Each thread alternates a float burst of about 2.5 ms (timed on the
-// wall clock) and a sleep of N microseconds (0: back to back, as in a long
-// GEMM; 200: as a training step's helper thread that sleeps between steps).
+// core each, all the time. On the development VM they did not: for stretches
+// (0.1-0.3 s in the training runs) each of two threads ran at about half
+// speed, although both were running and on different vCPUs. Each thread
+// alternates a float burst of about 2.6 ms (timed on the wall clock) and a
+// sleep of N microseconds (0: back to back, as in a long GEMM; 200: as a
+// training step's helper thread that sleeps between steps).
 //   slow_frac   the fraction of a thread's bursts that took over 1.5 times its
 //               5th-percentile burst (averaged over the threads). Near 0 on
 //               two dedicated cores; docs/training.md, "Stop 46", has what the

@@ -168,7 +168,7 @@ TEST_CASE("ShardedStep adds the shards' gradients in the pairwise tree over shar
           INFO("threads = " << threads);
           for (const auto& p : params) std::fill(p.grad, p.grad + p.size, T(1e3));
           train::ShardedStep<T> step(model, shards, threads);
-          for (int repeat = 0; repeat < 3; ++repeat) {  // the tree's state is reset between steps
+          for (int repeat = 0; repeat < 3; ++repeat) {  // nothing of a step's sums carries over to the next
             step.compute(batch.inputs, batch.targets, kSeq);
             CHECK(gradients(params) == tree);
           }
